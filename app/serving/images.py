@@ -1,0 +1,102 @@
+"""Safe image decoding: formats, pixel limits before the full decode, EXIF orientation, colour modes."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+ALLOWED_FORMATS: frozenset[str] = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"})
+DEFAULT_MAX_PIXELS = 40_000_000
+BACKGROUND = (255, 255, 255)
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not an acceptable image. ``code`` is a stable machine-readable reason."""
+
+    def __init__(self, message: str, *, code: str = "invalid_image", status: int = 400) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status
+
+
+def decode_image(
+    data: bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    allowed_formats: frozenset[str] = ALLOWED_FORMATS,
+) -> Image.Image:
+    """Decode bytes into an 8-bit RGB image, upright.
+
+    The header is read first and the pixel count checked before any pixel data is decoded, so a
+    decompression bomb is refused cheaply. Animated formats give their first frame. Transparent
+    images are composited on white; CMYK, 16-bit and float images are converted to 8-bit RGB.
+    """
+    if not data:
+        raise ImageDecodeError("the image is empty (0 bytes)", code="empty_image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        if isinstance(exc, UnidentifiedImageError):
+            raise ImageDecodeError(
+                "the data is not an image in a supported format "
+                f"({', '.join(sorted(allowed_formats - {'MPO'}))})",
+                code="unsupported_image",
+            ) from exc
+        raise ImageDecodeError(str(exc), code="too_many_pixels", status=413) from exc
+    except Exception as exc:
+        raise ImageDecodeError(f"cannot read the image header: {exc}", code="invalid_image") from exc
+    if image.format not in allowed_formats:
+        raise ImageDecodeError(
+            f"image format {image.format} is not accepted; use one of {', '.join(sorted(allowed_formats - {'MPO'}))}",
+            code="unsupported_image",
+        )
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ImageDecodeError("the image has no pixels", code="invalid_image")
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            f"the image has {width}x{height} = {width * height} pixels, more than the limit of {max_pixels}",
+            code="too_many_pixels",
+            status=413,
+        )
+    try:
+        if getattr(image, "n_frames", 1) > 1:
+            image.seek(0)
+        image.load()
+        image = ImageOps.exif_transpose(image) or image
+        return to_rgb(image)
+    except ImageDecodeError:
+        raise
+    except Exception as exc:  # truncated or corrupted data surfaces here
+        raise ImageDecodeError(
+            f"the image data is truncated or corrupted: {exc}", code="corrupt_image"
+        ) from exc
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB, transparency composited on white."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        high = 65535.0 if mode.startswith("I;16") else max(float(array.max()), 1.0)
+        if mode == "F":
+            low, high = float(array.min()), float(array.max())
+            array = (array - low) / (high - low) if high > low else np.zeros_like(array)
+            high = 1.0
+        scaled = np.clip(np.round(array / high * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(scaled, mode="L").convert("RGB")
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")

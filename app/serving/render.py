@@ -1,0 +1,87 @@
+"""Turning normalised maps into pictures: colour maps, heatmap PNGs and overlays."""
+
+from __future__ import annotations
+
+import io
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image
+
+# Anchor colours sampled from the usual perceptual colour maps, interpolated linearly to 256 entries.
+_ANCHORS: dict[str, list[tuple[int, int, int]]] = {
+    "viridis": [
+        (68, 1, 84),
+        (71, 44, 122),
+        (59, 81, 139),
+        (44, 113, 142),
+        (33, 144, 141),
+        (39, 173, 129),
+        (92, 200, 99),
+        (170, 220, 50),
+        (253, 231, 37),
+    ],
+    "inferno": [
+        (0, 0, 4),
+        (31, 12, 72),
+        (85, 15, 109),
+        (136, 34, 106),
+        (186, 54, 85),
+        (227, 89, 51),
+        (249, 140, 10),
+        (249, 201, 50),
+        (252, 255, 164),
+    ],
+    "gray": [(0, 0, 0), (255, 255, 255)],
+}
+COLORMAPS: tuple[str, ...] = ("jet", "viridis", "inferno", "gray")
+
+
+@lru_cache(maxsize=8)
+def colormap_lut(name: str) -> np.ndarray:
+    """(256, 3) uint8 lookup table for a colour map."""
+    positions = np.linspace(0.0, 1.0, 256)
+    if name == "jet":
+        red = np.clip(1.5 - np.abs(4 * positions - 3), 0, 1)
+        green = np.clip(1.5 - np.abs(4 * positions - 2), 0, 1)
+        blue = np.clip(1.5 - np.abs(4 * positions - 1), 0, 1)
+        lut = np.stack([red, green, blue], axis=1) * 255
+    elif name in _ANCHORS:
+        anchors = np.asarray(_ANCHORS[name], dtype=np.float64)
+        stops = np.linspace(0.0, 1.0, len(anchors))
+        lut = np.stack([np.interp(positions, stops, anchors[:, c]) for c in range(3)], axis=1)
+    else:
+        raise ValueError(f"unknown colormap {name!r}; expected one of {', '.join(COLORMAPS)}")
+    lut = np.round(lut).astype(np.uint8)
+    lut.setflags(write=False)
+    return lut
+
+
+def to_uint8(normalized: np.ndarray) -> np.ndarray:
+    """floor(255 * x) for x in [0, 1]."""
+    return np.floor(np.clip(normalized, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def heatmap_rgb(normalized: np.ndarray, colormap: str = "jet") -> np.ndarray:
+    """(H, W) map in [0, 1] -> (H, W, 3) uint8 colours."""
+    return colormap_lut(colormap)[to_uint8(normalized)]
+
+
+def overlay_rgb(
+    image_rgb: np.ndarray, normalized: np.ndarray, *, colormap: str = "jet", opacity: float = 0.5
+) -> np.ndarray:
+    """Blend the colour-mapped map over an RGB image of the same height and width."""
+    if image_rgb.shape[:2] != normalized.shape:
+        raise ValueError(f"image {image_rgb.shape[:2]} and map {normalized.shape} differ in size")
+    if not 0.0 <= opacity <= 1.0:
+        raise ValueError("opacity must be in [0, 1]")
+    colours = heatmap_rgb(normalized, colormap).astype(np.float32)
+    blended = (1.0 - opacity) * image_rgb.astype(np.float32) + opacity * colours
+    return np.clip(np.round(blended), 0, 255).astype(np.uint8)
+
+
+def png_bytes(array: np.ndarray, *, compress_level: int = 1) -> bytes:
+    """Encode an (H, W) uint8 grayscale or (H, W, 3) uint8 RGB array as PNG."""
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG", compress_level=compress_level)
+    return buffer.getvalue()

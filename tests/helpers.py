@@ -1,0 +1,125 @@
+"""Shared test helpers: tiny seeded timm ViTs and an independent, naive ViT-ReciproCAM."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+TINY = {"depth": 3, "embed_dim": 32, "num_heads": 2, "num_classes": 7}
+
+# name -> (timm architecture, extra kwargs); every model has a 4x4 or 4x6 grid and 3 blocks.
+TINY_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+    "deit_tiny": ("deit_tiny_patch16_224", {"img_size": 32, "patch_size": 8}),
+    "deit_tiny_distilled": ("deit_tiny_distilled_patch16_224", {"img_size": 32, "patch_size": 8}),
+    "vit_registers": ("vit_small_patch16_224", {"img_size": 32, "patch_size": 8, "reg_tokens": 4}),
+    "vit_nonsquare": ("vit_small_patch16_224", {"img_size": (32, 48), "patch_size": 8}),
+    "vit_avgpool_regs": (
+        "vit_small_patch16_224",
+        {
+            "img_size": 32,
+            "patch_size": 8,
+            "reg_tokens": 2,
+            "global_pool": "avg",
+            "class_token": False,
+            "fc_norm": True,
+        },
+    ),
+    "vit_layerscale_qknorm": (
+        "vit_small_patch16_224",
+        {"img_size": 32, "patch_size": 8, "init_values": 0.5, "qk_norm": True},
+    ),
+}
+
+
+def perturb_(model: nn.Module, seed: int) -> nn.Module:
+    """Seeded, non-trivial weights: timm's init leaves norms at 1/0 and tokens near 0."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if param.ndim == 1:
+                param.add_(0.2 * noise)
+            else:
+                param.add_(0.1 * noise)
+    return model
+
+
+def make_tiny(name: str, seed: int = 0, **overrides: Any) -> nn.Module:
+    arch, kwargs = TINY_MODELS[name]
+    torch.manual_seed(seed)
+    model = timm.create_model(arch, pretrained=False, **{**TINY, **kwargs, **overrides})
+    return perturb_(model, seed).eval()
+
+
+def save_self_describing(path: Path, name: str, seed: int = 0, labels: list[str] | None = None) -> Path:
+    """A .safetensors file that names its architecture and kwargs in its metadata."""
+    from safetensors.torch import save_file
+
+    arch, kwargs = TINY_MODELS[name]
+    model = make_tiny(name, seed)
+    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in {**TINY, **kwargs}.items()}
+    kwargs.pop("num_classes")
+    metadata = {"arch": arch, "model_kwargs": json.dumps(kwargs)}
+    if labels is not None:
+        metadata["labels"] = json.dumps(labels)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata=metadata)
+    return path
+
+
+def naive_reciprocam(
+    model: nn.Module,
+    image: torch.Tensor,
+    *,
+    kernel: str = "gaussian",
+    keep_prefix: bool = True,
+    block_index: int = -1,
+    score: str = "logit",
+) -> torch.Tensor:
+    """Spec, written out with plain loops for ONE image (3, H, W). Returns (C, h, w) raw score maps."""
+    gauss = [[1 / 16, 1 / 8, 1 / 16], [1 / 8, 1 / 4, 1 / 8], [1 / 16, 1 / 8, 1 / 16]]
+    p = model.num_prefix_tokens
+    h, w = model.patch_embed.grid_size
+    blocks = list(model.blocks)
+    b = block_index % len(blocks)
+    with torch.no_grad():
+        x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(image[None]))))
+        for blk in blocks[:b]:
+            x = blk(x)
+        x = x[0]
+        z = blocks[b].norm1(x)
+        maps = torch.zeros(model.num_classes, h, w, dtype=torch.float64)
+        for i in range(h):
+            for j in range(w):
+                weight = torch.zeros(h * w, dtype=x.dtype)
+                for di in (-1, 0, 1):
+                    for dj in (-1, 0, 1):
+                        ii, jj = i + di, j + dj
+                        if 0 <= ii < h and 0 <= jj < w:
+                            value = (
+                                gauss[di + 1][dj + 1] if kernel == "gaussian" else float(di == 0 and dj == 0)
+                            )
+                            weight[ii * w + jj] = value
+                rows_x, rows_z = [], []
+                for t in range(p):
+                    rows_x.append(x[t] if keep_prefix else torch.zeros_like(x[t]))
+                    rows_z.append(z[t] if keep_prefix else torch.zeros_like(z[t]))
+                for q in range(h * w):
+                    rows_x.append(weight[q] * x[p + q])
+                    rows_z.append(weight[q] * z[p + q])
+                x_k = torch.stack(rows_x)[None]
+                z_k = torch.stack(rows_z)[None]
+                blk = blocks[b]
+                y = x_k + blk.ls1(blk.attn(z_k))
+                y = y + blk.ls2(blk.mlp(blk.norm2(y)))
+                for later in blocks[b + 1 :]:
+                    y = later(y)
+                logits = model.forward_head(model.norm(y))[0]
+                if score == "probability":
+                    logits = logits.softmax(-1)
+                maps[:, i, j] = logits.double()
+    return maps

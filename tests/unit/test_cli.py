@@ -1,0 +1,38 @@
+import json
+
+from PIL import Image
+
+from app.cli import main
+from tests.helpers import save_self_describing
+
+
+def test_explain_cli_writes_overlays(tmp_path, capsys):
+    weights = save_self_describing(
+        tmp_path / "tiny.safetensors", "deit_tiny", labels=[f"L{i}" for i in range(7)]
+    )
+    images = []
+    for i, size in enumerate([(50, 40), (33, 70)]):
+        path = tmp_path / f"img{i}.png"
+        Image.new("RGB", size, (40 * i, 100, 200)).save(path)
+        images.append(str(path))
+    out = tmp_path / "out"
+    code = main(["explain", *images, "--weights", str(weights), "--top-k", "2", "--out", str(out), "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert len(report["results"]) == 2
+    for result, size in zip(report["results"], [(50, 40), (33, 70)], strict=True):
+        assert [p["rank"] for p in result["predictions"]] == [1, 2]
+        for prediction in result["predictions"]:
+            assert prediction["label"].startswith("L")
+            overlay = Image.open(prediction["overlay"])
+            assert overlay.size == size and overlay.mode == "RGB"
+    assert len(list(out.glob("*.png"))) == 4
+
+
+def test_explain_cli_reports_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"nope")
+    weights = save_self_describing(tmp_path / "tiny.safetensors", "deit_tiny")
+    assert main(["explain", str(bad), "--weights", str(weights), "--out", str(tmp_path)]) == 2
+    assert "not an image" in capsys.readouterr().err
+    assert main(["explain", str(bad), "--weights", str(tmp_path / "none.pth")]) == 2

@@ -1,0 +1,68 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app.serving.images import ImageDecodeError, decode_image
+from app.serving.render import colormap_lut, heatmap_rgb, overlay_rgb, png_bytes
+
+
+def _encode(image, fmt, **kw):
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def test_decode_modes_to_rgb():
+    rgba = Image.new("RGBA", (4, 3), (10, 20, 30, 0))
+    out = decode_image(_encode(rgba, "PNG"))
+    assert out.mode == "RGB" and out.size == (4, 3) and out.getpixel((0, 0)) == (255, 255, 255)
+    gray16 = Image.fromarray(np.full((3, 5), 65535, dtype=np.uint16))
+    assert decode_image(_encode(gray16, "PNG")).getpixel((0, 0)) == (255, 255, 255)
+    cmyk = Image.new("CMYK", (2, 2), (0, 0, 0, 0))
+    assert decode_image(_encode(cmyk, "JPEG")).mode == "RGB"
+
+
+def test_exif_orientation_applied():
+    image = Image.new("RGB", (6, 2), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees
+    decoded = decode_image(_encode(image, "JPEG", exif=exif))
+    assert decoded.size == (2, 6)
+
+
+def test_rejections():
+    with pytest.raises(ImageDecodeError) as empty:
+        decode_image(b"")
+    assert empty.value.code == "empty_image"
+    with pytest.raises(ImageDecodeError) as text:
+        decode_image(b"<html>hello</html>")
+    assert text.value.code == "unsupported_image"
+    png = _encode(Image.new("RGB", (64, 64), (1, 2, 3)), "PNG")
+    with pytest.raises(ImageDecodeError) as big:
+        decode_image(png, max_pixels=100)
+    assert big.value.status == 413
+    jpeg = _encode(
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)), "JPEG"
+    )
+    with pytest.raises(ImageDecodeError) as cut:
+        decode_image(jpeg[: len(jpeg) // 2])
+    assert cut.value.code == "corrupt_image"
+
+
+def test_colormaps_and_overlay():
+    for name in ("jet", "viridis", "inferno", "gray"):
+        lut = colormap_lut(name)
+        assert lut.shape == (256, 3) and lut.dtype == np.uint8
+    assert tuple(colormap_lut("gray")[255]) == (255, 255, 255)
+    assert int(colormap_lut("jet")[0, 2]) > 100 and int(colormap_lut("jet")[255, 0]) > 100
+    heat = heatmap_rgb(np.array([[0.0, 1.0]]), "gray")
+    assert heat.tolist() == [[[0, 0, 0], [255, 255, 255]]]
+    image = np.zeros((1, 2, 3), dtype=np.uint8)
+    blended = overlay_rgb(image, np.array([[0.0, 1.0]]), colormap="gray", opacity=0.5)
+    assert blended.tolist() == [[[0, 0, 0], [128, 128, 128]]]
+    with pytest.raises(ValueError):
+        colormap_lut("rainbow")
+    decoded = Image.open(io.BytesIO(png_bytes(heat)))
+    assert decoded.size == (2, 1) and decoded.mode == "RGB"

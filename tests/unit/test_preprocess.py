@@ -1,0 +1,74 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from timm.data import create_transform
+
+from app.engine.preprocess import DataConfig, Preprocessor, project_to_original
+
+
+def _photo(width, height, seed=0):
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, size=(height // 4 + 1, width // 4 + 1, 3), dtype=np.uint8)
+    return Image.fromarray(base).resize((width, height), Image.Resampling.BILINEAR)
+
+
+CONFIGS = [
+    DataConfig(input_size=(224, 224), interpolation="bicubic", crop_pct=0.875),
+    DataConfig(input_size=(64, 64), interpolation="bilinear", crop_pct=1.0),
+    DataConfig(input_size=(48, 80), interpolation="bicubic", crop_pct=0.9),
+    DataConfig(input_size=(64, 64), interpolation="bilinear", crop_pct=0.9, crop_mode="squash"),
+    DataConfig(
+        input_size=(64, 64),
+        interpolation="bilinear",
+        crop_pct=1.0,
+        crop_mode="border",
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+    ),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("size", [(300, 200), (150, 333), (64, 64)])
+def test_matches_timm_eval_transform(config, size):
+    image = _photo(*size)
+    ours, geometry = Preprocessor(config)(image)
+    timm_tf = create_transform(**{k: v for k, v in config.as_dict().items()}, is_training=False)
+    theirs = timm_tf(image)
+    assert ours.shape == theirs.shape
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    assert geometry.original_size == size
+
+
+def test_batch_stacks_and_keeps_each_geometry():
+    pre = Preprocessor(CONFIGS[1])
+    tensors, geometries = pre.batch([_photo(100, 50), _photo(40, 90)])
+    assert tensors.shape == (2, 3, 64, 64)
+    assert geometries[0].original_size == (100, 50) and geometries[1].original_size == (40, 90)
+    assert geometries[0].resized_size == (128, 64) and geometries[0].offset == (32, 0)
+
+
+@pytest.mark.parametrize("size", [(300, 200), (120, 260)])
+def test_geometry_round_trip(size):
+    """A map equal to the input's pixels, projected back, reproduces the original inside the crop."""
+    config = DataConfig(
+        input_size=(64, 64), interpolation="bilinear", crop_pct=0.875, mean=(0, 0, 0), std=(1, 1, 1)
+    )
+    width, height = size
+    xs = np.linspace(0.0, 1.0, width)[None, :].repeat(height, 0)
+    ys = np.linspace(0.0, 1.0, height)[:, None].repeat(width, 1)
+    rgb = np.stack([xs, ys, 0.5 * np.ones_like(xs)], axis=-1)
+    image = Image.fromarray((rgb * 255).round().astype(np.uint8))
+    tensor, geometry = Preprocessor(config)(image)
+    projected = project_to_original(tensor[:2], geometry)  # (2, H0, W0)
+    assert projected.shape == (2, height, width)
+    left, top, right, bottom = geometry.crop_box_original()
+    inner = (slice(int(np.ceil(top)) + 2, int(bottom) - 2), slice(int(np.ceil(left)) + 2, int(right) - 2))
+    original = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[:2]
+    assert (projected[:, inner[0], inner[1]] - original[:, inner[0], inner[1]]).abs().max() < 0.03
+    outside = torch.ones(height, width, dtype=torch.bool)
+    outside[
+        max(0, int(top) - 1) : int(np.ceil(bottom)) + 1, max(0, int(left) - 1) : int(np.ceil(right)) + 1
+    ] = False
+    assert outside.any() and (projected[:, outside] == 0).all()
