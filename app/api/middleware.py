@@ -49,7 +49,9 @@ class RequestContextMiddleware:
         headers = _headers(scope)
         supplied = headers.get(REQUEST_ID_HEADER, "")
         request_id = supplied if _VALID_REQUEST_ID.match(supplied) else uuid.uuid4().hex
-        state = scope.setdefault("state", {})
+        # A per-request copy: servers may hand every request the same lifespan state dict.
+        state = dict(scope.get("state") or {})
+        scope["state"] = state
         state["request_id"] = request_id
         state["started"] = started
         token = request_id_var.set(request_id)
@@ -103,6 +105,7 @@ class RequestContextMiddleware:
                 status,
                 elapsed * 1000,
                 extra={
+                    "request_id": request_id,
                     "method": method,
                     "path": scope.get("path", ""),
                     "route": route,

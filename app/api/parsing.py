@@ -88,7 +88,9 @@ async def _from_multipart(request: Request, max_images: int) -> tuple[list[bytes
                     )
                 images.append(await value.read())
             elif key in FILE_FIELDS:
-                raise invalid(f"field {key!r} must be a file upload, not a text value", "invalid_request")
+                raise ServiceError(
+                    422, "invalid_request", f"field {key!r} must be a file upload, not a text value"
+                )
             elif key in options:
                 previous = options[key]
                 options[key] = [*previous, value] if isinstance(previous, list) else [previous, value]
