@@ -110,7 +110,7 @@
       const response = await fetch(`/v1/models/${model}/explain`, { method: "POST", body: form });
       if (!response.ok) throw new Error(await apiError(response));
       const body = await response.json();
-      const result = (body.results || [])[0];
+      const result = (body.images || [])[0];
       if (!result) throw new Error("the response holds no result");
       state.predictions = result.predictions || [];
       state.explanations = result.explanations || [];
