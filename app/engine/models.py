@@ -200,7 +200,7 @@ def _hub_error(arch: str, exc: BaseException) -> HubUnavailableError:
         f"could not fetch pretrained weights for {arch!r} from the Hugging Face hub "
         f"({type(exc).__name__}: {exc}). Without network access, download the weights elsewhere and "
         f"pass a local file instead: --weights /path/to/{arch}.safetensors (or .pth), "
-        "or MODELS__<n>__WEIGHTS=/path/... in the service configuration; use --weights random:0 "
+        "or RECIPROCAM_MODELS__0__WEIGHTS=/path/... in the service configuration; use --weights random:0 "
         "for a smoke test with random weights"
     )
 
