@@ -4,7 +4,8 @@ nginx runs the configuration from docker/nginx.conf.template (rendered by docker
 the same template docker-compose.yml uses); the replicas are `python -m app serve` processes on
 127.0.0.1 serving a tiny model. Under a bounded load (200 predict/explain requests, 8 at a time):
 requests reach both replicas; a replica sent SIGTERM drains and no request fails; a replica killed
-with SIGKILL costs no failed request, because nginx sends the request to the other replica.
+with SIGKILL costs no failed request, because nginx sends the request to the other replica. An upload
+over the service's body limit is refused by nginx itself.
 
 nginx comes from the Debian packages (installed here when it is missing and this runs as root).
 """
@@ -468,6 +469,19 @@ def test_requests_are_spread_over_both_replicas(balancer: Nginx, running: list[R
     logged = balancer.access_log.read_text()
     for address in addresses:
         assert f"upstream=[{address}]" in logged
+
+
+def test_oversized_upload_stops_at_the_balancer(balancer: Nginx, running: list[Replica]) -> None:
+    # One byte over the service's own 20 MiB limit: nginx answers 413 without asking a replica.
+    body = b"\0" * (20 * 1024 * 1024 + 1)
+    with httpx.Client(timeout=REQUEST_TIMEOUT_S) as client:
+        response = client.post(
+            f"{balancer.url}/v1/models/{MODEL_NAME}/predict",
+            content=body,
+            headers={"content-type": "application/octet-stream"},
+        )
+    assert response.status_code == 413
+    assert not response.headers.get("x-upstream"), "the request reached a replica"
 
 
 def test_sigterm_drains_without_failed_requests(balancer: Nginx, running: list[Replica]) -> None:
