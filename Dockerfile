@@ -48,7 +48,7 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
 
 COPY app ./app
 RUN pip install --no-cache-dir --no-deps --constraint /opt/constraints.txt . \
-    && python -c "import app, torch; print('torch', torch.__version__)"
+    && python -I -c "import app.cli, torch; print('torch', torch.__version__)"
 
 # ---------------------------------------------------------------------------------------------------
 # runtime: the virtual environment, a non-root user and nothing else.
