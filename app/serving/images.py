@@ -47,7 +47,11 @@ def decode_image(
                 f"({', '.join(sorted(allowed_formats - {'MPO'}))})",
                 code="unsupported_image",
             ) from exc
-        raise ImageDecodeError(str(exc), code="too_many_pixels", status=413) from exc
+        raise ImageDecodeError(
+            f"the image has too many pixels (a decompression bomb?): {exc}; the limit is {max_pixels}",
+            code="too_many_pixels",
+            status=413,
+        ) from exc
     except Exception as exc:
         raise ImageDecodeError(f"cannot read the image header: {exc}", code="invalid_image") from exc
     if image.format not in allowed_formats:

@@ -66,3 +66,24 @@ def test_colormaps_and_overlay():
         colormap_lut("rainbow")
     decoded = Image.open(io.BytesIO(png_bytes(heat)))
     assert decoded.size == (2, 1) and decoded.mode == "RGB"
+
+
+def test_bad_input_corpus_is_rejected_with_the_right_status():
+    from tests.bad_inputs import corpus
+
+    names = []
+    for bad in corpus():
+        with pytest.raises(ImageDecodeError) as info:
+            decode_image(bad.data)
+        assert info.value.status == bad.expected_status, bad.name
+        names.append(bad.name)
+    assert "png-bomb-20000x20000" in names and len(names) >= 20
+
+
+def test_every_allowed_format_decodes():
+    from tests.bad_inputs import FORMATS, encode, sample_image
+
+    image = sample_image(3)
+    for fmt in FORMATS:
+        decoded = decode_image(encode(image, fmt))
+        assert decoded.size == image.size and decoded.mode == "RGB", fmt

@@ -1,0 +1,44 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse, Response
+
+from app.api.deps import get_service, require_api_key_for_health, require_api_key_for_metrics
+from app.api.schemas import Liveness, Readiness
+from app.serving.service import Service
+
+router = APIRouter(tags=["health"])
+
+
+@router.get(
+    "/healthz",
+    response_model=Liveness,
+    dependencies=[Depends(require_api_key_for_health)],
+    summary="Liveness: 200 while the process runs",
+)
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "loading, no model available, or draining"}},
+    dependencies=[Depends(require_api_key_for_health)],
+    summary="Readiness: 200 when every model has settled, one at least serves, and not draining",
+)
+async def readyz(service: Service = Depends(get_service)) -> JSONResponse:
+    return JSONResponse(service.readiness(), status_code=200 if service.ready else 503)
+
+
+@router.get(
+    "/metrics",
+    dependencies=[Depends(require_api_key_for_metrics)],
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
+    summary="Prometheus metrics",
+)
+async def metrics(service: Service = Depends(get_service)) -> Response:
+    return Response(service.metrics.render(), media_type=service.metrics.content_type)

@@ -1,0 +1,171 @@
+"""Outermost ASGI layer: request id, body size limit, access log, HTTP metrics, last-resort 500."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.api.errors import error_body
+from app.serving.logs import request_id_var
+from app.serving.metrics import ServiceMetrics
+
+logger = logging.getLogger("app.access")
+error_logger = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "x-request-id"
+_VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class _ClientGone(Exception):
+    pass
+
+
+class RequestContextMiddleware:
+    """Gives every request an id (the client's ``X-Request-ID`` when it is sane), returns it on every
+    response, refuses bodies over ``max_body_bytes`` with 413 before the application sees them,
+    turns any unhandled error into the JSON error shape, and records metrics and one access log line."""
+
+    def __init__(self, app: ASGIApp, *, metrics: ServiceMetrics, max_body_bytes: int) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        headers = _headers(scope)
+        supplied = headers.get(REQUEST_ID_HEADER, "")
+        request_id = supplied if _VALID_REQUEST_ID.match(supplied) else uuid.uuid4().hex
+        # A per-request copy: servers may hand every request the same lifespan state dict.
+        state = dict(scope.get("state") or {})
+        scope["state"] = state
+        state["request_id"] = request_id
+        state["started"] = started
+        token = request_id_var.set(request_id)
+        response: dict[str, Any] = {"status": 500, "started": False}
+        method = scope.get("method", "GET")
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                response["status"] = message["status"]
+                response["started"] = True
+                raw_headers = [
+                    (k, v) for k, v in message.get("headers", []) if k.lower() != REQUEST_ID_HEADER.encode()
+                ]
+                raw_headers.append((REQUEST_ID_HEADER.encode(), request_id.encode()))
+                message = {**message, "headers": raw_headers}
+            await send(message)
+
+        try:
+            app_receive = receive
+            if method in _BODY_METHODS:
+                try:
+                    app_receive = await self._buffered_body(headers, receive)
+                except _BodyTooLarge:
+                    await _send_error(
+                        send_with_id,
+                        413,
+                        "payload_too_large",
+                        f"the request body is larger than the limit of {self.max_body_bytes} bytes",
+                        request_id,
+                        close=True,
+                    )
+                    return
+                except _ClientGone:
+                    response["status"] = 499
+                    return
+            await self.app(scope, app_receive, send_with_id)
+        except Exception as exc:
+            error_logger.exception("unhandled error: %s", type(exc).__name__)
+            if not response["started"]:
+                await _send_error(send_with_id, 500, "internal_error", "internal server error", request_id)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = _route_template(scope)
+            status = int(response["status"])
+            self.metrics.http_requests.labels(route, method, str(status)).inc()
+            self.metrics.http_latency.labels(route, method).observe(elapsed)
+            logger.info(
+                "%s %s %d %.1fms",
+                method,
+                scope.get("path", ""),
+                status,
+                elapsed * 1000,
+                extra={
+                    "request_id": request_id,
+                    "method": method,
+                    "path": scope.get("path", ""),
+                    "route": route,
+                    "status": status,
+                    "duration_ms": round(elapsed * 1000, 2),
+                    "client": (scope.get("client") or ("", 0))[0],
+                    "model": state.get("model"),
+                    "images": state.get("images"),
+                },
+            )
+            request_id_var.reset(token)
+
+    async def _buffered_body(self, headers: dict[str, str], receive: Receive) -> Receive:
+        """Read the whole body (refusing it past the limit), and replay it to the application."""
+        declared = headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise _BodyTooLarge
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGone
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise _BodyTooLarge
+            if chunk:
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        delivered = False
+
+        async def replay() -> Message:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return replay
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+
+
+def _route_template(scope: Scope) -> str:
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    return str(path) if path else "unmatched"
+
+
+async def _send_error(
+    send: Send, status: int, code: str, message: str, request_id: str, *, close: bool = False
+) -> None:
+    body = json.dumps(error_body(code, message, request_id)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

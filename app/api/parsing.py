@@ -1,0 +1,144 @@
+"""Reading images and options from a request: multipart, JSON with base64, or a raw image body."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+
+from app.api.errors import describe_validation_errors
+from app.serving.errors import ServiceError
+
+OptionsT = TypeVar("OptionsT", bound=BaseModel)
+
+FILE_FIELDS = frozenset({"file", "files"})
+_MAX_FORM_FIELDS = 64
+_MAX_OPTION_BYTES = 64 * 1024
+
+
+@dataclass
+class ParsedRequest:
+    images: list[bytes]
+    options: BaseModel
+
+
+def invalid(message: str, code: str = "invalid_request", status: int = 400) -> ServiceError:
+    return ServiceError(status, code, message)
+
+
+async def parse_request(
+    request: Request,
+    options_model: type[OptionsT],
+    json_model: type[BaseModel],
+    *,
+    max_images: int,
+) -> tuple[list[bytes], OptionsT]:
+    """The posted images (raw bytes, not yet decoded) and the validated options."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body = await request.body()
+    if not body:
+        raise invalid("the request body is empty; post images as multipart files or JSON", "empty_body")
+    if content_type == "multipart/form-data":
+        images, raw_options = await _from_multipart(request, max_images)
+    elif content_type == "application/json" or content_type.endswith("+json"):
+        images, raw_options = _from_json(body, json_model)
+    elif content_type.startswith("image/") or content_type == "application/octet-stream":
+        images = [body]
+        raw_options = _query_options(request)
+    else:
+        raise ServiceError(
+            415,
+            "unsupported_media_type",
+            f"unsupported content type {content_type or '(none)'!r}; use multipart/form-data, "
+            "application/json or an image/* body",
+        )
+    if not images:
+        raise invalid("the request holds no image (multipart field 'file' or 'files')", "no_images")
+    if len(images) > max_images:
+        raise ServiceError(
+            413, "too_many_images", f"{len(images)} images in one request; the limit is {max_images}"
+        )
+    try:
+        options = options_model.model_validate(raw_options)
+    except ValidationError as exc:
+        raise ServiceError(422, "invalid_options", describe_validation_errors(exc.errors())) from exc
+    return images, options
+
+
+async def _from_multipart(request: Request, max_images: int) -> tuple[list[bytes], dict[str, Any]]:
+    form = await request.form(
+        max_files=max_images + 1, max_fields=_MAX_FORM_FIELDS, max_part_size=_MAX_OPTION_BYTES
+    )
+    images: list[bytes] = []
+    options: dict[str, Any] = {}
+    try:
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                if key not in FILE_FIELDS:
+                    raise ServiceError(
+                        422,
+                        "invalid_request",
+                        f"unexpected file field {key!r}; send images as 'file' or 'files'",
+                    )
+                images.append(await value.read())
+            elif key in FILE_FIELDS:
+                raise ServiceError(
+                    422, "invalid_request", f"field {key!r} must be a file upload, not a text value"
+                )
+            elif key in options:
+                previous = options[key]
+                options[key] = [*previous, value] if isinstance(previous, list) else [previous, value]
+            else:
+                options[key] = value
+    finally:
+        await form.close()
+    return images, options
+
+
+def _from_json(body: bytes, json_model: type[BaseModel]) -> tuple[list[bytes], dict[str, Any]]:
+    try:
+        document = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise invalid(f"the body is not valid JSON: {exc}", "invalid_json") from exc
+    if not isinstance(document, dict):
+        raise invalid("the JSON body must be an object with an 'images' list", "invalid_json")
+    images_field = document.get("images")
+    if not isinstance(images_field, list) or not images_field:
+        raise invalid('the JSON body needs a non-empty \'images\' list of {"data": "<base64>"}', "no_images")
+    try:
+        validated = json_model.model_validate(document)
+    except ValidationError as exc:
+        raise ServiceError(422, "invalid_options", describe_validation_errors(exc.errors())) from exc
+    images = [decode_base64(entry.data, index) for index, entry in enumerate(validated.images)]  # type: ignore[attr-defined]
+    options = {key: value for key, value in document.items() if key != "images"}
+    return images, options
+
+
+def decode_base64(text: str, index: int) -> bytes:
+    payload = text.strip()
+    if payload.startswith("data:"):
+        header, _, payload = payload.partition(",")
+        if ";base64" not in header:
+            raise invalid(f"image {index}: only base64 data URLs are accepted", "invalid_base64")
+    payload = "".join(payload.split())
+    try:
+        return base64.b64decode(payload + "=" * (-len(payload) % 4), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise invalid(f"image {index}: the data is not valid base64 ({exc})", "invalid_base64") from exc
+
+
+def _query_options(request: Request) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for key, value in request.query_params.multi_items():
+        if key in options:
+            previous = options[key]
+            options[key] = [*previous, value] if isinstance(previous, list) else [previous, value]
+        else:
+            options[key] = value
+    return options

@@ -1,0 +1,274 @@
+"""Service settings: defaults, an optional JSON/YAML file, and environment variables.
+
+Precedence, highest first: values passed to ``Settings(...)``, environment variables
+(``RECIPROCAM_`` prefix, ``__`` between nested names, e.g. ``RECIPROCAM_BATCH__MAX_WAIT_MS=10``),
+the config file named by ``RECIPROCAM_CONFIG_FILE`` (or ``python -m app serve --config FILE``),
+then the defaults below.
+
+Models are a list. ``RECIPROCAM_MODELS`` replaces it (JSON); ``RECIPROCAM_MODELS__<n>__<FIELD>``
+changes one field of entry ``n`` of the list that would otherwise apply, e.g.
+``RECIPROCAM_MODELS__0__WEIGHTS=/models/deit_small.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+ENV_PREFIX = "RECIPROCAM_"
+CONFIG_FILE_ENV = "RECIPROCAM_CONFIG_FILE"
+MIB = 1024 * 1024
+
+
+class ModelSettings(BaseModel):
+    """One model to keep resident."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="name used in the URL")
+    arch: str | None = Field(None, description="timm architecture; optional for self-describing files")
+    weights: str = Field("hub", description="hub | path to .safetensors/.pth | random:SEED")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    labels: str | list[str] | None = Field(None, description="labels file or list (default: from the model)")
+    model_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model kwargs")
+    path: Literal["auto", "reduced", "reference"] = "auto"
+    target_block: int = Field(-1, description="default target block of the explanation (-1 = last)")
+    enabled: bool = True
+
+
+def default_models() -> list[ModelSettings]:
+    return [
+        ModelSettings(name="deit_small", arch="deit_small_patch16_224", weights="hub"),
+        ModelSettings(name="shapes", weights="app/weights/shapes_vit.safetensors"),
+    ]
+
+
+class BatchSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_images: int = Field(32, ge=1, description="most images computed in one batch")
+    max_wait_ms: float = Field(5.0, ge=0, description="batching window, from the first queued request")
+    max_queue_images: int = Field(256, ge=1, description="queued images per model before 503")
+    request_timeout_s: float = Field(30.0, gt=0, description="deadline for a request to START compute (504)")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 503 when the queue is full")
+
+
+class LimitSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_body_bytes: int = Field(20 * MIB, ge=1, description="largest request body (413)")
+    max_pixels: int = Field(40_000_000, ge=1, description="largest image, in pixels (413)")
+    max_images_per_request: int = Field(16, ge=1, description="images in one request (413)")
+    max_targets: int = Field(20, ge=1, description="classes explained per image (top_k or targets)")
+    allowed_formats: list[str] = Field(
+        default_factory=lambda: ["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"],
+        description="accepted image formats (Pillow names)",
+    )
+
+
+class AuthSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="accepted keys; empty = no auth"
+    )
+    protect_health: bool = Field(False, description="whether /healthz and /readyz need a key")
+    protect_metrics: bool = Field(False, description="whether /metrics needs a key")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [key.strip() for key in text.split(",") if key.strip()]
+        return value
+
+
+class CorsSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    allow_origins: list[str] = Field(default_factory=list, description="origins allowed (empty = no CORS)")
+    allow_credentials: bool = False
+    allow_methods: list[str] = Field(default_factory=lambda: ["GET", "POST", "OPTIONS"])
+    allow_headers: list[str] = Field(
+        default_factory=lambda: ["Authorization", "Content-Type", "X-API-Key", "X-Request-ID"]
+    )
+    max_age: int = 600
+
+
+class Settings(BaseSettings):
+    """Everything the service reads at start-up."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="ignore",
+        protected_namespaces=(),
+    )
+
+    models: list[ModelSettings] = Field(default_factory=default_models)
+    batch: BatchSettings = Field(default_factory=BatchSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    cors: CorsSettings = Field(default_factory=CorsSettings)
+    drain_timeout_s: float = Field(25.0, ge=0, description="longest wait for in-flight work on shutdown")
+    io_workers: int = Field(
+        default_factory=lambda: max(2, min(8, os.cpu_count() or 2)),
+        ge=1,
+        description="threads that decode images and encode PNGs",
+    )
+    hub_probe_timeout_s: float = Field(
+        3.0, ge=0, description="quick reachability check of the model hub before a hub download (0 = off)"
+    )
+    log_level: str = "info"
+    log_format: Literal["json", "text"] = "json"
+
+    @model_validator(mode="after")
+    def _unique_model_names(self) -> Settings:
+        names = [model.name for model in self.models]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"model names must be unique: {', '.join(duplicates)}")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (
+            init_settings,
+            ModelListSource(settings_cls),
+            _WithoutIndexedModels(env_settings),
+            ConfigFileSource(settings_cls),
+        )
+
+
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A JSON or YAML (needs PyYAML) settings file as a dict."""
+    file_path = Path(path)
+    if not file_path.is_file():
+        raise ValueError(f"config file {file_path} does not exist")
+    text = file_path.read_text(encoding="utf-8")
+    if file_path.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError as exc:  # pragma: no cover - PyYAML ships with uvicorn[standard]
+            raise ValueError("reading a YAML config file needs PyYAML; use JSON instead") from exc
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {file_path} must hold a mapping at the top level")
+    return data
+
+
+class ConfigFileSource(PydanticBaseSettingsSource):
+    """The file named by RECIPROCAM_CONFIG_FILE, if any."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # pragma: no cover - __call__ does the work
+
+    def __call__(self) -> dict[str, Any]:
+        path = os.environ.get(CONFIG_FILE_ENV)
+        return read_config_file(path) if path else {}
+
+
+_INDEXED_MODEL = re.compile(rf"^{ENV_PREFIX}MODELS__(\d+)__(.+)$", re.IGNORECASE)
+
+
+class _WithoutIndexedModels(PydanticBaseSettingsSource):
+    """The ordinary environment source, minus ``MODELS__<n>__...`` (ModelListSource applies those)."""
+
+    def __init__(self, inner: PydanticBaseSettingsSource) -> None:
+        super().__init__(inner.settings_cls)
+        self.inner = inner
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # pragma: no cover - __call__ does the work
+
+    def __call__(self) -> dict[str, Any]:
+        values = self.inner()
+        models = values.get("models")
+        if isinstance(models, dict):
+            values.pop("models")
+        return values
+
+
+class ModelListSource(PydanticBaseSettingsSource):
+    """The model list with ``RECIPROCAM_MODELS__<n>__<FIELD>`` overrides applied to its entries.
+
+    The base list is ``RECIPROCAM_MODELS`` (JSON) if set, else the config file's ``models``, else the
+    defaults. Returns nothing when no indexed variable is set, so the other sources apply as usual.
+    """
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # pragma: no cover - __call__ does the work
+
+    def __call__(self) -> dict[str, Any]:
+        overrides: dict[int, dict[str, Any]] = {}
+        for key, raw in os.environ.items():
+            match = _INDEXED_MODEL.match(key)
+            if not match:
+                continue
+            target = overrides.setdefault(int(match.group(1)), {})
+            parts = match.group(2).lower().split("__")
+            for part in parts[:-1]:
+                target = target.setdefault(part, {})
+            target[parts[-1]] = _parse_env_value(raw)
+        if not overrides:
+            return {}
+        base: list[dict[str, Any]]
+        env_list = os.environ.get(f"{ENV_PREFIX}MODELS")
+        config_path = os.environ.get(CONFIG_FILE_ENV)
+        if env_list:
+            base = json.loads(env_list)
+        elif config_path and "models" in (file_values := read_config_file(config_path)):
+            base = list(file_values["models"])
+        else:
+            base = [model.model_dump() for model in default_models()]
+        merged = [dict(entry) for entry in base]
+        for index in sorted(overrides):
+            if index < len(merged):
+                merged[index] = _deep_merge(merged[index], overrides[index])
+            elif index == len(merged):
+                merged.append(overrides[index])
+            else:
+                raise ValueError(
+                    f"{ENV_PREFIX}MODELS__{index}__...: the model list has {len(merged)} entries"
+                )
+        return {"models": merged}
+
+
+def _parse_env_value(raw: str) -> Any:
+    text = raw.strip()
+    if text[:1] in ("[", "{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return raw
+    return raw
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

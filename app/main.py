@@ -1,0 +1,66 @@
+"""The FastAPI application: ``create_app(settings)``; models are loaded in the lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
+
+from app.api import health, v1
+from app.api.errors import install_error_handlers
+from app.api.middleware import RequestContextMiddleware
+from app.api.openapi import install_openapi
+from app.config import Settings
+from app.serving.service import Service
+
+logger = logging.getLogger(__name__)
+
+DESCRIPTION = """\
+Predictions from timm Vision Transformers together with their ViT-ReciproCAM saliency maps,
+computed in the same forward batch. Post images as multipart files, as JSON with base64 data, or
+as a raw image body. Every error has the shape `{"error": {"code", "message", "request_id"}}`.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the application. Models start loading in the background when the lifespan starts;
+    ``/readyz`` answers 503 until every model has loaded (or failed to) and one at least serves."""
+    settings = settings or Settings()
+    service = Service(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    app = FastAPI(
+        title="ViT-ReciproCAM service",
+        version="1.0.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(v1.router)
+    install_openapi(app)
+    if settings.cors.allow_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors.allow_origins,
+            allow_credentials=settings.cors.allow_credentials,
+            allow_methods=settings.cors.allow_methods,
+            allow_headers=settings.cors.allow_headers,
+            expose_headers=["X-Request-ID", "Retry-After"],
+            max_age=settings.cors.max_age,
+        )
+    app.add_middleware(
+        RequestContextMiddleware, metrics=service.metrics, max_body_bytes=settings.limits.max_body_bytes
+    )
+    return app

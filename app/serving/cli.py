@@ -1,0 +1,47 @@
+"""`python -m app serve`: run the HTTP service with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+
+from app.config import CONFIG_FILE_ENV
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("serve", help="run the HTTP inference-and-explanation service")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 in containers)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--config", default=None, help="settings file (JSON or YAML)")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (each loads the models)")
+    parser.add_argument(
+        "--log-level", dest="serve_log_level", default=None, help="debug | info | warning (default: settings)"
+    )
+    parser.set_defaults(handler=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    if args.config:
+        # Through the environment, so that every worker process reads the same file.
+        os.environ[CONFIG_FILE_ENV] = os.path.abspath(args.config)
+    from app.config import Settings
+    from app.serving.logs import logging_config
+
+    settings = Settings()
+    level = (args.serve_log_level or settings.log_level).lower()
+    uvicorn.run(
+        "app.main:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_config=logging_config(level, settings.log_format),
+        log_level=level,
+        timeout_graceful_shutdown=max(1, math.ceil(settings.drain_timeout_s)),
+        access_log=False,
+        proxy_headers=True,
+    )
+    return 0

@@ -1,0 +1,83 @@
+"""Prometheus metrics of one service instance (its own registry, so several apps can coexist)."""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class ServiceMetrics:
+    """Every metric the service exports; names start with ``reciprocam_``."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.http_requests = Counter(
+            "reciprocam_http_requests",
+            "HTTP requests by route, method and status",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.http_latency = Histogram(
+            "reciprocam_http_request_duration_seconds",
+            "HTTP request latency by route",
+            ["route", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "reciprocam_queue_wait_seconds",
+            "time from enqueue to the start of the batch compute",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.compute_time = Histogram(
+            "reciprocam_batch_compute_seconds",
+            "model compute time per batch",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "reciprocam_batch_size_images",
+            "images per computed batch",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "reciprocam_queue_depth_images", "images waiting in the queue", ["model"], registry=r
+        )
+        self.rejections = Counter(
+            "reciprocam_rejections", "requests refused or dropped, by reason", ["model", "reason"], registry=r
+        )
+        self.batch_retries = Counter(
+            "reciprocam_batch_splits", "failed batches split in halves and retried", ["model"], registry=r
+        )
+        self.item_failures = Counter(
+            "reciprocam_image_failures", "images that failed even when computed alone", ["model"], registry=r
+        )
+        self.images = Counter(
+            "reciprocam_images",
+            "images computed, by kind (predict or explain)",
+            ["model", "kind"],
+            registry=r,
+        )
+        self.model_ready = Gauge(
+            "reciprocam_model_ready", "1 when the model is loaded and serving", ["model"], registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

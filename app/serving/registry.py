@@ -1,0 +1,250 @@
+"""The resident models: loading (in the background), status, one batcher and device thread each."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+from app.config import ModelSettings, Settings
+from app.engine.models import LoadedModel, ModelLoadError, WeightsSource, load_model
+from app.serving.batcher import Batcher, run_engine_batch
+from app.serving.errors import ServiceError
+from app.serving.metrics import ServiceMetrics
+
+logger = logging.getLogger(__name__)
+
+ModelStatus = Literal["loading", "ready", "unavailable", "disabled"]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class ModelEntry:
+    settings: ModelSettings
+    status: ModelStatus = "loading"
+    reason: str | None = None
+    loaded: LoadedModel | None = None
+    batcher: Batcher | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
+
+    def describe(self, *, with_labels: bool = False) -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "name": self.name,
+            "status": self.status,
+            "reason": self.reason,
+            "arch": self.settings.arch,
+            "weights": self.settings.weights,
+            "device": self.settings.device,
+            "dtype": self.settings.dtype,
+        }
+        if self.loaded is not None:
+            described = self.loaded.describe()
+            info.update(
+                arch=described["arch"],
+                weights=described["weights"],
+                device=described["device"],
+                dtype=described["dtype"],
+                num_classes=described["num_classes"],
+                input_size=described["input_size"][-2:],
+                grid=described["grid"],
+                num_prefix_tokens=described["num_prefix_tokens"],
+                num_blocks=described["num_blocks"],
+                path=described["path"],
+                path_reason=described["path_reason"],
+                target_block=self.settings.target_block,
+                data_config=described["data_config"],
+            )
+            if with_labels:
+                info["labels"] = list(self.loaded.labels)
+        return info
+
+
+class ModelRegistry:
+    """Every configured model, whether it loaded or not, and the threads that compute them."""
+
+    def __init__(self, settings: Settings, metrics: ServiceMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.entries: dict[str, ModelEntry] = {}
+        for model_settings in settings.models:
+            entry = ModelEntry(model_settings)
+            if not model_settings.enabled:
+                entry.status, entry.reason = "disabled", "disabled in the configuration"
+            self.entries[model_settings.name] = entry
+            metrics.model_ready.labels(model_settings.name).set(0)
+        self._device_threads: dict[str, ThreadPoolExecutor] = {}
+        self._load_task: asyncio.Task[None] | None = None
+
+    # ---------------------------------------------------------------- status
+    @property
+    def settled(self) -> bool:
+        """No model is still loading."""
+        return all(entry.status != "loading" for entry in self.entries.values())
+
+    @property
+    def any_ready(self) -> bool:
+        return any(entry.status == "ready" for entry in self.entries.values())
+
+    def get(self, name: str) -> ModelEntry:
+        entry = self.entries.get(name)
+        if entry is None:
+            known = ", ".join(sorted(self.entries)) or "none"
+            raise ServiceError(404, "model_not_found", f"no model named {name!r} (models: {known})")
+        return entry
+
+    def require_ready(self, name: str) -> tuple[LoadedModel, Batcher]:
+        entry = self.get(name)
+        if entry.status == "loading":
+            raise ServiceError(
+                503, "model_loading", f"model {name!r} is still loading", headers={"Retry-After": "5"}
+            )
+        if entry.status != "ready" or entry.loaded is None or entry.batcher is None:
+            raise ServiceError(
+                503,
+                "model_unavailable",
+                f"model {name!r} is {entry.status}: {entry.reason or 'unknown reason'}",
+            )
+        return entry.loaded, entry.batcher
+
+    # ---------------------------------------------------------------- loading
+    def start_loading(self) -> asyncio.Task[None]:
+        self._load_task = asyncio.get_running_loop().create_task(self.load_all(), name="model-loading")
+        return self._load_task
+
+    async def load_all(self) -> None:
+        """Load every enabled model, local files first (they are quick), then hub downloads."""
+        pending = [entry for entry in self.entries.values() if entry.status == "loading"]
+        pending.sort(key=lambda entry: WeightsSource.parse(entry.settings.weights).kind == "hub")
+        for entry in pending:
+            await self._load_one(entry)
+
+    async def _load_one(self, entry: ModelEntry) -> None:
+        model_settings = entry.settings
+        try:
+            loaded = await asyncio.to_thread(self._load_blocking, model_settings)
+        except asyncio.CancelledError:
+            entry.status, entry.reason = "unavailable", "loading was interrupted by shutdown"
+            raise
+        except Exception as exc:
+            entry.status = "unavailable"
+            entry.reason = str(exc) if isinstance(exc, ModelLoadError) else f"{type(exc).__name__}: {exc}"
+            logger.error("model %s is unavailable: %s", entry.name, entry.reason)
+            return
+        device_key = str(loaded.device)
+        executor = self._device_threads.get(device_key)
+        if executor is None:
+            executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"compute-{device_key}")
+            self._device_threads[device_key] = executor
+        engine = loaded.engine
+        batcher = Batcher(
+            entry.name,
+            lambda items: run_engine_batch(engine, items),
+            executor,
+            self.settings.batch,
+            self.metrics,
+        )
+        batcher.start()
+        entry.loaded, entry.batcher = loaded, batcher
+        entry.status, entry.reason = "ready", None
+        self.metrics.model_ready.labels(entry.name).set(1)
+        logger.info(
+            "model %s ready: %s on %s (%s), %s path",
+            entry.name,
+            loaded.arch,
+            loaded.device,
+            loaded.dtype,
+            loaded.engine.path,
+        )
+
+    def _load_blocking(self, model_settings: ModelSettings) -> LoadedModel:
+        weights = resolve_weights(model_settings.weights)
+        if weights == "hub" and self.settings.hub_probe_timeout_s > 0:
+            check_hub_reachable(model_settings.arch, self.settings.hub_probe_timeout_s)
+        loaded = load_model(
+            model_settings.arch,
+            weights,
+            name=model_settings.name,
+            device=model_settings.device,
+            dtype=model_settings.dtype,
+            labels=model_settings.labels,
+            model_kwargs=model_settings.model_kwargs or None,
+            path=model_settings.path,
+            warmup=True,
+        )
+        loaded.engine.resolve_block(model_settings.target_block)  # fails early on a bad block
+        return loaded
+
+    # ---------------------------------------------------------------- shutdown
+    async def close(self, timeout_s: float) -> None:
+        """Drain every batcher (bounded by ``timeout_s`` in total), then stop the device threads."""
+        if self._load_task is not None and not self._load_task.done():
+            self._load_task.cancel()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        for entry in self.entries.values():
+            if entry.batcher is not None:
+                await entry.batcher.close(max(0.0, deadline - loop.time()))
+        for executor in self._device_threads.values():
+            executor.shutdown(wait=False, cancel_futures=True)
+        self._device_threads.clear()
+
+
+def resolve_weights(weights: str) -> str:
+    """A relative weights path that does not exist from the working directory is looked up from the
+    project root, so the bundled model is found wherever the service is started."""
+    source = WeightsSource.parse(weights)
+    if source.kind != "file" or source.path is None or source.path.is_absolute() or source.path.exists():
+        return weights
+    candidate = PROJECT_ROOT / source.path
+    return str(candidate) if candidate.exists() else weights
+
+
+def check_hub_reachable(arch: str | None, timeout_s: float) -> None:
+    """Fail fast, with a clear reason, when hub weights are neither cached nor reachable.
+
+    Without this, an offline machine spends close to a minute in download retries per model.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") or not arch:
+        return
+    if _hub_weights_cached(arch):
+        return
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (443 if endpoint.scheme != "http" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return
+    except OSError as exc:
+        raise ModelLoadError(
+            f"pretrained weights for {arch!r} are not in the local cache and the model hub ({host}) "
+            f"cannot be reached ({exc}). Without network access, put the weights in a local file and "
+            "set the model's weights to its path (e.g. RECIPROCAM_MODELS__0__WEIGHTS=/models/file.safetensors), "
+            "or use weights random:0 for a smoke test"
+        ) from exc
+
+
+def _hub_weights_cached(arch: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        from timm.models import get_pretrained_cfg
+
+        config = get_pretrained_cfg(arch)
+        repo = getattr(config, "hf_hub_id", None)
+        if not repo:
+            return False
+        for filename in ("model.safetensors", "pytorch_model.bin", getattr(config, "hf_hub_filename", None)):
+            if filename and isinstance(try_to_load_from_cache(repo, filename), str):
+                return True
+    except Exception:
+        return False
+    return False

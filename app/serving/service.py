@@ -1,0 +1,96 @@
+"""One running service instance: settings, metrics, models, the I/O pool, and its lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from types import FrameType
+from typing import Any, TypeVar
+
+from app.config import Settings
+from app.serving.metrics import ServiceMetrics
+from app.serving.registry import ModelRegistry
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class Service:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = ServiceMetrics()
+        self.registry = ModelRegistry(settings, self.metrics)
+        self.io_pool = ThreadPoolExecutor(max_workers=settings.io_workers, thread_name_prefix="io")
+        self.draining = False
+        self.allowed_formats = frozenset(fmt.upper() for fmt in settings.limits.allowed_formats)
+        self._previous_sigterm: Any = None
+
+    async def run_io(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a blocking decode/encode step in the I/O pool."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.io_pool, functools.partial(function, *args, **kwargs))
+
+    @property
+    def ready(self) -> bool:
+        return not self.draining and self.registry.settled and self.registry.any_ready
+
+    def readiness(self) -> dict[str, Any]:
+        if self.draining:
+            status = "draining"
+        elif not self.registry.settled:
+            status = "loading"
+        elif not self.registry.any_ready:
+            status = "unavailable"
+        else:
+            status = "ready"
+        return {
+            "status": status,
+            "models": [
+                {"name": entry.name, "status": entry.status, "reason": entry.reason}
+                for entry in self.registry.entries.values()
+            ],
+        }
+
+    async def start(self) -> None:
+        self.registry.start_loading()
+        self._watch_sigterm()
+
+    def begin_drain(self) -> None:
+        if not self.draining:
+            logger.info("draining: readiness now fails; in-flight and queued work continues")
+        self.draining = True
+
+    async def stop(self) -> None:
+        self.begin_drain()
+        await self.registry.close(self.settings.drain_timeout_s)
+        self.io_pool.shutdown(wait=False, cancel_futures=True)
+        self._restore_sigterm()
+        logger.info("service stopped")
+
+    # The server (uvicorn) owns SIGTERM and stops accepting connections when it comes; this hook only
+    # turns readiness off at that moment, then hands the signal on.
+    def _watch_sigterm(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        previous = signal.getsignal(signal.SIGTERM)
+        if not callable(previous):  # default or ignored: nobody to hand over to, leave it alone
+            return
+
+        def on_sigterm(signum: int, frame: FrameType | None) -> None:
+            self.begin_drain()
+            previous(signum, frame)
+
+        self._previous_sigterm = previous
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+    def _restore_sigterm(self) -> None:
+        if self._previous_sigterm is not None and threading.current_thread() is threading.main_thread():
+            with contextlib.suppress(ValueError, OSError):
+                signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None

@@ -1,0 +1,367 @@
+"""The HTTP API in process: endpoints, encodings, options, status, request ids, OpenAPI."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+
+from app.api.schemas import ExplainResponse, ModelInfo, PredictResponse
+from app.engine.reciprocam import CamOptions, normalize_maps
+from app.serving.pipeline import prepare_image
+from tests.integration.conftest import (
+    LABELS,
+    assert_error,
+    image_bytes,
+    running_service,
+    tiny_settings,
+)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def engine_alone(client, data: bytes, options: CamOptions | None, **kwargs):
+    """The same image through the engine alone (batch of one), as a reference."""
+    loaded = client.app.state.service.registry.entries["tiny"].loaded
+    prepared = prepare_image(
+        data,
+        loaded.preprocessor,
+        max_pixels=10**8,
+        allowed_formats=frozenset({"PNG", "JPEG"}),
+        keep_original=False,
+    )
+    (result,) = loaded.engine.explain(prepared.tensor[None], options, **kwargs)
+    return result
+
+
+async def test_health_and_models(client):
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    ready = await client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json() == {
+        "status": "ready",
+        "models": [{"name": "tiny", "status": "ready", "reason": None}],
+    }
+    listing = (await client.get("/v1/models")).json()["models"]
+    assert [model["name"] for model in listing] == ["tiny"]
+    info = ModelInfo.model_validate((await client.get("/v1/models/tiny")).json())
+    assert info.status == "ready" and info.arch == "deit_tiny_patch16_224"
+    assert info.input_size == [32, 32] and info.grid == [4, 4] and info.num_classes == 7
+    assert info.labels == LABELS and info.path in ("reduced", "reference")
+    assert_error(await client.get("/v1/models/nope"), 404, "model_not_found")
+
+
+async def test_predict_same_answer_from_multipart_json_and_raw_body(client):
+    data = image_bytes(1)
+    multipart = await client.post(
+        "/v1/models/tiny/predict", files={"file": ("a.png", data, "image/png")}, data={"top_k": "3"}
+    )
+    as_json = await client.post("/v1/models/tiny/predict", json={"images": [{"data": b64(data)}], "top_k": 3})
+    data_url = await client.post(
+        "/v1/models/tiny/predict",
+        json={"images": [{"data": "data:image/png;base64," + b64(data)}], "top_k": 3},
+    )
+    raw = await client.post(
+        "/v1/models/tiny/predict?top_k=3", content=data, headers={"content-type": "image/png"}
+    )
+    bodies = [PredictResponse.model_validate(r.json()) for r in (multipart, as_json, data_url, raw)]
+    reference = engine_alone(client, data, None)
+    expected = reference.logits.topk(3).indices.tolist()
+    for body in bodies:
+        predictions = body.images[0].predictions
+        assert [p.class_id for p in predictions] == expected
+        assert [p.label for p in predictions] == [LABELS[i] for i in expected]
+        np.testing.assert_allclose(
+            [p.probability for p in predictions],
+            reference.probabilities[expected].numpy(),
+            rtol=1e-4,
+            atol=1e-6,
+        )
+        assert body.images[0].explanations is None
+        assert body.model == "tiny" and body.images[0].width == 48 and body.images[0].height == 40
+    assert bodies[0].request_id == multipart.headers["x-request-id"]
+    assert bodies[0].timing.total_ms >= bodies[0].timing.compute_ms >= 0
+
+
+async def test_explain_maps_match_the_engine_in_every_encoding(client):
+    data = image_bytes(2, size=(50, 30))
+    response = await client.post(
+        "/v1/models/tiny/explain",
+        files={"file": ("a.png", data, "image/png")},
+        data={"top_k": "2", "encodings": ["png", "heatmap", "overlay", "json"], "map_size": "grid"},
+    )
+    assert response.status_code == 200, response.text
+    body = ExplainResponse.model_validate(response.json())
+    reference = engine_alone(client, data, CamOptions(), top_k=2)
+    expected_maps = normalize_maps(reference.score_maps)
+    explanations = body.images[0].explanations
+    assert [e.class_id for e in explanations] == reference.targets.tolist()
+    assert [p.class_id for p in body.images[0].predictions] == reference.targets.tolist()
+    for position, explanation in enumerate(explanations):
+        assert explanation.grid == [4, 4] and explanation.size == [4, 4]
+        raw = reference.score_maps[position]
+        np.testing.assert_allclose(explanation.score_range, [raw.min(), raw.max()], rtol=1e-4, atol=1e-5)
+        values = np.asarray(explanation.map_values)
+        np.testing.assert_allclose(values, expected_maps[position].numpy(), atol=1e-4)
+        gray = np.asarray(Image.open(io.BytesIO(base64.b64decode(explanation.png))))
+        assert gray.shape == (4, 4) and gray.dtype == np.uint8
+        assert int(gray.max()) == 255 and int(gray.min()) == 0
+        heat = Image.open(io.BytesIO(base64.b64decode(explanation.heatmap)))
+        assert heat.mode == "RGB" and heat.size == (4, 4)
+        overlay = Image.open(io.BytesIO(base64.b64decode(explanation.overlay)))
+        assert overlay.mode == "RGB" and overlay.size == (32, 32)  # grid overlays are drawn on the input
+
+
+async def test_map_sizes_and_explicit_targets(client):
+    data = image_bytes(3, size=(60, 45))
+    for map_size, expected_size in (("input", [32, 32]), ("original", [45, 60])):
+        response = await client.post(
+            "/v1/models/tiny/explain",
+            json={
+                "images": [{"data": b64(data)}],
+                "targets": [6, 0, 3],
+                "map_size": map_size,
+                "encodings": ["json", "overlay"],
+                "colormap": "viridis",
+                "opacity": 0.3,
+            },
+        )
+        assert response.status_code == 200, response.text
+        body = ExplainResponse.model_validate(response.json())
+        explanations = body.images[0].explanations
+        assert [e.class_id for e in explanations] == [6, 0, 3]
+        assert [e.label for e in explanations] == ["class_6", "class_0", "class_3"]
+        assert len(body.images[0].predictions) == 1  # top_k defaults to 1
+        for explanation in explanations:
+            assert explanation.size == expected_size
+            values = np.asarray(explanation.map_values)
+            assert values.shape == tuple(expected_size)
+            assert values.min() >= 0.0 and values.max() <= 1.0
+            overlay = Image.open(io.BytesIO(base64.b64decode(explanation.overlay)))
+            assert overlay.size == (expected_size[1], expected_size[0])
+            assert explanation.heatmap is None and explanation.png is None
+
+
+async def test_explain_options_change_the_maps(client):
+    data = image_bytes(4)
+
+    async def grid_map(**options):
+        response = await client.post(
+            "/v1/models/tiny/explain",
+            json={
+                "images": [{"data": b64(data)}],
+                "targets": [2],
+                "encodings": ["json"],
+                "map_size": "grid",
+                **options,
+            },
+        )
+        assert response.status_code == 200, response.text
+        return response.json()["images"][0]["explanations"][0]
+
+    default = await grid_map()
+    for options, cam in (
+        ({"kernel": "dirac"}, CamOptions(kernel="dirac")),
+        ({"keep_prefix": False}, CamOptions(keep_prefix=False)),
+        ({"score": "probability"}, CamOptions(score="probability")),
+        ({"target_block": 1}, CamOptions(target_block=1)),
+    ):
+        explained = await grid_map(**options)
+        reference = engine_alone(client, data, cam, targets=[[2]])
+        np.testing.assert_allclose(
+            explained["json"], normalize_maps(reference.score_maps)[0].numpy(), atol=1e-4
+        )
+        assert explained["score_range"] != default["score_range"], options
+
+
+async def test_several_images_in_one_request(client):
+    images = [image_bytes(10 + i, size=(30 + 5 * i, 40)) for i in range(3)]
+    response = await client.post(
+        "/v1/models/tiny/explain",
+        files=[("files", (f"{i}.png", data, "image/png")) for i, data in enumerate(images)],
+        data={"encodings": "json", "map_size": "grid"},
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [image["index"] for image in body["images"]] == [0, 1, 2]
+    assert [image["width"] for image in body["images"]] == [30, 35, 40]
+    for data, image in zip(images, body["images"], strict=True):
+        reference = engine_alone(client, data, CamOptions(), top_k=1)
+        assert image["predictions"][0]["class_id"] == int(reference.targets[0])
+        np.testing.assert_allclose(
+            image["explanations"][0]["json"], normalize_maps(reference.score_maps)[0].numpy(), atol=1e-4
+        )
+    assert body["timing"]["batch_images"] >= 3
+
+
+async def test_request_id_is_accepted_generated_and_returned(client):
+    given = await client.get("/healthz", headers={"X-Request-ID": "client-id.42"})
+    assert given.headers["x-request-id"] == "client-id.42"
+    generated = await client.get("/healthz")
+    assert len(generated.headers["x-request-id"]) >= 16
+    hostile = await client.get("/healthz", headers={"X-Request-ID": "x" * 500})
+    assert hostile.headers["x-request-id"] != "x" * 500
+    error = assert_error(await client.get("/v1/models/none", headers={"X-Request-ID": "abc-123"}), 404)
+    assert error["request_id"] == "abc-123"
+    explained = await client.post(
+        "/v1/models/tiny/predict",
+        content=image_bytes(5),
+        headers={"content-type": "image/png", "X-Request-ID": "req-7"},
+    )
+    assert explained.json()["request_id"] == "req-7" == explained.headers["x-request-id"]
+
+
+async def test_metrics_report_requests_batches_and_queue(client):
+    await client.post(
+        "/v1/models/tiny/predict", content=image_bytes(6), headers={"content-type": "image/png"}
+    )
+    await client.get("/v1/models/unknown")
+    text = (await client.get("/metrics")).text
+    assert (
+        'reciprocam_http_requests_total{method="POST",route="/v1/models/{name}/predict",status="200"} 1.0'
+        in text
+    )
+    assert 'reciprocam_http_requests_total{method="GET",route="/v1/models/{name}",status="404"} 1.0' in text
+    assert 'reciprocam_batch_size_images_count{model="tiny"}' in text
+    assert 'reciprocam_queue_wait_seconds_count{model="tiny"}' in text
+    assert 'reciprocam_queue_depth_images{model="tiny"} 0.0' in text
+    assert 'reciprocam_images_total{kind="predict",model="tiny"} 1.0' in text
+    assert 'reciprocam_model_ready{model="tiny"} 1.0' in text
+    assert "reciprocam_http_request_duration_seconds_bucket" in text
+
+
+async def test_draining_turns_readiness_off_but_keeps_serving(client):
+    service = client.app.state.service
+    service.begin_drain()
+    ready = await client.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["status"] == "draining"
+    assert (await client.get("/healthz")).status_code == 200
+    response = await client.post(
+        "/v1/models/tiny/predict", content=image_bytes(7), headers={"content-type": "image/png"}
+    )
+    assert response.status_code == 200
+
+
+async def test_unavailable_model_is_reported_and_others_serve(tiny_weights, tmp_path):
+    settings = tiny_settings(
+        tiny_weights,
+        models=[
+            {"name": "tiny", "weights": str(tiny_weights)},
+            {"name": "missing", "weights": str(tmp_path / "absent.safetensors")},
+            {"name": "broken", "arch": "not_a_timm_model", "weights": "random:0"},
+            {"name": "off", "weights": str(tiny_weights), "enabled": False},
+        ],
+    )
+    async with running_service(settings) as client:
+        ready = await client.get("/readyz")
+        assert ready.status_code == 200
+        statuses = {m["name"]: m["status"] for m in ready.json()["models"]}
+        assert statuses == {
+            "tiny": "ready",
+            "missing": "unavailable",
+            "broken": "unavailable",
+            "off": "disabled",
+        }
+        listing = {m["name"]: m for m in (await client.get("/v1/models")).json()["models"]}
+        assert "does not exist" in listing["missing"]["reason"]
+        assert "not_a_timm_model" in listing["broken"]["reason"]
+        for name in ("missing", "broken", "off"):
+            error = assert_error(
+                await client.post(
+                    f"/v1/models/{name}/explain",
+                    content=image_bytes(1),
+                    headers={"content-type": "image/png"},
+                ),
+                503,
+                "model_unavailable",
+            )
+            assert listing[name]["reason"] in error["message"]
+        good = await client.post(
+            "/v1/models/tiny/explain", content=image_bytes(1), headers={"content-type": "image/png"}
+        )
+        assert good.status_code == 200
+        assert 'reciprocam_model_ready{model="missing"} 0.0' in (await client.get("/metrics")).text
+
+
+async def test_no_loadable_model_means_not_ready(tmp_path):
+    settings = tiny_settings(tmp_path, models=[{"name": "missing", "weights": str(tmp_path / "none.pth")}])
+    async with running_service(settings) as client:
+        ready = await client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["status"] == "unavailable"
+        assert (await client.get("/healthz")).status_code == 200
+
+
+async def test_readiness_waits_for_loading(tiny_weights, monkeypatch):
+    import threading
+
+    from app.serving.registry import ModelRegistry
+
+    release = threading.Event()
+    original = ModelRegistry._load_blocking
+
+    def slow_load(self, model_settings):
+        release.wait(timeout=30)
+        return original(self, model_settings)
+
+    monkeypatch.setattr(ModelRegistry, "_load_blocking", slow_load)
+    async with running_service(tiny_settings(tiny_weights), wait_ready=False) as client:
+        loading = await client.get("/readyz")
+        assert loading.status_code == 503 and loading.json()["status"] == "loading"
+        busy = assert_error(
+            await client.post(
+                "/v1/models/tiny/predict", content=image_bytes(1), headers={"content-type": "image/png"}
+            ),
+            503,
+            "model_loading",
+        )
+        assert busy
+        release.set()
+        from tests.integration.conftest import wait_until_settled
+
+        assert (await wait_until_settled(client)).status_code == 200
+
+
+async def test_openapi_documents_both_bodies_and_error_shape(client):
+    schema = (await client.get("/openapi.json")).json()
+    explain = schema["paths"]["/v1/models/{name}/explain"]["post"]
+    content = explain["requestBody"]["content"]
+    assert {"multipart/form-data", "application/json", "image/*"} <= set(content)
+    form = content["multipart/form-data"]["schema"]["properties"]
+    assert {"files", "top_k", "targets", "kernel", "encodings", "map_size", "colormap", "opacity"} <= set(
+        form
+    )
+    components = schema["components"]["schemas"]
+    assert "ExplainJsonRequest" in components and "ImageData" in components
+    assert components["ExplainJsonRequest"]["examples"]
+    assert "ExplainResponse" in components and components["ExplainResponse"]["examples"]
+    assert explain["responses"]["422"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "ErrorResponse"
+    )
+    assert "json" in components["Explanation"]["properties"]
+
+
+def test_tiny_png_example_decodes():
+    from app.api.schemas import _TINY_PNG
+    from app.serving.images import decode_image
+
+    assert decode_image(base64.b64decode(_TINY_PNG)).size == (1, 1)
+
+
+def test_prepare_image_keeps_input_pixels():
+    from app.engine.preprocess import DataConfig, Preprocessor
+
+    prepared = prepare_image(
+        image_bytes(9, size=(64, 48)),
+        Preprocessor(DataConfig(input_size=(32, 32))),
+        max_pixels=10**6,
+        allowed_formats=frozenset({"PNG"}),
+        keep_original=True,
+    )
+    assert prepared.tensor.shape == (3, 32, 32) and prepared.input_pixels.shape == (32, 32, 3)
+    assert prepared.original.shape == (48, 64, 3) and prepared.original_size == (64, 48)
+    assert torch.isfinite(prepared.tensor).all()

@@ -1,0 +1,150 @@
+"""Many concurrent requests share batches, and every answer reaches the request it belongs to."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+
+import numpy as np
+import torch
+from PIL import Image
+
+from app.engine.reciprocam import CamOptions, normalize_maps
+from app.serving.pipeline import prepare_image
+from tests.integration.conftest import assert_error, image_bytes, running_service, tiny_settings
+
+
+def reference(loaded, data: bytes, options: CamOptions | None, top_k: int):
+    prepared = prepare_image(
+        data, loaded.preprocessor, max_pixels=10**8, allowed_formats=frozenset({"PNG"}), keep_original=False
+    )
+    (result,) = loaded.engine.explain(prepared.tensor[None], options, top_k=top_k)
+    return result
+
+
+def histogram(metrics: str, name: str, model: str) -> dict[str, float]:
+    buckets = {}
+    for le, value in re.findall(rf'{name}_bucket{{le="([^"]+)",model="{model}"}} ([0-9.e+]+)', metrics):
+        buckets[le] = float(value)
+    return buckets
+
+
+async def test_64_concurrent_requests_each_get_their_own_result(tiny_weights):
+    settings = tiny_settings(tiny_weights, batch={"max_batch_images": 16, "max_wait_ms": 30})
+    async with running_service(settings) as client:
+        loaded = client.app.state.service.registry.entries["tiny"].loaded
+        requests = []
+        for index in range(64):
+            data = image_bytes(1000 + index, size=(32 + index % 7, 32 + index % 5))
+            kind = "predict" if index % 4 == 0 else "explain"
+            options = {"top_k": str(1 + index % 3)}
+            if kind == "explain":
+                options.update(
+                    encodings="json",
+                    map_size="grid",
+                    kernel="dirac" if index % 3 == 0 else "gaussian",
+                    keep_prefix="false" if index % 5 == 0 else "true",
+                )
+            requests.append((index, data, kind, options))
+
+        async def post(index, data, kind, options):
+            response = await client.post(
+                f"/v1/models/tiny/{kind}",
+                files={"file": (f"{index}.png", data, "image/png")},
+                data=options,
+                headers={"X-Request-ID": f"req-{index}"},
+            )
+            return response
+
+        responses = await asyncio.gather(*(post(*request) for request in requests))
+        batch_sizes = []
+        for (index, data, kind, options), response in zip(requests, responses, strict=True):
+            assert response.status_code == 200, response.text
+            body = response.json()
+            assert body["request_id"] == f"req-{index}" == response.headers["x-request-id"]
+            top_k = int(options["top_k"])
+            cam = None
+            if kind == "explain":
+                cam = CamOptions(kernel=options["kernel"], keep_prefix=options["keep_prefix"] == "true")
+            alone = reference(loaded, data, cam, top_k)
+            image = body["images"][0]
+            expected = alone.logits.topk(top_k).indices.tolist()
+            assert [p["class_id"] for p in image["predictions"]] == expected, index
+            np.testing.assert_allclose(
+                [p["logit"] for p in image["predictions"]],
+                alone.logits[expected].numpy(),
+                rtol=1e-4,
+                atol=1e-5,
+            )
+            if kind == "explain":
+                assert [e["class_id"] for e in image["explanations"]] == alone.targets.tolist()
+                maps = np.asarray([e["json"] for e in image["explanations"]])
+                np.testing.assert_allclose(maps, normalize_maps(alone.score_maps).numpy(), atol=1e-4)
+                ranges = np.asarray([e["score_range"] for e in image["explanations"]])
+                raw = alone.score_maps.flatten(1)
+                np.testing.assert_allclose(ranges[:, 0], raw.min(1).values.numpy(), rtol=1e-4, atol=1e-5)
+            else:
+                assert "explanations" not in image
+            batch_sizes.append(body["timing"]["batch_images"])
+        assert max(batch_sizes) > 1
+
+        metrics = (await client.get("/metrics")).text
+        buckets = histogram(metrics, "reciprocam_batch_size_images", "tiny")
+        batches = buckets["+Inf"]
+        assert buckets["1.0"] < batches, "every batch held a single image"
+        count = re.search(r'reciprocam_batch_size_images_sum{model="tiny"} ([0-9.e+]+)', metrics)
+        assert count is not None and float(count.group(1)) == 64.0  # every image computed exactly once
+        assert batches < 64
+
+
+async def test_injected_failure_fails_only_its_own_request(tiny_weights):
+    """The engine fails on any batch holding a white image: that request gets 500, the others their
+    correct results, and the service goes on serving."""
+    settings = tiny_settings(tiny_weights, batch={"max_batch_images": 16, "max_wait_ms": 50})
+    async with running_service(settings) as client:
+        loaded = client.app.state.service.registry.entries["tiny"].loaded
+        engine = loaded.engine
+        real_explain = engine.explain
+
+        def flaky_explain(images, *args, **kwargs):
+            if bool((images.flatten(1).min(dim=1).values > 2.0).any()):
+                raise RuntimeError("injected failure: poisoned image in batch")
+            return real_explain(images, *args, **kwargs)
+
+        engine.explain = flaky_explain  # instance attribute: the batch loop calls it
+        try:
+            buffer = io.BytesIO()
+            Image.new("RGB", (40, 40), (255, 255, 255)).save(buffer, format="PNG")
+            poison = buffer.getvalue()
+            datas = [image_bytes(2000 + i) for i in range(12)]
+            datas.insert(5, poison)
+
+            async def post(data):
+                return await client.post(
+                    "/v1/models/tiny/explain",
+                    files={"file": ("x.png", data, "image/png")},
+                    data={"encodings": "json", "map_size": "grid"},
+                )
+
+            responses = await asyncio.gather(*(post(data) for data in datas))
+            for position, (data, response) in enumerate(zip(datas, responses, strict=True)):
+                if position == 5:
+                    error = assert_error(response, 500, "compute_failed")
+                    assert "injected failure" in error["message"]
+                    continue
+                assert response.status_code == 200, response.text
+                alone = reference(loaded, data, CamOptions(), 1)
+                explanation = response.json()["images"][0]["explanations"][0]
+                assert explanation["class_id"] == int(alone.targets[0])
+                np.testing.assert_allclose(
+                    explanation["json"], normalize_maps(alone.score_maps)[0].numpy(), atol=1e-4
+                )
+            metrics = (await client.get("/metrics")).text
+            assert re.search(r'reciprocam_batch_splits_total{model="tiny"} [1-9]', metrics)
+            assert 'reciprocam_image_failures_total{model="tiny"} 1.0' in metrics
+            after = await post(image_bytes(3000))
+            assert after.status_code == 200
+        finally:
+            engine.explain = real_explain
+        assert torch.is_inference_mode_enabled() is False

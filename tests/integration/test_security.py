@@ -1,0 +1,110 @@
+"""API keys, CORS and logs."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from app.api.deps import key_is_valid
+from app.serving.logs import JsonFormatter, RequestIdFilter, request_id_var
+from tests.integration.conftest import assert_error, image_bytes, running_service, tiny_settings
+
+KEY = "s3cret-key-0123456789"
+
+
+@pytest.fixture
+async def secured(tiny_weights):
+    settings = tiny_settings(tiny_weights, auth={"api_keys": ["other-key", KEY]})
+    async with running_service(settings) as client:
+        yield client
+
+
+async def test_api_key_required_on_api_routes(secured, caplog):
+    caplog.set_level(logging.DEBUG)
+    image = {"content": image_bytes(1), "headers": {"content-type": "image/png"}}
+    error = assert_error(await secured.post("/v1/models/tiny/predict", **image), 401, "unauthorized")
+    assert "API key" in error["message"]
+    assert_error(await secured.get("/v1/models"), 401, "unauthorized")
+    wrong = await secured.get("/v1/models", headers={"Authorization": "Bearer nope"})
+    assert_error(wrong, 401, "unauthorized")
+    assert wrong.headers["www-authenticate"] == "Bearer"
+    assert_error(await secured.get("/v1/models", headers={"X-API-Key": KEY + "x"}), 401)
+    assert (await secured.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"})).status_code == 200
+    assert (await secured.get("/v1/models", headers={"X-API-Key": KEY})).status_code == 200
+    ok = await secured.post(
+        "/v1/models/tiny/predict",
+        content=image["content"],
+        headers={**image["headers"], "Authorization": f"Bearer {KEY}"},
+    )
+    assert ok.status_code == 200
+    # health, readiness and metrics stay open by default (probes and scrapers carry no key)
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert (await secured.get(path)).status_code == 200
+    # the key never reaches the logs
+    assert caplog.records
+    assert all(KEY not in record.getMessage() and KEY not in str(vars(record)) for record in caplog.records)
+
+
+async def test_health_and_metrics_can_be_protected(tiny_weights):
+    settings = tiny_settings(
+        tiny_weights, auth={"api_keys": [KEY], "protect_health": True, "protect_metrics": True}
+    )
+    async with running_service(settings, wait_ready=False) as client:
+        for path in ("/healthz", "/readyz", "/metrics"):
+            assert_error(await client.get(path), 401, "unauthorized")
+            assert (await client.get(path, headers={"X-API-Key": KEY})).status_code in (200, 503)
+
+
+def test_key_comparison():
+    keys = [b"alpha", b"beta"]
+    assert key_is_valid("beta", keys) and key_is_valid("alpha", keys)
+    assert not key_is_valid("bet", keys) and not key_is_valid("", keys) and not key_is_valid("gamma", keys)
+    assert not key_is_valid("bétä", keys)
+
+
+async def test_cors_for_allowed_origins_only(tiny_weights):
+    settings = tiny_settings(tiny_weights, cors={"allow_origins": ["https://app.example"]})
+    async with running_service(settings) as client:
+        preflight = await client.options(
+            "/v1/models/tiny/explain",
+            headers={
+                "Origin": "https://app.example",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "X-API-Key, Content-Type",
+            },
+        )
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == "https://app.example"
+        assert "POST" in preflight.headers["access-control-allow-methods"]
+        assert "x-api-key" in preflight.headers["access-control-allow-headers"].lower()
+        simple = await client.get("/v1/models", headers={"Origin": "https://app.example"})
+        assert simple.headers["access-control-allow-origin"] == "https://app.example"
+        assert "x-request-id" in simple.headers["access-control-expose-headers"].lower()
+        foreign = await client.get("/v1/models", headers={"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in foreign.headers
+    async with running_service(tiny_settings(tiny_weights)) as client:
+        plain = await client.get("/v1/models", headers={"Origin": "https://app.example"})
+        assert "access-control-allow-origin" not in plain.headers
+
+
+def test_json_log_lines_carry_the_request_id():
+    record = logging.LogRecord("app.access", logging.INFO, __file__, 1, "GET %s %d", ("/x", 200), None)
+    record.status = 200
+    token = request_id_var.set("rid-1")
+    try:
+        RequestIdFilter().filter(record)
+    finally:
+        request_id_var.reset(token)
+    line = json.loads(JsonFormatter().format(record))
+    assert line["message"] == "GET /x 200" and line["request_id"] == "rid-1"
+    assert line["status"] == 200 and line["level"] == "info" and line["logger"] == "app.access"
+
+
+async def test_access_log_records_each_request(client, caplog):
+    caplog.set_level(logging.INFO, logger="app.access")
+    await client.get("/v1/models/tiny", headers={"X-Request-ID": "trace-9"})
+    records = [r for r in caplog.records if r.name == "app.access"]
+    assert records and records[-1].status == 200 and records[-1].route == "/v1/models/{name}"
+    assert records[-1].duration_ms >= 0 and records[-1].request_id == "trace-9"

@@ -1,0 +1,221 @@
+"""The micro-batcher with a fake engine: batching by cost, bounds, deadlines, drops, split-and-retry."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from app.config import BatchSettings
+from app.engine.reciprocam import ImageExplanation
+from app.serving.batcher import Batcher, BatchItem
+from app.serving.errors import (
+    ClientDisconnectedError,
+    ComputeFailedError,
+    DeadlineExceededError,
+    QueueFullError,
+    ShuttingDownError,
+)
+from app.serving.metrics import ServiceMetrics
+
+
+class FakeEngine:
+    """Returns each image's first pixel as its logit, records every batch, and can block or fail."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[float]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.poison: set[float] = set()
+
+    def __call__(self, items: Sequence[BatchItem]) -> list[ImageExplanation]:
+        values = [float(item.image[0, 0, 0]) for item in items]
+        self.batches.append(values)
+        self.entered.set()
+        self.gate.wait(timeout=10)
+        if self.poison.intersection(values):
+            raise RuntimeError("injected failure")
+        return [ImageExplanation(logits=torch.tensor([value])) for value in values]
+
+
+def item(value: float) -> BatchItem:
+    return BatchItem(image=torch.full((3, 2, 2), value))
+
+
+@pytest.fixture
+def executor():
+    pool = ThreadPoolExecutor(max_workers=1)
+    yield pool
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def make_batcher(engine: FakeEngine, executor, **settings) -> tuple[Batcher, ServiceMetrics]:
+    metrics = ServiceMetrics()
+    batcher = Batcher("fake", engine, executor, BatchSettings(**settings), metrics)
+    batcher.start()
+    return batcher, metrics
+
+
+def values_of(outcome) -> list[float]:
+    return [float(result.logits[0]) for result in outcome.results]
+
+
+async def test_each_job_gets_its_own_results_and_jobs_share_batches(executor):
+    engine = FakeEngine()
+    batcher, _ = make_batcher(engine, executor, max_batch_images=8, max_wait_ms=200)
+    jobs = [[item(10 * j + i) for i in range(j % 3 + 1)] for j in range(6)]
+    outcomes = await asyncio.gather(*(batcher.submit(job) for job in jobs))
+    for job, outcome in zip(jobs, outcomes, strict=True):
+        assert values_of(outcome) == [float(x.image[0, 0, 0]) for x in job]
+    # 12 images, at most 8 per batch, jobs never split across batches
+    assert sum(len(batch) for batch in engine.batches) == 12
+    assert all(len(batch) <= 8 for batch in engine.batches)
+    assert max(len(batch) for batch in engine.batches) > 1
+    assert outcomes[0].batch_images == len(engine.batches[0])
+    await batcher.close(1)
+
+
+async def test_cost_is_counted_in_images(executor):
+    engine = FakeEngine()
+    batcher, _ = make_batcher(engine, executor, max_batch_images=4, max_wait_ms=200)
+    first = [item(1), item(2), item(3)]
+    second = [item(4), item(5)]
+    await asyncio.gather(batcher.submit(first), batcher.submit(second))
+    # 3 + 2 > 4: the second job waits for the next batch instead of overfilling the first
+    assert engine.batches == [[1, 2, 3], [4, 5]]
+    await batcher.close(1)
+
+
+async def test_full_queue_rejects_with_retry_after(executor):
+    engine = FakeEngine()
+    engine.gate.clear()
+    batcher, metrics = make_batcher(engine, executor, max_batch_images=1, max_wait_ms=0, max_queue_images=2)
+    running = asyncio.ensure_future(batcher.submit([item(1)]))
+    await asyncio.to_thread(engine.entered.wait, 5)  # job 1 is computing, the queue is empty again
+    queued = asyncio.ensure_future(batcher.submit([item(2), item(3)]))
+    await asyncio.sleep(0)
+    with pytest.raises(QueueFullError) as refused:
+        await batcher.submit([item(4)])
+    assert refused.value.status == 503 and refused.value.headers["Retry-After"] == "1"
+    engine.gate.set()
+    assert values_of(await running) == [1]
+    assert values_of(await queued) == [2, 3]
+    assert metrics.rejections.labels("fake", "queue_full")._value.get() == 1
+    await batcher.close(1)
+
+
+async def test_request_that_cannot_start_in_time_gets_504(executor):
+    engine = FakeEngine()
+    engine.gate.clear()
+    batcher, metrics = make_batcher(
+        engine, executor, max_batch_images=1, max_wait_ms=0, request_timeout_s=0.05
+    )
+    running = asyncio.ensure_future(batcher.submit([item(1)]))
+    await asyncio.to_thread(engine.entered.wait, 5)
+    with pytest.raises(DeadlineExceededError) as late:
+        await batcher.submit([item(2)])
+    assert late.value.status == 504
+    engine.gate.set()
+    assert values_of(await running) == [1]  # the one that started finishes, however long it takes
+    await asyncio.sleep(0.05)
+    assert [2.0] not in engine.batches  # the late job never reached the model
+    assert metrics.rejections.labels("fake", "deadline")._value.get() == 1
+    await batcher.close(1)
+
+
+async def test_disconnected_client_is_dropped_before_compute(executor):
+    engine = FakeEngine()
+    batcher, metrics = make_batcher(engine, executor, max_batch_images=8, max_wait_ms=50)
+
+    async def gone() -> bool:
+        return True
+
+    async def present() -> bool:
+        return False
+
+    results = await asyncio.gather(
+        batcher.submit([item(1)], disconnected=gone),
+        batcher.submit([item(2)], disconnected=present),
+        return_exceptions=True,
+    )
+    assert isinstance(results[0], ClientDisconnectedError)
+    assert values_of(results[1]) == [2]
+    assert all(1.0 not in batch for batch in engine.batches)
+    assert metrics.rejections.labels("fake", "client_disconnected")._value.get() == 1
+    await batcher.close(1)
+
+
+async def test_cancelled_caller_is_dropped_before_compute(executor):
+    engine = FakeEngine()
+    engine.gate.clear()
+    batcher, _ = make_batcher(engine, executor, max_batch_images=1, max_wait_ms=0)
+    running = asyncio.ensure_future(batcher.submit([item(1)]))
+    await asyncio.to_thread(engine.entered.wait, 5)
+    abandoned = asyncio.ensure_future(batcher.submit([item(2)]))
+    kept = asyncio.ensure_future(batcher.submit([item(3)]))
+    await asyncio.sleep(0)
+    abandoned.cancel()
+    engine.gate.set()
+    await running
+    assert values_of(await kept) == [3]
+    assert [2.0] not in engine.batches
+    await batcher.close(1)
+
+
+async def test_failing_batch_is_split_and_only_the_bad_item_fails(executor):
+    engine = FakeEngine()
+    engine.poison = {5.0}
+    batcher, metrics = make_batcher(engine, executor, max_batch_images=8, max_wait_ms=200)
+    jobs = [[item(1)], [item(2), item(3)], [item(4), item(5)], [item(6)], [item(7), item(8)]]
+    results = await asyncio.gather(*(batcher.submit(job) for job in jobs), return_exceptions=True)
+    assert isinstance(results[2], ComputeFailedError) and results[2].status == 500
+    assert "injected failure" in results[2].message
+    for index in (0, 1, 3, 4):
+        assert values_of(results[index]) == [float(x.image[0, 0, 0]) for x in jobs[index]]
+    assert metrics.batch_retries.labels("fake")._value.get() >= 1
+    assert metrics.item_failures.labels("fake")._value.get() == 1
+    # the service keeps going
+    assert values_of(await batcher.submit([item(9)])) == [9]
+    await batcher.close(1)
+
+
+async def test_close_drains_queued_work_then_refuses(executor):
+    engine = FakeEngine()
+    batcher, _ = make_batcher(engine, executor, max_batch_images=2, max_wait_ms=20)
+    pending = [asyncio.ensure_future(batcher.submit([item(i)])) for i in range(5)]
+    await asyncio.sleep(0)
+    await batcher.close(5)
+    assert [values_of(job.result()) for job in pending] == [[i] for i in range(5)]
+    with pytest.raises(ShuttingDownError):
+        await batcher.submit([item(9)])
+
+
+async def test_engine_batch_call_per_image_options_and_top_k():
+    """run_engine_batch passes per-image options and targets, and the largest top_k, in one call."""
+    from app.engine.reciprocam import CamOptions
+    from app.serving.batcher import run_engine_batch
+
+    calls = []
+
+    class Recorder:
+        def explain(self, images, options, *, targets=None, top_k=None):
+            calls.append((images.shape, options, targets, top_k))
+            return [ImageExplanation(logits=torch.zeros(3)) for _ in range(images.shape[0])]
+
+    dirac = CamOptions(kernel="dirac")
+    items = [
+        BatchItem(torch.zeros(3, 4, 4), None, None, 5),
+        BatchItem(torch.zeros(3, 4, 4), CamOptions(), None, 2),
+        BatchItem(torch.zeros(3, 4, 4), dirac, [1], 1),
+    ]
+    assert len(run_engine_batch(Recorder(), items)) == 3
+    shape, options, targets, top_k = calls[0]
+    assert shape == (3, 3, 4, 4)
+    assert options == [None, CamOptions(), dirac]
+    assert targets == [None, None, [1]]
+    assert top_k == 2  # only explained images without explicit targets count

@@ -1,0 +1,76 @@
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from app.config import Settings
+
+
+def test_defaults_match_the_documented_contract(monkeypatch):
+    for key in list(__import__("os").environ):
+        if key.startswith("RECIPROCAM_"):
+            monkeypatch.delenv(key)
+    settings = Settings()
+    assert [(m.name, m.weights) for m in settings.models] == [
+        ("deit_small", "hub"),
+        ("shapes", "app/weights/shapes_vit.safetensors"),
+    ]
+    assert settings.models[0].arch == "deit_small_patch16_224" and settings.models[1].arch is None
+    assert settings.batch.max_batch_images == 32 and settings.batch.max_wait_ms == 5
+    assert settings.batch.max_queue_images == 256
+    assert settings.limits.max_body_bytes == 20 * 1024 * 1024 and settings.limits.max_pixels == 40_000_000
+    assert settings.limits.max_images_per_request == 16
+    assert settings.auth.api_keys == [] and settings.cors.allow_origins == []
+    assert settings.drain_timeout_s == 25
+
+
+def test_file_then_env_then_indexed_model_overrides(tmp_path, monkeypatch):
+    config = tmp_path / "service.json"
+    config.write_text(
+        json.dumps(
+            {
+                "batch": {"max_wait_ms": 7, "max_batch_images": 16},
+                "models": [
+                    {"name": "a", "arch": "deit_tiny_patch16_224", "weights": "random:0"},
+                    {"name": "b", "weights": "b.safetensors"},
+                ],
+            }
+        )
+    )
+    monkeypatch.setenv("RECIPROCAM_CONFIG_FILE", str(config))
+    monkeypatch.setenv("RECIPROCAM_BATCH__MAX_BATCH_IMAGES", "4")
+    monkeypatch.setenv("RECIPROCAM_MODELS__1__WEIGHTS", "/models/b.safetensors")
+    monkeypatch.setenv("RECIPROCAM_MODELS__0__MODEL_KWARGS", '{"img_size": 32}')
+    monkeypatch.setenv("RECIPROCAM_AUTH__API_KEYS", "first, second")
+    monkeypatch.setenv("RECIPROCAM_CORS__ALLOW_ORIGINS", '["https://app.example"]')
+    settings = Settings()
+    assert settings.batch.max_wait_ms == 7  # from the file
+    assert settings.batch.max_batch_images == 4  # the environment wins over the file
+    assert [m.name for m in settings.models] == ["a", "b"]
+    assert settings.models[1].weights == "/models/b.safetensors"
+    assert settings.models[0].model_kwargs == {"img_size": 32}
+    assert settings.models[0].weights == "random:0"
+    assert [key.get_secret_value() for key in settings.auth.api_keys] == ["first", "second"]
+    assert "first" not in repr(settings.auth)  # keys never show up in logs or reprs
+    assert settings.cors.allow_origins == ["https://app.example"]
+
+
+def test_yaml_file_and_model_list_from_env(tmp_path, monkeypatch):
+    config = tmp_path / "service.yaml"
+    config.write_text("drain_timeout_s: 3\nlimits:\n  max_pixels: 1000\n")
+    monkeypatch.setenv("RECIPROCAM_CONFIG_FILE", str(config))
+    monkeypatch.setenv(
+        "RECIPROCAM_MODELS", json.dumps([{"name": "only", "weights": "random:1", "arch": "x"}])
+    )
+    settings = Settings()
+    assert settings.drain_timeout_s == 3 and settings.limits.max_pixels == 1000
+    assert [m.name for m in settings.models] == ["only"]
+
+
+def test_invalid_settings_are_refused():
+    with pytest.raises(ValidationError):
+        Settings(models=[{"name": "a"}, {"name": "a"}])
+    with pytest.raises(ValidationError):
+        Settings(batch={"max_batch_images": 0})
+    with pytest.raises(ValidationError):
+        Settings(models=[{"name": "bad name/with slash"}])
