@@ -5,7 +5,8 @@ the same template docker-compose.yml uses); the replicas are `python -m app serv
 127.0.0.1 serving a tiny model. Under a bounded load (200 predict/explain requests, 8 at a time):
 requests reach both replicas; a replica sent SIGTERM drains and no request fails; a replica killed
 with SIGKILL costs no failed request, because nginx sends the request to the other replica. An upload
-over the service's body limit is refused by nginx itself.
+over the service's body limit is refused by nginx itself. The health check commands of the image and
+of docker-compose.yml run against a replica, too.
 
 nginx comes from the Debian packages (installed here when it is missing and this runs as root).
 """
@@ -454,6 +455,34 @@ def _assert_all_succeeded(outcomes: list[Outcome], nginx: Nginx, replicas: list[
 
 
 # --- tests -----------------------------------------------------------------------------------------
+
+
+def _health_commands() -> dict[str, list[str]]:
+    """The image's HEALTHCHECK and the compose replicas' health check, as written in those files."""
+    import yaml
+
+    dockerfile = (REPO / "Dockerfile").read_text().replace("\\\n", " ")
+    (instruction,) = [line for line in dockerfile.splitlines() if line.startswith("HEALTHCHECK")]
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    compose_test = compose["services"]["api"]["healthcheck"]["test"]
+    assert compose_test[0] == "CMD"
+    return {"Dockerfile": json.loads(instruction.split(" CMD ", 1)[1]), "compose": compose_test[1:]}
+
+
+def test_container_health_checks_pass_against_a_replica(running: list[Replica]) -> None:
+    replica = running[0]
+    for origin, command in _health_commands().items():
+        assert command[0] == "python"
+        # Same command, pointed at this replica's port instead of the container's 8000.
+        argv = [sys.executable, *[part.replace("127.0.0.1:8000", replica.address) for part in command[1:]]]
+        assert replica.address in " ".join(argv), f"{origin}: no http://127.0.0.1:8000 URL in {command}"
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, f"{origin} health check failed: {result.stderr}"
+    # And it fails when nothing answers: it can tell a dead replica from a live one.
+    dead = f"127.0.0.1:{_free_port()}"
+    command = _health_commands()["Dockerfile"]
+    argv = [sys.executable, *[part.replace("127.0.0.1:8000", dead) for part in command[1:]]]
+    assert subprocess.run(argv, capture_output=True, text=True, timeout=30).returncode != 0
 
 
 def test_requests_are_spread_over_both_replicas(balancer: Nginx, running: list[Replica]) -> None:

@@ -23,13 +23,17 @@ import jsonschema
 import pytest
 import yaml
 
+from app.config import BatchSettings, LimitSettings, Settings
+
 REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
 K8S = DOCKER / "k8s"
 MAX_TORCH = (2, 14, 1)
 MAX_TORCHVISION = (0, 29, 1)
-SERVICE_MAX_BODY_BYTES = 20 * 1024 * 1024  # the service's default RECIPROCAM_LIMITS__MAX_BODY_BYTES
-SERVICE_DRAIN_TIMEOUT_S = 25  # the service's default RECIPROCAM_DRAIN_TIMEOUT_S
+# The service's own defaults, which the deployment files must agree with.
+SERVICE_MAX_BODY_BYTES = LimitSettings().max_body_bytes
+SERVICE_DRAIN_TIMEOUT_S = Settings.model_fields["drain_timeout_s"].default
+SERVICE_REQUEST_TIMEOUT_S = BatchSettings().request_timeout_s
 
 
 def _load_script(name: str) -> ModuleType:
@@ -208,6 +212,8 @@ def test_nginx_body_limit_matches_the_service() -> None:
     read_timeout = int(re.findall(r"proxy_read_timeout (\d+)s;", template)[0])
     retry_window = int(re.findall(r"proxy_next_upstream_timeout (\d+)s;", template)[0])
     assert retry_window < read_timeout
+    # nginx waits longer than the service's own deadline, whose 504 then reaches the client.
+    assert read_timeout > SERVICE_REQUEST_TIMEOUT_S
     # Idle upstream connections close before uvicorn's 5 s keep-alive timeout.
     assert int(re.findall(r"keepalive_timeout (\d+)s;", template)[0]) < 5
 
