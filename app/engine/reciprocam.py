@@ -347,8 +347,12 @@ class ReciproCAM:
             done = stop
             group = [item for item in items if item.block == stop]
             for (kernel, keep_prefix), members in _group_by(group).items():
-                rows = torch.tensor([item.index for item in members], device=x.device)
-                result = self.masked_logits(stop, x.index_select(0, rows), kernel, keep_prefix)
+                indices = [item.index for item in members]
+                if indices == list(range(batch)):
+                    group_input = x  # every image: no copy of the block input
+                else:
+                    group_input = x.index_select(0, torch.tensor(indices, device=x.device))
+                result = self.masked_logits(stop, group_input, kernel, keep_prefix)
                 for position, item in enumerate(members):
                     masked[item.index] = result[position]
         for block in list(model.blocks)[done:]:

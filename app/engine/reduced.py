@@ -234,8 +234,12 @@ class ReducedEvaluator:
     """Masked-pass logits of a timm ViT, computed on the distinct rows of each masked sequence.
 
     ``max_sequences``: the most masked sequences evaluated at once (memory bound); ``None`` sizes
-    chunks so that each holds about as many token rows as the plain forward of the same batch.
+    chunks so that each holds at most ``ROW_BUDGET`` times as many token rows as the plain forward
+    of the same batch (the per-image projections stay resident besides), which keeps the peak
+    memory of an explanation near that of the forward pass.
     """
+
+    ROW_BUDGET = 0.5
 
     def __init__(self, model: nn.Module, *, max_sequences: int | None = None) -> None:
         reason = reduced_support_reason(model)
@@ -260,7 +264,7 @@ class ReducedEvaluator:
         """Rectangles (image range, mask range) of at most ``max_sequences`` sequences each."""
         limit = max_sequences if max_sequences is not None else self.max_sequences
         if limit is None:
-            limit = max(n, (batch * tokens) // max(1, rows))
+            limit = int(self.ROW_BUDGET * batch * tokens) // max(1, rows)
         limit = max(1, int(limit))
         if limit >= n:
             per = max(1, limit // n)
@@ -305,11 +309,13 @@ class ReducedEvaluator:
         fast = last and prefix_head and isinstance(attn.k_norm, nn.Identity)
 
         z = target.norm1(block_input)
-        projected = F.linear(z, attn.qkv.weight)  # (B, T, 3A): W z without bias, once per image
-        gate_lin = F.linear(z, attn.gate.weight) if attn.gate is not None else None
-        per_image = (
-            self._fast_precompute(target, block_input, projected, head_rows, keep_prefix) if fast else None
-        )
+        projected = gate_lin = per_image = None
+        if fast:
+            per_image = self._fast_precompute(target, block_input, z, head_rows, keep_prefix)
+        else:
+            projected = F.linear(z, attn.qkv.weight)  # (B, T, 3A): W z without bias, once per image
+            gate_lin = F.linear(z, attn.gate.weight) if attn.gate is not None else None
+        del z
 
         rows_per_sequence = len(head_rows) if (fast and head_rows) else layout.num_rows
         outputs: list[torch.Tensor] = []
@@ -317,6 +323,7 @@ class ReducedEvaluator:
             if per_image is not None:
                 y = self._fast_target(target, per_image, images, src[masks], scale[masks], key_bias[masks])
             else:
+                assert projected is not None
                 y = self._target_rows(
                     target,
                     block_input[images],
@@ -386,45 +393,76 @@ class ReducedEvaluator:
         self,
         block: Block,
         x: torch.Tensor,
-        projected: torch.Tensor,
+        z: torch.Tensor,
         head_rows: list[int],
         keep_prefix: bool,
     ) -> dict[str, torch.Tensor]:
         """Per-image quantities of the last block when only prefix query rows are needed.
 
         The query rows are the same for every mask of an image (the kept prefix rows, or the zero
-        row), so their scores against every unmasked key and the values are shared by all masks.
+        row), so their scores against every unmasked, bias-free key ``W_k z_t`` and the bias-free
+        values ``W_v z_t`` are shared by all masks of the image.
         """
         attn = block.attn
         dim, heads = attn.attn_dim, attn.num_heads
-        batch = x.shape[0]
-        bias = attn.qkv.bias
-        zeros = projected.new_zeros(dim)
-        bq, bk, bv = (zeros, zeros, zeros) if bias is None else bias.split(dim)
-        keep = bool(keep_prefix)  # query rows: the kept prefix rows, or the representative zero row
-        if keep:
-            q_lin = projected[:, : len(head_rows), :dim] + bq  # (B, nq, A)
-            residual = x[:, : len(head_rows)]
-        else:
-            q_lin = bq.expand(batch, 1, dim)
-            residual = x.new_zeros(batch, 1, x.shape[-1])
+        batch, _, width = x.shape
+        weight, bias = attn.qkv.weight, attn.qkv.bias
+        w_q, w_k, w_v = weight.split(dim)
+        zeros = z.new_zeros(dim)
+        b_q, b_k, b_v = (zeros, zeros, zeros) if bias is None else bias.split(dim)
+        count = len(head_rows)
+        if keep_prefix:  # query rows: the kept prefix rows ...
+            q_lin = F.linear(z[:, :count], w_q, b_q)  # (B, nq, A)
+            residual = x[:, :count]
+            gate_in = z[:, :count]
+        else:  # ... or the representative zero row
+            q_lin = b_q.expand(batch, 1, dim)
+            residual = x.new_zeros(batch, 1, width)
+            gate_in = z.new_zeros(batch, 1, width)
         q = attn.q_norm(_heads(q_lin, heads)).float() * attn.scale  # (B, H, nq, hd)
-        k0 = _heads(projected[..., dim : 2 * dim], heads).float()  # (B, H, T, hd)
-        scores = q @ k0.transpose(-1, -2)  # (B, H, nq, T): q . (W_k z_t)
-        offset = (q @ bk.float().reshape(heads, -1, 1)).squeeze(-1)  # (B, H, nq): q . b_k
-        values = _heads(projected[..., 2 * dim :], heads)  # (B, H, T, hd), bias-free
-        gate = None
-        if attn.gate is not None:
-            gate_in = block.norm1(x[:, : len(head_rows)]) if keep else x.new_zeros(batch, 1, x.shape[-1])
-            gate = attn.gate(gate_in).sigmoid()
+        keys = _heads(F.linear(z, w_k), heads).float()  # (B, H, T, hd)
+        scores = q @ keys.transpose(-1, -2)  # (B, H, nq, T): q . (W_k z_t)
+        del keys
+        offset = (q @ b_k.float().reshape(heads, -1, 1)).squeeze(-1)  # (B, H, nq): q . b_k
+        values = _heads(F.linear(z, w_v), heads)  # (B, H, T, hd)
+        gate = attn.gate(gate_in).sigmoid() if attn.gate is not None else torch.empty(0)
         return {
             "scores": scores,
             "offset": offset,
             "values": values,
-            "bv": bv,
+            "bv": b_v,
             "residual": residual,
-            "gate": gate if gate is not None else torch.empty(0),
+            "gate": gate,
         }
+
+    @staticmethod
+    def _fast_attention(
+        pre: dict[str, torch.Tensor],
+        images: slice,
+        src: torch.Tensor,
+        scale: torch.Tensor,
+        key_bias: torch.Tensor,
+    ) -> torch.Tensor:
+        """Attention output of the prefix query rows for (images x masks): (b * k, nq, A).
+
+        Key row ``r`` of a masked sequence is ``a_r * W_k z_src + b_k``: its score is
+        ``a_r * (q . W_k z_src) + q . b_k`` plus the multiplicity bias. The output
+        ``sum_r p_r (a_r W_v z_src + b_v)`` is one dense product of the scattered weights
+        ``p_r a_r`` (masks x tokens) with the per-image values, plus ``b_v``.
+        """
+        scores = pre["scores"][images]  # (b, H, nq, T)
+        count, heads, nq, tokens = scores.shape
+        masks, rows = src.shape
+        scale32 = scale.float()
+        gathered = scores[..., src.reshape(-1)].reshape(count, heads, nq, masks, rows)
+        logits = gathered * scale32 + pre["offset"][images][..., None, None] + key_bias
+        weights = logits.softmax(dim=-1) * scale32
+        values = pre["values"][images]  # (b, H, T, hd)
+        coef = weights.new_zeros(count, heads, nq, masks, tokens)
+        coef.scatter_add_(-1, src.expand(count, heads, nq, masks, rows), weights)
+        coef = coef.to(values.dtype).reshape(count, heads, nq * masks, tokens)
+        attended = (coef @ values).reshape(count, heads, nq, masks, -1)
+        return attended.permute(0, 3, 2, 1, 4).reshape(count * masks, nq, -1) + pre["bv"]
 
     def _fast_target(
         self,
@@ -436,26 +474,14 @@ class ReducedEvaluator:
         key_bias: torch.Tensor,
     ) -> torch.Tensor:
         """The last block's prefix query rows for the chunk's (images x masks): (b * k, nq, D)."""
-        attn = block.attn
-        scores = pre["scores"][images]  # (b, H, nq, T)
-        count, heads, nq, tokens = scores.shape
-        masks, rows = src.shape
-        scale32 = scale.float()
-        # score of key row r: a_r * (q . W_k z_src) + q . b_k, plus the multiplicity bias.
-        gathered = scores[..., src.reshape(-1)].reshape(count, heads, nq, masks, rows)
-        logits = gathered * scale32 + pre["offset"][images][..., None, None] + key_bias
-        weights = logits.softmax(dim=-1) * scale32  # attention weight times row scale
-        values = pre["values"][images]  # (b, H, T, hd)
-        coef = weights.new_zeros(count, heads, nq, masks, tokens)
-        coef.scatter_add_(-1, src.expand(count, heads, nq, masks, rows), weights)
-        coef = coef.to(values.dtype).reshape(count, heads, nq * masks, tokens)
-        attended = (coef @ values).reshape(count, heads, nq, masks, -1)
-        attended = attended.permute(0, 3, 2, 1, 4).reshape(count * masks, nq, -1) + pre["bv"]
+        attended = self._fast_attention(pre, images, src, scale, key_bias)
+        count, masks = images.stop - images.start, src.shape[0]
+        flat, nq = attended.shape[0], attended.shape[1]
         gate = None
-        if attn.gate is not None:
-            gate = pre["gate"][images][:, None].expand(count, masks, nq, -1).reshape(count * masks, nq, -1)
-        residual = pre["residual"][images][:, None].expand(count, masks, nq, -1)
-        return _finish_block(block, attended, gate, residual.reshape(count * masks, nq, -1))
+        if block.attn.gate is not None:
+            gate = pre["gate"][images][:, None].expand(count, masks, nq, -1).reshape(flat, nq, -1)
+        residual = pre["residual"][images][:, None].expand(count, masks, nq, -1).reshape(flat, nq, -1)
+        return _finish_block(block, attended, gate, residual)
 
     # -- head ------------------------------------------------------------------------------------
 
