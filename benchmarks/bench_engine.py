@@ -162,7 +162,8 @@ def bench_model(
     t_forward, t_reduced = _time_interleaved([forward, explain_reduced], device, iters, warmup)
     t_reference = None
     if reference_iters > 0:
-        (t_reference,) = _time_interleaved([explain_reference], device, reference_iters, min(warmup, 1))
+        reference_warmup = min(warmup, 1) if device.type == "cuda" else 0  # minutes per call on CPU
+        (t_reference,) = _time_interleaved([explain_reference], device, reference_iters, reference_warmup)
     forward_peak, forward_act = _peak(forward, device, cpu_memory)
     reduced_peak, reduced_act = _peak(explain_reduced, device, cpu_memory)
     row = Row(
