@@ -208,9 +208,9 @@ def table(rows: list[Row], device: torch.device) -> str:
             r.model,
             r.dtype,
             str(r.batch),
-            _fmt(r.forward_ips),
-            _fmt(r.reduced_ips),
-            _fmt(r.reference_ips),
+            _fmt(r.forward_ips, 2),
+            _fmt(r.reduced_ips, 2),
+            _fmt(r.reference_ips, 2),
             _fmt(_ratio(r.reduced_ips, r.forward_ips), 2),
             _fmt(_ratio(r.reduced_ips, r.reference_ips), 1),
         ]

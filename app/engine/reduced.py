@@ -196,6 +196,14 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torc
     return out.to(q.dtype)
 
 
+def _softmax_short(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over a short last dimension (the ``R`` rows), written out: on CPU this is several
+    times faster than ``Tensor.softmax`` for rows of about ten entries. ``-inf`` entries give 0."""
+    shifted = logits - logits.amax(dim=-1, keepdim=True)
+    weights = shifted.exp_()
+    return weights.div_(weights.sum(dim=-1, keepdim=True))
+
+
 def _finish_block(
     block: Block, attended: torch.Tensor, gate: torch.Tensor | None, residual: torch.Tensor
 ) -> torch.Tensor:
@@ -456,7 +464,7 @@ class ReducedEvaluator:
         scale32 = scale.float()
         gathered = scores[..., src.reshape(-1)].reshape(count, heads, nq, masks, rows)
         logits = gathered * scale32 + pre["offset"][images][..., None, None] + key_bias
-        weights = logits.softmax(dim=-1) * scale32
+        weights = _softmax_short(logits) * scale32
         values = pre["values"][images]  # (b, H, T, hd)
         coef = weights.new_zeros(count, heads, nq, masks, tokens)
         coef.scatter_add_(-1, src.expand(count, heads, nq, masks, rows), weights)

@@ -26,6 +26,15 @@ FP32_TOL = 1e-5
 LOW_PRECISION_TOL = 0.03
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny models gain nothing from several threads; one avoids contention on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _vit(seed: int = 0, **kwargs: Any) -> nn.Module:
     torch.manual_seed(seed)
     options = {**TINY, "img_size": 32, "patch_size": 8, **kwargs}
