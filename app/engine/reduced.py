@@ -466,9 +466,10 @@ class ReducedEvaluator:
         logits = gathered * scale32 + pre["offset"][images][..., None, None] + key_bias
         weights = _softmax_short(logits) * scale32
         values = pre["values"][images]  # (b, H, T, hd)
-        coef = weights.new_zeros(count, heads, nq, masks, tokens)
-        coef.scatter_add_(-1, src.expand(count, heads, nq, masks, rows), weights)
-        coef = coef.to(values.dtype).reshape(count, heads, nq * masks, tokens)
+        # Dense (masks x tokens) weights in the values' dtype; padding rows add exact zeros.
+        coef = values.new_zeros(count, heads, nq, masks, tokens)
+        coef.scatter_add_(-1, src.expand(count, heads, nq, masks, rows), weights.to(values.dtype))
+        coef = coef.reshape(count, heads, nq * masks, tokens)
         attended = (coef @ values).reshape(count, heads, nq, masks, -1)
         return attended.permute(0, 3, 2, 1, 4).reshape(count * masks, nq, -1) + pre["bv"]
 
