@@ -9,6 +9,8 @@ timm model, measures images/s of
 (c) the reference explanation (the same call with ``path="reference"``),
 
 and the peak memory of (b) against (a). Prints a markdown table with the ratios b/a and b/c.
+(a) and (b) are timed in alternating rounds; images/s are medians over rounds and b/a is the
+median of the per-round ratios (each pair runs back to back, under the same machine load).
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` (weights included; the activation part,
 peak minus what was allocated before the call, is shown too). On CPU the process's peak resident
@@ -52,6 +54,7 @@ class Row:
     forward_ips: float
     reduced_ips: float
     reference_ips: float | None
+    ratio_ba: float  # median over rounds of forward time / explanation time
     forward_peak: float | None  # MiB
     reduced_peak: float | None
     forward_act: float | None  # MiB above what was allocated before the call
@@ -66,11 +69,11 @@ def _sync(device: torch.device) -> None:
 
 def _time_interleaved(
     fns: list[Callable[[], object]], device: torch.device, iters: int, warmup: int
-) -> list[float]:
-    """Median seconds per call of each of ``fns``, calls interleaved round by round.
+) -> list[list[float]]:
+    """Seconds of every call of each of ``fns``, calls interleaved round by round.
 
     Interleaving exposes every function to the same machine load (other processes on a shared
-    CPU), and the median discards rounds disturbed by them.
+    CPU); medians over rounds discard rounds disturbed by them.
     """
     for _ in range(warmup):
         for fn in fns:
@@ -83,7 +86,7 @@ def _time_interleaved(
             fn()
             _sync(device)
             times[index].append(time.perf_counter() - start)
-    return [statistics.median(values) for values in times]
+    return times
 
 
 def _configure_glibc() -> bool:
@@ -159,11 +162,15 @@ def bench_model(
     def explain_reference() -> object:
         return reference.explain(images, options, top_k=1)
 
-    t_forward, t_reduced = _time_interleaved([forward, explain_reduced], device, iters, warmup)
+    forward_times, reduced_times = _time_interleaved([forward, explain_reduced], device, iters, warmup)
+    t_forward, t_reduced = statistics.median(forward_times), statistics.median(reduced_times)
+    # b/a from the rounds' paired calls, each pair run back to back under the same load.
+    paired = statistics.median(f / r for f, r in zip(forward_times, reduced_times, strict=True))
     t_reference = None
     if reference_iters > 0:
         reference_warmup = min(warmup, 1) if device.type == "cuda" else 0  # minutes per call on CPU
-        (t_reference,) = _time_interleaved([explain_reference], device, reference_iters, reference_warmup)
+        (reference_times,) = _time_interleaved([explain_reference], device, reference_iters, reference_warmup)
+        t_reference = statistics.median(reference_times)
     forward_peak, forward_act = _peak(forward, device, cpu_memory)
     reduced_peak, reduced_act = _peak(explain_reduced, device, cpu_memory)
     row = Row(
@@ -173,6 +180,7 @@ def bench_model(
         forward_ips=batch / t_forward,
         reduced_ips=batch / t_reduced,
         reference_ips=None if t_reference is None else batch / t_reference,
+        ratio_ba=paired,
         forward_peak=forward_peak,
         reduced_peak=reduced_peak,
         forward_act=forward_act,
@@ -211,7 +219,7 @@ def table(rows: list[Row], device: torch.device) -> str:
             _fmt(r.forward_ips, 2),
             _fmt(r.reduced_ips, 2),
             _fmt(r.reference_ips, 2),
-            _fmt(_ratio(r.reduced_ips, r.forward_ips), 2),
+            _fmt(r.ratio_ba, 2),
             _fmt(_ratio(r.reduced_ips, r.reference_ips), 1),
         ]
         if device.type == "cuda":
