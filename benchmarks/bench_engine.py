@@ -264,8 +264,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cpu_memory = not gpu and _configure_glibc()
-    if gpu:
-        torch.backends.cuda.matmul.allow_tf32 = False
 
     print(
         f"torch {torch.__version__}, device {device}"
