@@ -24,6 +24,7 @@ memory is bounded by evaluating at most ``max_sequences`` masked sequences at a 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -268,7 +269,9 @@ class ReducedEvaluator:
             grid[0], grid[1], kernel, bool(keep_prefix), self.num_prefix, self.pool_include_prefix
         )
 
-    def _chunks(self, batch: int, n: int, tokens: int, rows: int, max_sequences: int | None):
+    def _chunks(
+        self, batch: int, n: int, tokens: int, rows: int, max_sequences: int | None
+    ) -> Iterator[tuple[slice, slice]]:
         """Rectangles (image range, mask range) of at most ``max_sequences`` sequences each."""
         limit = max_sequences if max_sequences is not None else self.max_sequences
         if limit is None:
