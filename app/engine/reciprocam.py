@@ -14,6 +14,7 @@ reduced evaluation in :mod:`app.engine.reduced` is used instead wherever the mod
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -28,6 +29,8 @@ logger = logging.getLogger(__name__)
 Score = Literal["logit", "probability"]
 SCORES: tuple[str, ...] = ("logit", "probability")
 PathChoice = Literal["auto", "reduced", "reference"]
+REFERENCE_MAX_SEQUENCES = 256
+_FALLBACK_LOGGED: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # models whose fallback was logged
 
 
 class UnsupportedModelError(ValueError):
@@ -228,8 +231,11 @@ class ReciproCAM:
     """Predictions and ViT-ReciproCAM score maps from one shared forward.
 
     ``path``: ``"auto"`` uses the exact reduced evaluation wherever the model's structure allows
-    it and the reference loop otherwise (the reason is logged once and kept in ``path_reason``);
-    ``"reference"`` forces the literal loop; ``"reduced"`` fails if the model does not allow it.
+    it and the reference loop otherwise (the reason is logged once per model and kept in
+    ``path_reason``); ``"reference"`` forces the literal loop; ``"reduced"`` fails if the model does
+    not allow it. ``max_sequences``: the most masked sequences evaluated at once (memory bound);
+    ``None`` uses 256 on the reference path and, on the reduced path, chunks holding about as many
+    token rows as the plain forward of the same batch.
     """
 
     def __init__(
@@ -237,7 +243,7 @@ class ReciproCAM:
         model: nn.Module,
         *,
         path: PathChoice = "auto",
-        max_sequences: int = 256,
+        max_sequences: int | None = None,
     ) -> None:
         if path not in ("auto", "reduced", "reference"):
             raise ValueError(f"unknown path {path!r}; expected auto, reduced or reference")
@@ -259,11 +265,13 @@ class ReciproCAM:
             return (
                 "reduced",
                 "model structure allows the exact reduced evaluation",
-                ReducedEvaluator(self.model),
+                ReducedEvaluator(self.model, max_sequences=self.max_sequences),
             )
         if path == "reduced":
             raise UnsupportedModelError(f"reduced evaluation is not possible for this model: {reason}")
-        logger.warning("ViT-ReciproCAM falls back to the reference path: %s", reason)
+        if self.model not in _FALLBACK_LOGGED:
+            _FALLBACK_LOGGED.add(self.model)
+            logger.warning("ViT-ReciproCAM falls back to the reference path: %s", reason)
         return "reference", reason, None
 
     def resolve_block(self, target_block: int) -> int:
@@ -280,7 +288,12 @@ class ReciproCAM:
         if self._reduced is not None:
             return self._reduced.masked_logits(block_index, block_input, kernel, keep_prefix)  # type: ignore[attr-defined]
         return reference_masked_logits(
-            self.model, block_index, block_input, kernel, keep_prefix, max_sequences=self.max_sequences
+            self.model,
+            block_index,
+            block_input,
+            kernel,
+            keep_prefix,
+            max_sequences=self.max_sequences or REFERENCE_MAX_SEQUENCES,
         )
 
     @torch.inference_mode()
@@ -334,8 +347,12 @@ class ReciproCAM:
             done = stop
             group = [item for item in items if item.block == stop]
             for (kernel, keep_prefix), members in _group_by(group).items():
-                rows = torch.tensor([item.index for item in members], device=x.device)
-                result = self.masked_logits(stop, x.index_select(0, rows), kernel, keep_prefix)
+                indices = [item.index for item in members]
+                if indices == list(range(batch)):
+                    group_input = x  # every image: no copy of the block input
+                else:
+                    group_input = x.index_select(0, torch.tensor(indices, device=x.device))
+                result = self.masked_logits(stop, group_input, kernel, keep_prefix)
                 for position, item in enumerate(members):
                     masked[item.index] = result[position]
         for block in list(model.blocks)[done:]:
