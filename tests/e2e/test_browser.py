@@ -46,7 +46,7 @@ def chromium() -> tuple[str, str]:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for command, timeout in (
         (["apt-get", "update"], 300),
-        (["apt-get", "install", "-y", "--no-install-recommends", "chromium", "chromium-driver"], 900),
+        (["apt-get", "install", "-y", "chromium", "chromium-driver"], 900),
     ):
         try:
             done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
