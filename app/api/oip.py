@@ -339,15 +339,6 @@ async def infer_version(
     return await _infer(name, request, service)
 
 
-@router.api_route(
-    "/{path:path}",
-    methods=["GET", "POST", "PUT", "DELETE", "PATCH"],
-    include_in_schema=False,
-)
-async def unknown_endpoint(path: str) -> Response:
-    return oip_error_response(404, f"this server has no endpoint /v2/{path}")
-
-
 @dataclass
 class _Output:
     name: str
