@@ -350,12 +350,15 @@ async def _infer(name: str, request: Request, service: Service) -> Response:
     loaded, batcher = service.registry.require_ready(name)
     request.state.model = name
     limits = service.settings.limits
-    document, binary = await _read_body(request, limits.max_body_bytes)
-    try:
-        inference = InferenceRequest.model_validate(document)
-        options = InferenceOptions.model_validate(inference.parameters or {})
-    except ValidationError as exc:
-        raise bad_request(describe_validation_errors(list(exc.errors()))) from exc
+    body = await request.body()
+    # Parsing and encoding large tensors run in the I/O pool, off the event loop.
+    inference, options, binary = await service.run_io(
+        _parse_body,
+        body,
+        request.headers.get("content-encoding", ""),
+        request.headers.get(HEADER_LENGTH.lower()),
+        limits.max_body_bytes,
+    )
     outputs = _requested_outputs(inference, options)
     want_maps = any(output.name in (OUTPUT_MAPS, OUTPUT_TARGETS) for output in outputs)
     cam_options, targets = _explain_options(service, name, loaded, options, want_maps)
@@ -370,7 +373,9 @@ async def _infer(name: str, request: Request, service: Service) -> Response:
     if tensor_input.name == INPUT_BYTES:
         tensors = await _images_from_bytes(tensor_input, raw, service, loaded)
     elif tensor_input.name == INPUT_TENSOR:
-        tensors = _images_from_tensor(tensor_input, raw, loaded, limits.max_images_per_request)
+        tensors = await service.run_io(
+            _images_from_tensor, tensor_input, raw, loaded, limits.max_images_per_request
+        )
     else:
         raise bad_request(
             f"unknown input {tensor_input.name!r}; this model takes {INPUT_BYTES!r} (BYTES, encoded "
@@ -384,8 +389,6 @@ async def _infer(name: str, request: Request, service: Service) -> Response:
     ]
     outcome = await batcher.submit(items, disconnected=request.is_disconnected)
     service.metrics.images.labels(name, "explain" if want_maps else "predict").inc(len(items))
-    arrays = _output_arrays(outcome.results, outputs, options, targets, loaded)
-
     header: dict[str, Any] = {"model_name": name, "model_version": MODEL_VERSION}
     if inference.id is not None:
         header["id"] = inference.id
@@ -396,6 +399,19 @@ async def _infer(name: str, request: Request, service: Service) -> Response:
         "total_ms": round((time.perf_counter() - started) * 1000.0, 3),
         "batch_images": outcome.batch_images,
     }
+    return await service.run_io(_encode_response, header, outcome.results, outputs, options, targets, loaded)
+
+
+def _encode_response(
+    header: dict[str, Any],
+    results: list[ImageExplanation],
+    outputs: list[_Output],
+    options: InferenceOptions,
+    targets: list[int] | None,
+    loaded: LoadedModel,
+) -> Response:
+    """The response: JSON, or JSON header + binary data when an output asks for binary data."""
+    arrays = _output_arrays(results, outputs, options, targets, loaded)
     tensors_out: list[dict[str, Any]] = []
     chunks: list[bytes] = []
     for output in outputs:
@@ -411,9 +427,9 @@ async def _infer(name: str, request: Request, service: Service) -> Response:
             entry["data"] = _json_data(array, datatype)
         tensors_out.append(entry)
     header["outputs"] = tensors_out
-    if not chunks:
-        return JSONResponse(header)
     head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    if not chunks:
+        return Response(head, media_type="application/json")
     return Response(
         b"".join([head, *chunks]),
         media_type="application/octet-stream",
@@ -421,17 +437,18 @@ async def _infer(name: str, request: Request, service: Service) -> Response:
     )
 
 
-async def _read_body(request: Request, max_bytes: int) -> tuple[Any, bytes]:
-    """The JSON document and the binary data after it (empty without the binary extension)."""
-    body = await request.body()
-    encoding = request.headers.get("content-encoding", "").strip().lower()
+def _parse_body(
+    body: bytes, content_encoding: str, declared: str | None, max_bytes: int
+) -> tuple[InferenceRequest, InferenceOptions, bytes]:
+    """The validated request, its options, and the binary data after the JSON header (empty without
+    the binary extension)."""
+    encoding = content_encoding.strip().lower()
     if encoding in ("gzip", "deflate"):
         body = _decompress(body, encoding, max_bytes)
     elif encoding not in ("", "identity"):
         raise OipError(415, f"unsupported Content-Encoding {encoding!r}; use gzip, deflate or none")
     if not body:
         raise bad_request("the request body is empty; send an inference request JSON object")
-    declared = request.headers.get(HEADER_LENGTH.lower())
     if declared is None:
         header, binary = body, b""
     else:
@@ -448,7 +465,12 @@ async def _read_body(request: Request, max_bytes: int) -> tuple[Any, bytes]:
         raise bad_request(f"the inference request header is not valid JSON: {exc}") from exc
     if not isinstance(document, dict):
         raise bad_request("the inference request must be a JSON object with an 'inputs' list")
-    return document, binary
+    try:
+        inference = InferenceRequest.model_validate(document)
+        options = InferenceOptions.model_validate(inference.parameters or {})
+    except ValidationError as exc:
+        raise bad_request(describe_validation_errors(list(exc.errors()))) from exc
+    return inference, options, binary
 
 
 def _decompress(body: bytes, encoding: str, max_bytes: int) -> bytes:

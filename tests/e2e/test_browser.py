@@ -75,6 +75,10 @@ def browser(chromium: tuple[str, str]) -> Iterator[object]:
         "--hide-scrollbars",
         "--no-first-run",
         "--disable-extensions",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-default-browser-check",
     ):
         options.add_argument(argument)
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
