@@ -3,7 +3,11 @@
 (() => {
   const $ = (id) => document.getElementById(id);
   const MAX_UPLOAD_SIDE = 1024; // phone photos are downsized before upload
-  const state = { file: null, image: null, explanations: [], predictions: [], active: 0, heatmaps: new Map() };
+  const KEY_STORAGE = "reciprocam-api-key";
+  const state = {
+    file: null, image: null, size: null, explanations: [], predictions: [], active: null,
+    heatmaps: new Map(), request: 0,
+  };
 
   function showError(message) {
     const box = $("error");
@@ -12,12 +16,41 @@
   }
 
   async function apiError(response) {
+    if (response.status === 401) askForKey();
     try {
       const body = await response.json();
-      if (body && body.error) return `${body.error.message} (${body.error.code}, HTTP ${response.status})`;
+      const error = body && body.error;
+      if (error && typeof error === "object") return `${error.message} (${error.code}, HTTP ${response.status})`;
+      if (typeof error === "string") return `${error} (HTTP ${response.status})`;
       if (body && body.detail) return `${JSON.stringify(body.detail)} (HTTP ${response.status})`;
     } catch (_) { /* not JSON */ }
-    return `The server answered HTTP ${response.status} ${response.statusText}`;
+    return `the server answered HTTP ${response.status} ${response.statusText}`.trim();
+  }
+
+  // API keys: only asked for when the server answers 401; kept for this browser tab.
+  function apiKey() {
+    try { return sessionStorage.getItem(KEY_STORAGE) || ""; } catch (_) { return ""; }
+  }
+
+  function askForKey() {
+    $("key-field").hidden = false;
+    $("key").focus();
+  }
+
+  function headers() {
+    const key = apiKey();
+    return key ? { "X-API-Key": key } : {};
+  }
+
+  async function call(url, options = {}) {
+    let response;
+    try {
+      response = await fetch(url, { ...options, headers: { ...headers(), ...(options.headers || {}) } });
+    } catch (error) {
+      throw new Error(`the server could not be reached (${error.message})`);
+    }
+    if (!response.ok) throw new Error(await apiError(response));
+    return response.json();
   }
 
   // The jet colour map, as the server renders it: the legend matches the overlay.
@@ -37,9 +70,7 @@
   }
 
   async function loadModels() {
-    const response = await fetch("/v1/models");
-    if (!response.ok) throw new Error(await apiError(response));
-    const body = await response.json();
+    const body = await call("/v1/models");
     const models = body.models || body.data || [];
     const select = $("model");
     select.innerHTML = "";
@@ -56,9 +87,11 @@
       if (ready && firstReady === null) firstReady = model.name;
     }
     if (firstReady === null) {
+      if (!models.length) select.innerHTML = "<option disabled>no models</option>";
       showError("No model is ready on this server. " + models.map((m) => `${m.name}: ${m.reason || m.status}`).join("; "));
     } else {
       select.value = firstReady;
+      showError("");
     }
     describeModel();
   }
@@ -67,12 +100,22 @@
     const option = $("model").selectedOptions[0];
     if (!option) return;
     const model = JSON.parse(option.dataset.info);
-    const grid = model.grid ? `${model.grid[0]}×${model.grid[1]} patches` : "";
-    $("model-info").textContent = `${model.num_classes ?? "?"} classes · ${grid} · ${model.weights || ""}`;
+    const parts = [`${model.num_classes ?? "?"} classes`];
+    if (model.input_size) parts.push(`input ${model.input_size[0]}×${model.input_size[1]}`);
+    if (model.grid) parts.push(`${model.grid[0]}×${model.grid[1]} patches`);
+    if (model.weights) parts.push(String(model.weights).split(/[\\/]/).pop());
+    $("model-info").textContent = parts.join(" · ");
   }
 
+  // Large photos are downsized before upload. A file the browser cannot decode is sent as it is:
+  // the server may read it (TIFF, for example), or says what is wrong with it.
   async function downsized(file) {
-    const bitmap = await createImageBitmap(file);
+    let bitmap;
+    try {
+      bitmap = await createImageBitmap(file);
+    } catch (_) {
+      return { blob: file, bitmap: null };
+    }
     const scale = Math.min(1, MAX_UPLOAD_SIDE / Math.max(bitmap.width, bitmap.height));
     if (scale === 1 && file.size < 4 * 1024 * 1024) return { blob: file, bitmap };
     const canvas = document.createElement("canvas");
@@ -94,11 +137,11 @@
 
   async function explain() {
     if (!state.file) return;
+    const request = ++state.request; // answers to older requests are dropped
     showError("");
     $("busy").hidden = false;
     try {
       const { blob, bitmap } = await downsized(state.file);
-      state.image = bitmap;
       const form = new FormData();
       form.append("file", blob, state.file.name || "image.jpg");
       form.append("top_k", $("topk").value);
@@ -107,18 +150,20 @@
       form.append("map_size", "original");
       form.append("colormap", "jet");
       const model = encodeURIComponent($("model").value);
-      const response = await fetch(`/v1/models/${model}/explain`, { method: "POST", body: form });
-      if (!response.ok) throw new Error(await apiError(response));
-      const body = await response.json();
+      const body = await call(`/v1/models/${model}/explain`, { method: "POST", body: form });
       const result = (body.images || [])[0];
       if (!result) throw new Error("the response holds no result");
+      const heatmaps = new Map();
+      for (const item of result.explanations || []) {
+        const encoded = item.heatmap ?? (item.encodings || {}).heatmap;
+        if (encoded) heatmaps.set(item.class_id, await loadImage(`data:image/png;base64,${encoded}`));
+      }
+      if (request !== state.request) return;
+      state.image = bitmap;
+      state.size = [result.width, result.height];
       state.predictions = result.predictions || [];
       state.explanations = result.explanations || [];
-      state.heatmaps = new Map();
-      for (const item of state.explanations) {
-        const encoded = item.heatmap ?? (item.encodings || {}).heatmap;
-        if (encoded) state.heatmaps.set(item.class_id, await loadImage(`data:image/png;base64,${encoded}`));
-      }
+      state.heatmaps = heatmaps;
       state.active = state.explanations.length ? state.explanations[0].class_id : null;
       const timing = body.timing || {};
       $("timing").textContent = timing.total_ms !== undefined
@@ -128,10 +173,11 @@
       draw();
       $("result").hidden = false;
     } catch (error) {
+      if (request !== state.request) return;
       $("result").hidden = true;
       showError(`Could not explain the image: ${error.message}`);
     } finally {
-      $("busy").hidden = true;
+      if (request === state.request) $("busy").hidden = true;
     }
   }
 
@@ -144,14 +190,21 @@
       const hasMap = state.heatmaps.has(prediction.class_id);
       item.className = prediction.class_id === state.active ? "active" : "";
       item.title = hasMap ? "show the map for this class" : "no map for this class";
+      item.tabIndex = hasMap ? 0 : -1;
+      item.setAttribute("role", "button");
+      item.setAttribute("aria-pressed", String(prediction.class_id === state.active));
       const pct = (100 * prediction.probability).toFixed(1);
       item.innerHTML = `<span class="label"></span><span class="prob">${pct}%</span><span class="bar"><span style="width:${pct}%"></span></span>`;
       item.querySelector(".label").textContent = prediction.label;
-      item.addEventListener("click", () => {
+      const choose = () => {
         if (!hasMap) return;
         state.active = prediction.class_id;
         renderPredictions();
         draw();
+      };
+      item.addEventListener("click", choose);
+      item.addEventListener("keydown", (event) => {
+        if (event.key === "Enter" || event.key === " ") { event.preventDefault(); choose(); }
       });
       list.appendChild(item);
     }
@@ -160,15 +213,19 @@
   function draw() {
     const canvas = $("canvas");
     const image = state.image;
-    if (!image) return;
-    canvas.width = image.width;
-    canvas.height = image.height;
-    const ctx = canvas.getContext("2d");
-    ctx.globalAlpha = 1;
-    ctx.drawImage(image, 0, 0);
     const heat = state.heatmaps.get(state.active);
     const opacity = Number($("opacity").value) / 100;
-    if (heat) {
+    const [width, height] = image ? [image.width, image.height] : (state.size || [heat?.width || 1, heat?.height || 1]);
+    canvas.width = width;
+    canvas.height = height;
+    const ctx = canvas.getContext("2d");
+    ctx.globalAlpha = 1;
+    if (image) {
+      ctx.drawImage(image, 0, 0);
+    } else if (heat) {
+      ctx.drawImage(heat, 0, 0, width, height); // the browser cannot show this image: the map alone
+    }
+    if (heat && image) {
       ctx.globalAlpha = opacity;
       ctx.drawImage(heat, 0, 0, canvas.width, canvas.height);
       ctx.globalAlpha = 1;
@@ -187,6 +244,22 @@
 
   function wire() {
     const drop = $("drop");
+    drop.addEventListener("keydown", (event) => {
+      if (event.target === drop && (event.key === "Enter" || event.key === " ")) {
+        event.preventDefault();
+        $("file").click();
+      }
+    });
+    document.addEventListener("paste", (event) => {
+      const file = [...(event.clipboardData?.files || [])].find((f) => f.type.startsWith("image/"));
+      if (file) useFile(file);
+    });
+    $("key").value = apiKey();
+    $("key-field").hidden = !apiKey();
+    $("key").addEventListener("change", () => {
+      try { sessionStorage.setItem(KEY_STORAGE, $("key").value.trim()); } catch (_) { /* storage off */ }
+      loadModels().then(explain).catch((error) => showError(`Could not list the models: ${error.message}`));
+    });
     ["dragenter", "dragover"].forEach((type) => drop.addEventListener(type, (event) => {
       event.preventDefault();
       drop.classList.add("over");
@@ -196,7 +269,10 @@
       drop.classList.remove("over");
     }));
     drop.addEventListener("drop", (event) => useFile(event.dataTransfer.files[0]));
-    $("file").addEventListener("change", (event) => useFile(event.target.files[0]));
+    $("file").addEventListener("change", (event) => {
+      useFile(event.target.files[0]);
+      event.target.value = ""; // choosing the same file again explains it again
+    });
     $("opacity").addEventListener("input", draw);
     $("kernel").addEventListener("change", explain);
     $("topk").addEventListener("change", explain);
