@@ -47,7 +47,18 @@ def server(tmp_path):
     env.update(RECIPROCAM_CONFIG_FILE=str(config), RECIPROCAM_IO_WORKERS="2", OMP_NUM_THREADS="1")
     log = (tmp_path / "server.log").open("w+")
     process = subprocess.Popen(
-        [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "info"],
+        [
+            sys.executable,
+            "-m",
+            "app",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "info",
+        ],
         cwd=ROOT,
         env=env,
         stdout=log,
