@@ -274,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--requests", type=int, default=64, help="measured requests per level (at least 2x concurrency)"
     )
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="alternate the configurations this many times per level"
+    )
     parser.add_argument("--images-per-request", type=int, default=1)
     parser.add_argument("--image-size", type=int, default=320, help="side of the posted JPEGs")
     parser.add_argument("--max-batch", type=int, default=32)
@@ -293,34 +296,51 @@ def main(argv: list[str] | None = None) -> int:
     options = {"encodings": args.encodings} if "explain" in args.endpoint else {}
     results: list[LevelResult] = []
 
-    def levels(url: str, model: str, config: str) -> None:
+    def measure(servers: dict[str, str], model: str) -> None:
+        """Every level on every server; with several rounds the servers alternate within a level,
+        so that drifting load from elsewhere on the machine affects each configuration alike."""
         for endpoint in args.endpoint:
             for concurrency in args.concurrency:
                 total = max(args.requests, 2 * concurrency)
-                result = asyncio.run(
-                    run_level(
-                        url,
-                        model,
-                        endpoint,
-                        concurrency,
-                        total,
-                        images,
-                        args.images_per_request,
-                        options if endpoint == "explain" else {},
-                        config,
-                        args.api_key,
+                per_round = max(concurrency, total // args.rounds)
+                merged: dict[str, LevelResult] = {}
+                for round_index in range(args.rounds):
+                    order = list(servers) if round_index % 2 == 0 else list(reversed(servers))
+                    for config in order:
+                        result = asyncio.run(
+                            run_level(
+                                servers[config],
+                                model,
+                                endpoint,
+                                concurrency,
+                                per_round,
+                                images,
+                                args.images_per_request,
+                                options if endpoint == "explain" else {},
+                                config,
+                                args.api_key,
+                            )
+                        )
+                        if config in merged:
+                            previous = merged[config]
+                            previous.requests += result.requests
+                            previous.errors += result.errors
+                            previous.seconds += result.seconds
+                            previous.latencies_ms += result.latencies_ms
+                            previous.batch_images += result.batch_images
+                        else:
+                            merged[config] = result
+                for config, result in merged.items():
+                    results.append(result)
+                    print(
+                        f"{config:>13} {endpoint:>7} c={concurrency:<3} {result.requests_per_s:7.2f} req/s "
+                        f"p50 {result.percentile(50):7.0f} ms p99 {result.percentile(99):7.0f} ms "
+                        f"batch {result.mean_batch:.1f} errors {result.errors}",
+                        flush=True,
                     )
-                )
-                results.append(result)
-                print(
-                    f"{config:>13} {endpoint:>7} c={concurrency:<3} {result.requests_per_s:7.2f} req/s "
-                    f"p50 {result.percentile(50):7.0f} ms p99 {result.percentile(99):7.0f} ms "
-                    f"batch {result.mean_batch:.1f} errors {result.errors}",
-                    flush=True,
-                )
 
     if args.url:
-        levels(args.url, args.model_name, "given server")
+        measure({"given server": args.url}, args.model_name)
     else:
         model = {
             "name": "bench",
@@ -335,14 +355,18 @@ def main(argv: list[str] | None = None) -> int:
             "batching off": {"max_batch_images": 1, "max_wait_ms": 0},
         }
         with tempfile.TemporaryDirectory() as workdir:
-            for config, batch in configurations.items():
-                server = ServerProcess(
+            servers = {
+                config: ServerProcess(
                     model, {**batch, "max_queue_images": 4096}, Path(workdir), config.replace(" ", "_")
                 )
-                try:
+                for config, batch in configurations.items()
+            }
+            try:
+                for server in servers.values():
                     server.wait_ready()
-                    levels(server.url, "bench", config)
-                finally:
+                measure({config: server.url for config, server in servers.items()}, "bench")
+            finally:
+                for server in servers.values():
                     server.stop()
 
     engine_rate: dict[str, float] = {}
@@ -371,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.cpu_count()} CPUs, {platform.platform()}; Python {platform.python_version()}",
         f"Model: {args.arch} ({args.weights}, {args.dtype}, kwargs {model_kwargs}); "
         f"{args.images_per_request} image(s) of {args.image_size}x{args.image_size} JPEG per request; "
-        f"explain encodings: {args.encodings}",
+        f"explain encodings: {args.encodings}; {args.rounds} alternating round(s) per level",
         "",
         print_table(results),
         "",
