@@ -91,7 +91,9 @@ def free_port() -> int:
 class ServerProcess:
     """``python -m app serve`` with a JSON config holding one model."""
 
-    def __init__(self, model: dict[str, Any], batch: dict[str, Any], workdir: Path, name: str) -> None:
+    def __init__(
+        self, model: dict[str, Any], batch: dict[str, Any], workdir: Path, name: str, workers: int = 1
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = workdir / f"{name}.json"
@@ -110,7 +112,18 @@ class ServerProcess:
         self.log_path = workdir / f"{name}.log"
         self.log = self.log_path.open("w")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "app", "serve", "--port", str(self.port), "--log-level", "warning"],
+            [
+                sys.executable,
+                "-m",
+                "app",
+                "serve",
+                "--port",
+                str(self.port),
+                "--workers",
+                str(workers),
+                "--log-level",
+                "warning",
+            ],
             cwd=ROOT,
             env=env,
             stdout=self.log,
@@ -357,7 +370,11 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as workdir:
             servers = {
                 config: ServerProcess(
-                    model, {**batch, "max_queue_images": 4096}, Path(workdir), config.replace(" ", "_")
+                    model,
+                    {**batch, "max_queue_images": 4096},
+                    Path(workdir),
+                    config.replace(" ", "_"),
+                    args.workers,
                 )
                 for config, batch in configurations.items()
             }
