@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import uuid
 from http import HTTPStatus
 from typing import Any
@@ -15,8 +14,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.serving.errors import ServiceError
 from app.serving.images import ImageDecodeError
-
-logger = logging.getLogger(__name__)
 
 _HTTP_CODES = {
     400: "bad_request",
@@ -80,11 +77,6 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     code = _HTTP_CODES.get(status, "error")
     detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(status).phrase
     return error_response(request, status, code, detail, dict(exc.headers or {}))
-
-
-async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    logger.exception("unhandled error: %s", type(exc).__name__)
-    return error_response(request, 500, "internal_error", "internal server error")
 
 
 def install_error_handlers(app: FastAPI) -> None:

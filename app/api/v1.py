@@ -88,6 +88,7 @@ async def _serve(request: Request, service: Service, name: str, *, explain: bool
         max_images=limits.max_images_per_request,
     )
     request.state.images = len(images)
+    batcher.check_room(len(images))  # turn a burst away before decoding it
     cam_options: CamOptions | None = None
     render: RenderOptions | None = None
     targets: list[int] | None = None

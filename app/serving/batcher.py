@@ -125,19 +125,26 @@ class Batcher:
                 self._run(), name=f"batcher-{self.model_name}"
             )
 
+    def check_room(self, cost: int) -> None:
+        """Refuse at once (503) when ``cost`` more images would overflow the queue, or when closing.
+
+        Called before decoding too, so that a burst is turned away before it costs memory and CPU.
+        An empty queue always takes a request, whatever its size."""
+        if self._closing:
+            self._reject("shutting_down")
+            raise ShuttingDownError()
+        if self._queued_images > 0 and self._queued_images + cost > self.settings.max_queue_images:
+            self._reject("queue_full")
+            raise QueueFullError(self.model_name, self.settings.retry_after_s)
+
     async def submit(
         self, items: list[BatchItem], *, disconnected: DisconnectCheck | None = None
     ) -> BatchOutcome:
         """Queue one request's images and wait for their results."""
         if not items:
             raise ValueError("a job needs at least one image")
-        if self._closing:
-            self._reject("shutting_down")
-            raise ShuttingDownError()
         cost = len(items)
-        if self._queued_images > 0 and self._queued_images + cost > self.settings.max_queue_images:
-            self._reject("queue_full")
-            raise QueueFullError(self.model_name, self.settings.retry_after_s)
+        self.check_room(cost)
         now = self.clock()
         job = _Job(
             items=items,

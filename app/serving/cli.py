@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
+import sys
+from types import FrameType
 
 from app.config import CONFIG_FILE_ENV
 
@@ -31,6 +34,9 @@ def run_serve(args: argparse.Namespace) -> int:
     from app.serving.logs import logging_config
 
     settings = Settings()
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal against the handler that was
+    # installed before it started; this one turns that into a normal exit (status 0).
+    signal.signal(signal.SIGTERM, _exit_normally)
     level = (args.serve_log_level or settings.log_level).lower()
     uvicorn.run(
         "app.main:create_app",
@@ -45,3 +51,7 @@ def run_serve(args: argparse.Namespace) -> int:
         proxy_headers=True,
     )
     return 0
+
+
+def _exit_normally(signum: int, frame: FrameType | None) -> None:
+    sys.exit(0)

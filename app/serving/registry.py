@@ -216,6 +216,8 @@ def check_hub_reachable(arch: str | None, timeout_s: float) -> None:
     """
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") or not arch:
         return
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return  # downloads go through a proxy: a direct connection says nothing
     if _hub_weights_cached(arch):
         return
     endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")

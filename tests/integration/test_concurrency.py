@@ -148,3 +148,52 @@ async def test_injected_failure_fails_only_its_own_request(tiny_weights):
         finally:
             engine.explain = real_explain
         assert torch.is_inference_mode_enabled() is False
+
+
+async def test_full_queue_answers_503_with_retry_after_and_accepted_requests_succeed(tiny_weights):
+    import threading
+
+    settings = tiny_settings(
+        tiny_weights, batch={"max_batch_images": 1, "max_wait_ms": 0, "max_queue_images": 1}
+    )
+    async with running_service(settings) as client:
+        engine = client.app.state.service.registry.entries["tiny"].loaded.engine
+        real_explain = engine.explain
+        gate, entered = threading.Event(), threading.Event()
+
+        def gated_explain(*args, **kwargs):
+            entered.set()
+            gate.wait(timeout=30)
+            return real_explain(*args, **kwargs)
+
+        engine.explain = gated_explain
+        try:
+
+            async def post(seed):
+                return await client.post(
+                    "/v1/models/tiny/predict",
+                    content=image_bytes(seed),
+                    headers={"content-type": "image/png"},
+                )
+
+            computing = asyncio.ensure_future(post(1))
+            await asyncio.to_thread(entered.wait, 10)
+            queued = asyncio.ensure_future(post(2))
+            service = client.app.state.service
+            batcher = service.registry.entries["tiny"].batcher
+            for _ in range(500):
+                if batcher.queued_images == 1:
+                    break
+                await asyncio.sleep(0.01)
+            refused = await post(3)
+            assert_error(refused, 503, "queue_full")
+            assert refused.headers["retry-after"] == "1"
+            gate.set()
+            assert (await computing).status_code == 200
+            assert (await queued).status_code == 200
+            assert (await post(4)).status_code == 200
+        finally:
+            gate.set()
+            engine.explain = real_explain
+        metrics = (await client.get("/metrics")).text
+        assert 'reciprocam_rejections_total{model="tiny",reason="queue_full"} 1.0' in metrics

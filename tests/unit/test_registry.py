@@ -1,0 +1,31 @@
+import pytest
+
+from app.engine.models import ModelLoadError
+from app.serving.registry import PROJECT_ROOT, check_hub_reachable, resolve_weights
+
+
+def test_unreachable_hub_fails_fast_with_a_clear_reason(monkeypatch):
+    for name in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setattr("app.serving.registry._hub_weights_cached", lambda arch: False)
+    with pytest.raises(ModelLoadError) as failure:
+        check_hub_reachable("deit_small_patch16_224", timeout_s=2)
+    message = str(failure.value)
+    assert "deit_small_patch16_224" in message and "cannot be reached" in message
+    assert "WEIGHTS" in message  # says what to do
+    # cached weights or an explicit offline mode skip the probe
+    monkeypatch.setattr("app.serving.registry._hub_weights_cached", lambda arch: True)
+    check_hub_reachable("deit_small_patch16_224", timeout_s=2)
+    monkeypatch.setattr("app.serving.registry._hub_weights_cached", lambda arch: False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    check_hub_reachable("deit_small_patch16_224", timeout_s=2)
+
+
+def test_relative_weights_are_found_from_the_project_root(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_weights("hub") == "hub" and resolve_weights("random:3") == "random:3"
+    assert resolve_weights("pyproject.toml") == str(PROJECT_ROOT / "pyproject.toml")
+    assert resolve_weights("missing/file.safetensors") == "missing/file.safetensors"
+    (tmp_path / "local.pth").write_bytes(b"")
+    assert resolve_weights("local.pth") == "local.pth"
