@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import io
+import resource
 import signal
 import socket
 import time
@@ -92,10 +93,21 @@ def check_burst(results: list[tuple[int, httpx.Response]], expected: list) -> co
     return statuses
 
 
+def _enough_file_descriptors(needed: int) -> None:
+    """Both ends of every connection are open at once (the server inherits this process's limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= needed:
+        return
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        pytest.skip(f"needs {needed} open files; the hard limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+
+
 def test_burst_of_1000_requests_against_a_small_queue(start_server, e2e_weights):
     """1,000 requests at once against a queue of 8 images and a slowed model: the accepted ones all get
     their correct result, every other one a 503 with Retry-After, nothing else; and the server's
     resident memory after a burst is within 10% of what it was after the warm-up burst."""
+    _enough_file_descriptors(2 * BURST + 200)
     server = start_server(
         {
             "batch__max_queue_images": 8,
