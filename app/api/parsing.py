@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 
 from app.api.errors import describe_validation_errors
 from app.serving.errors import ServiceError
@@ -72,9 +73,19 @@ async def parse_request(
 
 
 async def _from_multipart(request: Request, max_images: int) -> tuple[list[bytes], dict[str, Any]]:
-    form = await request.form(
-        max_files=max_images + 1, max_fields=_MAX_FORM_FIELDS, max_part_size=_MAX_OPTION_BYTES
-    )
+    try:
+        form = await request.form(
+            max_files=max_images, max_fields=_MAX_FORM_FIELDS, max_part_size=_MAX_OPTION_BYTES
+        )
+    except HTTPException as exc:
+        detail = str(exc.detail)
+        if detail.startswith("Too many files"):
+            raise ServiceError(
+                413,
+                "too_many_images",
+                f"more than {max_images} files in one request; the limit is {max_images}",
+            ) from exc
+        raise invalid(f"the multipart body cannot be read: {detail}", "invalid_multipart") from exc
     images: list[bytes] = []
     options: dict[str, Any] = {}
     try:
@@ -106,6 +117,8 @@ def _from_json(body: bytes, json_model: type[BaseModel]) -> tuple[list[bytes], d
         document = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise invalid(f"the body is not valid JSON: {exc}", "invalid_json") from exc
+    except RecursionError as exc:
+        raise invalid("the JSON body is nested too deeply", "invalid_json") from exc
     if not isinstance(document, dict):
         raise invalid("the JSON body must be an object with an 'images' list", "invalid_json")
     images_field = document.get("images")

@@ -26,10 +26,11 @@ from app.config import BatchSettings
 from app.engine.reciprocam import CamOptions, ImageExplanation
 from app.serving.errors import (
     ClientDisconnectedError,
-    ComputeFailedError,
     DeadlineExceededError,
     QueueFullError,
     ShuttingDownError,
+    compute_error,
+    is_out_of_memory,
 )
 from app.serving.metrics import ServiceMetrics
 
@@ -272,7 +273,7 @@ class Batcher:
                 continue
             failure = next((r for r in results if isinstance(r, BaseException)), None)
             if failure is not None:
-                job.future.set_exception(ComputeFailedError(self.model_name, failure))
+                job.future.set_exception(compute_error(self.model_name, failure, self.settings.retry_after_s))
                 continue
             job.future.set_result(
                 BatchOutcome(
@@ -295,6 +296,8 @@ class Batcher:
         try:
             results = await loop.run_in_executor(self.executor, self._compute_chunked, items)
         except Exception as exc:
+            if is_out_of_memory(exc):
+                self.metrics.out_of_memory.labels(self.model_name).inc()
             if len(items) == 1:
                 self.metrics.item_failures.labels(self.model_name).inc()
                 logger.warning(

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import signal
-import sys
+import threading
+from collections.abc import Iterator
 from types import FrameType
 
 from app.config import CONFIG_FILE_ENV
@@ -34,24 +36,41 @@ def run_serve(args: argparse.Namespace) -> int:
     from app.serving.logs import logging_config
 
     settings = Settings()
-    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal against the handler that was
-    # installed before it started; this one turns that into a normal exit (status 0).
-    signal.signal(signal.SIGTERM, _exit_normally)
     level = (args.serve_log_level or settings.log_level).lower()
-    uvicorn.run(
-        "app.main:create_app",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        log_config=logging_config(level, settings.log_format),
-        log_level=level,
-        timeout_graceful_shutdown=max(1, math.ceil(settings.drain_timeout_s)),
-        access_log=False,
-        proxy_headers=True,
-    )
+    with _sigterm_exits_zero(enabled=args.workers == 1):
+        uvicorn.run(
+            "app.main:create_app",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            log_config=logging_config(level, settings.log_format),
+            log_level=level,
+            timeout_graceful_shutdown=max(1, math.ceil(settings.drain_timeout_s)),
+            access_log=False,
+            proxy_headers=True,
+        )
     return 0
 
 
-def _exit_normally(signum: int, frame: FrameType | None) -> None:
-    sys.exit(0)
+def _exit_zero(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
+
+
+@contextlib.contextmanager
+def _sigterm_exits_zero(*, enabled: bool) -> Iterator[None]:
+    """SIGTERM ends the process with status 0.
+
+    uvicorn takes SIGTERM over while it serves, drains, and then raises the signal again with the
+    handler it found at start: the default one would kill the process (status -15) after a clean
+    drain. With this handler in place, a drained shutdown (or a SIGTERM before uvicorn started)
+    exits 0, as process supervisors expect of a graceful stop.
+    """
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _exit_zero)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

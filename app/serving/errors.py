@@ -57,6 +57,34 @@ class ComputeFailedError(ServiceError):
         self.cause = cause
 
 
+class OutOfMemoryError(ServiceError):
+    """The model ran out of (accelerator) memory on this request even when computed on its own."""
+
+    def __init__(self, model: str, cause: BaseException, retry_after_s: int = 1) -> None:
+        super().__init__(
+            503,
+            "out_of_memory",
+            f"model {model!r} ran out of memory on this request, even computed alone: {cause}",
+            headers={"Retry-After": str(retry_after_s)},
+        )
+        self.cause = cause
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """A CUDA (or other accelerator) out-of-memory error."""
+    import torch
+
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def compute_error(model: str, cause: BaseException, retry_after_s: int = 1) -> ServiceError:
+    """What a request whose image failed in the model gets: 503 + Retry-After when memory ran out
+    (a transient condition), 500 otherwise."""
+    if is_out_of_memory(cause):
+        return OutOfMemoryError(model, cause, retry_after_s)
+    return ComputeFailedError(model, cause)
+
+
 class ShuttingDownError(ServiceError):
     def __init__(self) -> None:
         super().__init__(503, "shutting_down", "the service is shutting down", headers={"Retry-After": "1"})

@@ -69,6 +69,12 @@ class ServiceMetrics:
         self.item_failures = Counter(
             "reciprocam_image_failures", "images that failed even when computed alone", ["model"], registry=r
         )
+        self.out_of_memory = Counter(
+            "reciprocam_out_of_memory",
+            "engine calls that ran out of memory (the batch is then split and retried)",
+            ["model"],
+            registry=r,
+        )
         self.images = Counter(
             "reciprocam_images",
             "images computed, by kind (predict or explain)",

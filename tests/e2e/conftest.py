@@ -1,122 +1,123 @@
-"""A real uvicorn process serving a tiny self-describing model with labels, shared by the e2e tests."""
+"""A real ``serve`` process (uvicorn) on a tiny model, reached over TCP on 127.0.0.1."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
-import numpy as np
 import pytest
-from PIL import Image
 
 from tests.helpers import save_self_describing
 
 ROOT = Path(__file__).resolve().parents[2]
-LABELS = [
-    "tabby cat",
-    "golden retriever",
-    "hot-air balloon",
-    "lighthouse",
-    "sunflower",
-    "espresso",
-    "red fox",
-]
-MODEL = "tiny"
+LABELS = [f"class_{i}" for i in range(7)]
 
 
-@dataclass
-class LiveServer:
-    url: str
-    weights: Path
-    log: Path
+@pytest.fixture(scope="session")
+def e2e_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("e2e-weights") / "tiny.safetensors"
+    return save_self_describing(path, "deit_tiny", seed=3, labels=LABELS)
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
-def colourful_png(width: int = 320, height: int = 240, seed: int = 0) -> bytes:
-    """Smooth colour gradients with a few bright discs: pleasant to look at, distinct per seed."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    red = 0.5 + 0.5 * np.sin(x / width * 3.1 + seed)
-    green = 0.5 + 0.5 * np.sin(y / height * 2.7 + 1.0 + seed)
-    blue = 0.5 + 0.5 * np.cos((x + y) / (width + height) * 4.0 + seed)
-    pixels = np.stack([red, green, blue], axis=-1)
-    for _ in range(4):
-        cx, cy = rng.uniform(0.15, 0.85) * width, rng.uniform(0.15, 0.85) * height
-        radius = rng.uniform(0.08, 0.18) * min(width, height)
-        colour = rng.uniform(0.2, 1.0, size=3)
-        inside = (x - cx) ** 2 + (y - cy) ** 2 < radius**2
-        pixels[inside] = colour
-    buffer = io.BytesIO()
-    Image.fromarray((pixels * 255).clip(0, 255).astype(np.uint8)).save(buffer, format="PNG")
-    return buffer.getvalue()
+class ServerProcess:
+    """``python -m tests.e2e.server`` with settings from the environment; stopped on exit."""
 
+    def __init__(self, weights: Path, workdir: Path, settings: dict[str, Any], delay_s: float = 0.0) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.delay_file = workdir / f"delay-{self.port}"
+        self.log_path = workdir / f"server-{self.port}.log"
+        self.set_delay(delay_s)
+        env = {key: value for key, value in os.environ.items() if not key.startswith("RECIPROCAM_")}
+        env.update(
+            RECIPROCAM_MODELS=json.dumps([{"name": "tiny", "weights": str(weights)}]),
+            RECIPROCAM_TEST_DELAY_FILE=str(self.delay_file),
+            RECIPROCAM_IO_WORKERS="2",
+            RECIPROCAM_LOG_LEVEL="warning",
+            OMP_NUM_THREADS="1",
+            PYTHONUNBUFFERED="1",
+        )
+        for key, value in settings.items():
+            env[f"RECIPROCAM_{key.upper()}"] = str(value)
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.e2e.server", "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
 
-@pytest.fixture(scope="session")
-def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    """``python -m uvicorn app.main:create_app --factory`` on a free port, ready to serve."""
-    folder = tmp_path_factory.mktemp("live")
-    weights = save_self_describing(folder / "tiny.safetensors", "deit_tiny", seed=3, labels=LABELS)
-    port = free_port()
-    env = {
-        **os.environ,
-        "RECIPROCAM_MODELS": json.dumps([{"name": MODEL, "weights": str(weights)}]),
-        "RECIPROCAM_BATCH__MAX_WAIT_MS": "2",
-        "RECIPROCAM_IO_WORKERS": "2",
-        "RECIPROCAM_LOG_FORMAT": "text",
-        "RECIPROCAM_LOG_LEVEL": "warning",
-        "HF_HUB_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",
-    }
-    env.pop("RECIPROCAM_CONFIG_FILE", None)
-    log = folder / "server.log"
-    command = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "app.main:create_app",
-        "--factory",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-    ]
-    with log.open("wb") as output:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"the server exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def set_delay(self, seconds: float) -> None:
+        self.delay_file.write_text(str(seconds))
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def wait_ready(self, timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"the server exited ({self.process.returncode}):\n{self.log()}")
             try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
             except httpx.HTTPError:
                 pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the server was not ready within 120 s:\n{log.read_text()[-4000:]}")
             time.sleep(0.2)
-        yield LiveServer(url=url, weights=weights, log=log)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        pytest.fail(f"the server was not ready in {timeout_s} s:\n{self.log()}")
+
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample of /metrics (0 when absent)."""
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        wanted = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
+        prefix = f"{name}{{{wanted}}} " if labels else f"{name} "
+        for line in text.splitlines():
+            if line.startswith(prefix):
+                return float(line[len(prefix) :])
+        return 0.0
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(30)
+        self._log.close()
+
+
+@pytest.fixture
+def start_server(e2e_weights: Path, tmp_path: Path) -> Iterator[Any]:
+    started: list[ServerProcess] = []
+
+    def start(settings: dict[str, Any], delay_s: float = 0.0) -> ServerProcess:
+        server = ServerProcess(e2e_weights, tmp_path, settings, delay_s)
+        started.append(server)
+        server.wait_ready()
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+# The labelled live server used by the OIP client and browser tests.
+from tests.e2e.live_server import live_server  # noqa: E402, F401

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.e2e.conftest import LABELS, MODEL, LiveServer, colourful_png
+from tests.e2e.live_server import LABELS, MODEL, LiveServer, colourful_png
 
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.chrome.service import Service  # noqa: E402

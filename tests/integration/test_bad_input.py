@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import re
+from typing import Any
 
 import pytest
 from PIL import Image
 
+from app.main import create_app
+from tests import bad_inputs
 from tests.integration.conftest import assert_error, image_bytes, running_service, tiny_settings
 
 GOOD = image_bytes(0)
@@ -147,3 +152,334 @@ async def test_decompression_bomb_refused_before_decoding(limited_client):
         await limited_client.post("/v1/models/tiny/explain", **multipart(bomb)), 413, "too_many_pixels"
     )
     assert "5000x5000" in error["message"]
+
+
+# ---------------------------------------------------------------- the generated corpus, over HTTP
+CORPUS = list(bad_inputs.corpus())
+
+
+@pytest.fixture
+async def corpus_client(tiny_weights):
+    """Default limits (20 MiB bodies, 40 Mpx images): the corpus itself must trip the checks."""
+    async with running_service(tiny_settings(tiny_weights)) as client:
+        yield client
+
+
+def _as_multipart(entry: bad_inputs.BadInput) -> dict[str, Any]:
+    return {"files": {"file": (entry.name, entry.data, entry.content_type)}}
+
+
+def _as_json(entry: bad_inputs.BadInput) -> dict[str, Any]:
+    return {"json": {"images": [{"data": base64.b64encode(entry.data).decode()}]}}
+
+
+@pytest.mark.parametrize("endpoint", ["predict", "explain"])
+async def test_bad_input_corpus_over_http(corpus_client, endpoint):
+    """Every broken upload, as a multipart file and as JSON base64, gets its 4xx in the error shape,
+    and a good request right after it still succeeds."""
+    client = corpus_client
+    url = f"/v1/models/tiny/{endpoint}"
+    assert len(CORPUS) >= 20
+    for entry in CORPUS:
+        for form, build in (("multipart", _as_multipart), ("json", _as_json)):
+            response = await client.post(url, **build(entry), headers={"X-Request-ID": f"bad-{entry.name}"})
+            try:
+                error = assert_error(response, entry.expected_status)
+            except AssertionError as exc:
+                raise AssertionError(f"{entry.name} as {form}: {exc}") from exc
+            assert error["request_id"] == f"bad-{entry.name}"
+            assert error["code"] in {
+                "empty_image",
+                "unsupported_image",
+                "corrupt_image",
+                "invalid_image",
+                "too_many_pixels",
+            }, (entry.name, form, error)
+            good = await client.post(url, **multipart(GOOD))
+            assert good.status_code == 200, f"after {entry.name} as {form}: {good.text}"
+    # nothing broken reached the model: only the good images were computed
+    metrics = (await client.get("/metrics")).text
+    assert f'reciprocam_images_total{{kind="{endpoint}",model="tiny"}} {2.0 * len(CORPUS)}' in metrics
+    assert not re.search(r'reciprocam_image_failures_total\{model="tiny"\} [1-9]', metrics)
+
+
+async def test_corpus_as_raw_image_bodies(corpus_client):
+    """The image entries posted as the raw body with an image/* type: the same statuses."""
+    for entry in CORPUS:
+        if not entry.content_type.startswith("image/"):
+            continue
+        response = await corpus_client.post(
+            "/v1/models/tiny/predict", content=entry.data, headers={"content-type": entry.content_type}
+        )
+        try:
+            assert_error(response, entry.expected_status)
+        except AssertionError as exc:
+            raise AssertionError(f"{entry.name}: {exc}") from exc
+    assert (await corpus_client.post("/v1/models/tiny/predict", **multipart(GOOD))).status_code == 200
+
+
+# ---------------------------------------------------------------- fields, JSON, base64, options
+GOOD_B64 = base64.b64encode(GOOD).decode()
+MORE_CASES: dict[str, tuple[str, dict[str, Any], int, str | None]] = {
+    "multipart_without_any_field": (
+        "predict",
+        {"files": {"top_k": (None, "1")}},
+        400,
+        "no_images",
+    ),
+    "file_under_unknown_field": (
+        "predict",
+        {"files": {"image": ("x.png", GOOD, "image/png")}},
+        422,
+        "invalid_request",
+    ),
+    "option_wrong_type_multipart": ("explain", multipart(GOOD, opacity="very"), 422, "invalid_options"),
+    "targets_not_ints_multipart": ("explain", multipart(GOOD, targets="a,b"), 422, "invalid_options"),
+    "keep_prefix_not_bool": ("explain", multipart(GOOD, keep_prefix="perhaps"), 422, "invalid_options"),
+    "top_k_wrong_type_json": (
+        "predict",
+        {"json": {"images": [{"data": GOOD_B64}], "top_k": "three"}},
+        422,
+        "invalid_options",
+    ),
+    "top_k_as_list_json": (
+        "predict",
+        {"json": {"images": [{"data": GOOD_B64}], "top_k": [1, 2]}},
+        422,
+        "invalid_options",
+    ),
+    "targets_as_object_json": (
+        "explain",
+        {"json": {"images": [{"data": GOOD_B64}], "targets": {"a": 1}}},
+        422,
+        "invalid_options",
+    ),
+    "image_data_not_string": ("predict", {"json": {"images": [{"data": 12345}]}}, 422, "invalid_options"),
+    "image_entry_not_object": ("predict", {"json": {"images": [GOOD_B64]}}, 422, "invalid_options"),
+    "image_entry_extra_field": (
+        "predict",
+        {"json": {"images": [{"data": GOOD_B64, "url": "http://127.0.0.1/x.png"}]}},
+        422,
+        "invalid_options",
+    ),
+    "json_array_body": ("predict", {"json": [{"data": GOOD_B64}]}, 400, "invalid_json"),
+    "json_not_utf8": (
+        "predict",
+        {"content": b'{"images": "\xff\xfe"}', "headers": {"content-type": "application/json"}},
+        400,
+        "invalid_json",
+    ),
+    "json_deeply_nested": (
+        "predict",
+        {"content": b"[" * 100_000 + b"]" * 100_000, "headers": {"content-type": "application/json"}},
+        400,
+        "invalid_json",
+    ),
+    "base64_with_bad_characters": (
+        "predict",
+        {"json": {"images": [{"data": GOOD_B64[:40] + "!!" + GOOD_B64[40:]}]}},
+        400,
+        "invalid_base64",
+    ),
+    "base64_wrong_length": ("predict", {"json": {"images": [{"data": "abcde"}]}}, 400, "invalid_base64"),
+    "base64_of_text": (
+        "predict",
+        {"json": {"images": [{"data": base64.b64encode(b"not an image").decode()}]}},
+        400,
+        "unsupported_image",
+    ),
+    "empty_base64": ("predict", {"json": {"images": [{"data": ""}]}}, 400, "empty_image"),
+    "data_url_not_base64": (
+        "predict",
+        {"json": {"images": [{"data": "data:image/png,%89PNG"}]}},
+        400,
+        "invalid_base64",
+    ),
+    "data_url_with_bad_base64": (
+        "predict",
+        {"json": {"images": [{"data": "data:image/png;base64,@@@@"}]}},
+        400,
+        "invalid_base64",
+    ),
+    "data_url_of_html": (
+        "predict",
+        {"json": {"images": [{"data": "data:text/html;base64," + base64.b64encode(b"<b>x</b>").decode()}]}},
+        400,
+        "unsupported_image",
+    ),
+    "too_many_images_json": (
+        "predict",
+        {"json": {"images": [{"data": GOOD_B64}] * 4}},
+        413,
+        "too_many_images",
+    ),
+    "too_many_files_multipart": (
+        "predict",
+        {"files": [("file", (f"{i}.png", GOOD, "image/png")) for i in range(6)]},
+        413,
+        "too_many_images",
+    ),
+    "top_k_beyond_classes_json": (
+        "predict",
+        {"json": {"images": [{"data": GOOD_B64}], "top_k": 8}},
+        422,
+        "invalid_options",
+    ),
+    "targets_out_of_range_json": (
+        "explain",
+        {"json": {"images": [{"data": GOOD_B64}], "targets": [0, 99]}},
+        422,
+        "invalid_options",
+    ),
+    "too_many_targets": (
+        "explain",
+        {"json": {"images": [{"data": GOOD_B64}], "targets": list(range(7)) * 3}},
+        422,
+        "invalid_options",
+    ),
+    "unknown_kernel_json": (
+        "explain",
+        {"json": {"images": [{"data": GOOD_B64}], "kernel": "box"}},
+        422,
+        "invalid_options",
+    ),
+    "unknown_encoding_json": (
+        "explain",
+        {"json": {"images": [{"data": GOOD_B64}], "encodings": ["gif"]}},
+        422,
+        "invalid_options",
+    ),
+    "unknown_raw_query_option": (
+        "predict",
+        {"content": GOOD, "headers": {"content-type": "image/png"}, "params": {"colour": "red"}},
+        422,
+        "invalid_options",
+    ),
+    "top_k_query_not_int": (
+        "predict",
+        {"content": GOOD, "headers": {"content-type": "image/png"}, "params": {"top_k": "x"}},
+        422,
+        "invalid_options",
+    ),
+    "huge_json_over_limit": (
+        "predict",
+        {"json": {"images": [{"data": "A" * 300_000}]}},
+        413,
+        "payload_too_large",
+    ),
+    "multipart_without_boundary": (
+        "predict",
+        {"content": b"--x\r\n\r\n", "headers": {"content-type": "multipart/form-data"}},
+        400,
+        None,
+    ),
+    "multipart_bad_part_header": (
+        "predict",
+        {
+            "content": b"--b\r\nno colon here\r\n\r\nx\r\n--b--\r\n",
+            "headers": {"content-type": "multipart/form-data; boundary=b"},
+        },
+        400,
+        None,
+    ),
+    "multipart_truncated": (
+        "predict",
+        {
+            "content": b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n\r\n\x89PNG',
+            "headers": {"content-type": "multipart/form-data; boundary=b"},
+        },
+        400,
+        None,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(MORE_CASES))
+async def test_malformed_requests(limited_client, name):
+    endpoint, request, status, code = MORE_CASES[name]
+    client = limited_client
+    response = await client.post(f"/v1/models/tiny/{endpoint}", **request)
+    assert_error(response, status, code)
+    good = await client.post(f"/v1/models/tiny/{endpoint}", **multipart(GOOD))
+    assert good.status_code == 200, good.text
+
+
+async def test_data_url_is_accepted(limited_client):
+    response = await limited_client.post(
+        "/v1/models/tiny/predict", json={"images": [{"data": f"data:image/png;base64,{GOOD_B64}"}]}
+    )
+    assert response.status_code == 200, response.text
+    plain = await limited_client.post("/v1/models/tiny/predict", json={"images": [{"data": GOOD_B64}]})
+    assert response.json()["images"] == plain.json()["images"]
+
+
+async def test_declared_oversized_body_is_refused_unread(tiny_weights):
+    """A Content-Length over the limit is answered 413 before a single body chunk is read."""
+    app = create_app(tiny_settings(tiny_weights, limits={"max_body_bytes": 1000}))
+    reads = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal reads
+        reads += 1
+        return {"type": "http.request", "body": b"x" * 100, "more_body": True}
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/models/tiny/predict",
+        "raw_path": b"/v1/models/tiny/predict",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"50000000")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    await app(scope, receive, send)
+    assert reads == 0
+    assert sent[0]["status"] == 413
+    assert (b"connection", b"close") in sent[0]["headers"]
+    body = json.loads(sent[1]["body"])
+    assert body["error"]["code"] == "payload_too_large" and body["error"]["request_id"]
+
+
+async def test_streamed_body_stops_being_read_at_the_limit(tiny_weights):
+    """Without a Content-Length the body is counted as it streams and reading stops past the limit."""
+    app = create_app(tiny_settings(tiny_weights, limits={"max_body_bytes": 1000}))
+    reads = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal reads
+        reads += 1
+        assert reads < 100, "the body was read on past the limit"
+        return {"type": "http.request", "body": b"x" * 100, "more_body": True}
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/models/tiny/predict",
+        "raw_path": b"/v1/models/tiny/predict",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"image/png"), (b"transfer-encoding", b"chunked")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    await app(scope, receive, send)
+    assert reads == 11  # 1,100 bytes: the first chunk past 1,000
+    assert sent[0]["status"] == 413

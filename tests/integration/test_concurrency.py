@@ -197,3 +197,62 @@ async def test_full_queue_answers_503_with_retry_after_and_accepted_requests_suc
             engine.explain = real_explain
         metrics = (await client.get("/metrics")).text
         assert 'reciprocam_rejections_total{model="tiny",reason="queue_full"} 1.0' in metrics
+
+
+async def test_out_of_memory_batches_are_split_until_they_fit(tiny_weights):
+    """A simulated CUDA out-of-memory error for any batch of more than 2 images: the batches are
+    split and retried, every request gets its correct result, and the metrics count the splits.
+    An image that runs out of memory even alone gets 503 + Retry-After; the others are unaffected."""
+    settings = tiny_settings(tiny_weights, batch={"max_batch_images": 16, "max_wait_ms": 50})
+    async with running_service(settings) as client:
+        loaded = client.app.state.service.registry.entries["tiny"].loaded
+        engine = loaded.engine
+        real_explain = engine.explain
+        calls: list[int] = []
+        raised: list[int] = []
+
+        def tight_memory(images, *args, **kwargs):
+            calls.append(images.shape[0])
+            if images.shape[0] > 2 or bool((images.flatten(1).min(dim=1).values > 2.0).any()):
+                raised.append(images.shape[0])
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+            return real_explain(images, *args, **kwargs)
+
+        engine.explain = tight_memory
+        try:
+            buffer = io.BytesIO()
+            Image.new("RGB", (40, 40), (255, 255, 255)).save(buffer, format="PNG")
+            huge = buffer.getvalue()
+            datas = [image_bytes(4000 + i) for i in range(11)]
+            datas.insert(3, huge)
+
+            async def post(data):
+                return await client.post(
+                    "/v1/models/tiny/predict",
+                    files={"file": ("x.png", data, "image/png")},
+                    data={"top_k": "2"},
+                )
+
+            responses = await asyncio.gather(*(post(data) for data in datas))
+            assert max(calls) > 2, "no batch was large enough to fail"
+            for position, (data, response) in enumerate(zip(datas, responses, strict=True)):
+                if position == 3:
+                    error = assert_error(response, 503, "out_of_memory")
+                    assert response.headers["retry-after"] == "1"
+                    assert "out of memory" in error["message"]
+                    continue
+                assert response.status_code == 200, response.text
+                alone = reference(loaded, data, None, 2)
+                predictions = response.json()["images"][0]["predictions"]
+                assert [p["class_id"] for p in predictions] == alone.logits.topk(2).indices.tolist()
+                assert response.json()["timing"]["batch_images"] > 1  # they were batched, then split
+            metrics = (await client.get("/metrics")).text
+            splits = re.search(r'reciprocam_batch_splits_total{model="tiny"} ([0-9.]+)', metrics)
+            ooms = re.search(r'reciprocam_out_of_memory_total{model="tiny"} ([0-9.]+)', metrics)
+            assert splits is not None and float(splits.group(1)) >= 1
+            assert ooms is not None and float(ooms.group(1)) == len(raised)
+            assert raised.count(1) == 1  # the huge image, alone
+            assert 'reciprocam_image_failures_total{model="tiny"} 1.0' in metrics
+            assert (await post(image_bytes(4100))).status_code == 200
+        finally:
+            engine.explain = real_explain

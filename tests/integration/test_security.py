@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 
 import pytest
 
+from app.api import deps
 from app.api.deps import key_is_valid
 from app.serving.logs import JsonFormatter, RequestIdFilter, request_id_var
 from tests.integration.conftest import assert_error, image_bytes, running_service, tiny_settings
@@ -108,3 +110,92 @@ async def test_access_log_records_each_request(client, caplog):
     records = [r for r in caplog.records if r.name == "app.access"]
     assert records and records[-1].status == 200 and records[-1].route == "/v1/models/{name}"
     assert records[-1].duration_ms >= 0 and records[-1].request_id == "trace-9"
+
+
+def test_every_accepted_key_is_compared_in_constant_time(monkeypatch):
+    """hmac.compare_digest against every accepted key, with no early exit on a match."""
+    calls: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(deps.hmac, "compare_digest", spy)
+    keys = [b"first", b"second", b"third"]
+    assert key_is_valid("first", keys)
+    assert [b for _, b in calls] == keys
+    calls.clear()
+    assert not key_is_valid("fourth", keys)
+    assert len(calls) == 3
+
+
+async def test_keys_never_reach_the_logs_even_when_wrong(secured, caplog):
+    caplog.set_level(logging.DEBUG)
+    wrong = "wrong-key-6a1f0c9e"
+    attempts = [
+        {"Authorization": f"Bearer {KEY}"},
+        {"X-API-Key": KEY},
+        {"Authorization": f"Bearer {wrong}"},
+        {"X-API-Key": wrong},
+        {"Authorization": f"Basic {KEY}"},
+    ]
+    statuses = []
+    for headers in attempts:
+        response = await secured.post(
+            "/v1/models/tiny/predict",
+            content=image_bytes(2),
+            headers={"content-type": "image/png", **headers},
+        )
+        statuses.append(response.status_code)
+        assert KEY not in response.text and wrong not in response.text
+    assert statuses == [200, 200, 401, 401, 401]
+    formatter = JsonFormatter()
+    lines = [formatter.format(record) for record in caplog.records]
+    assert any('"status": 401' in line for line in lines) and any('"status": 200' in line for line in lines)
+    for line in lines:
+        assert KEY not in line and wrong not in line
+
+
+async def test_unusual_credentials_are_refused_not_crashed(secured):
+    for headers in (
+        {"X-API-Key": "clé".encode("latin-1")},
+        {"Authorization": "Bearer"},
+        {"Authorization": "Bearer " + "x" * 10_000},
+        {"Authorization": KEY},
+        {"X-API-Key": ""},
+    ):
+        assert_error(await secured.get("/v1/models", headers=headers), 401, "unauthorized")
+    # a key is only read from the headers, never from the query string
+    assert_error(await secured.get("/v1/models", params={"api_key": KEY}), 401, "unauthorized")
+
+
+async def test_unauthenticated_uploads_are_not_decoded(secured):
+    service = secured.app.state.service
+    decoded = []
+    real = service.run_io
+
+    async def counting(function, *args, **kwargs):
+        decoded.append(function.__name__)
+        return await real(function, *args, **kwargs)
+
+    service.run_io = counting
+    try:
+        response = await secured.post(
+            "/v1/models/tiny/explain", content=image_bytes(3), headers={"content-type": "image/png"}
+        )
+        assert_error(response, 401, "unauthorized")
+        assert decoded == []
+    finally:
+        service.run_io = real
+
+
+async def test_cors_preflight_from_a_foreign_origin_is_refused(tiny_weights):
+    settings = tiny_settings(tiny_weights, cors={"allow_origins": ["https://app.example"]})
+    async with running_service(settings) as client:
+        preflight = await client.options(
+            "/v1/models/tiny/explain",
+            headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
+        )
+        assert preflight.status_code == 400
+        assert "access-control-allow-origin" not in preflight.headers

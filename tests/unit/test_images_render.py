@@ -87,3 +87,41 @@ def test_every_allowed_format_decodes():
     for fmt in FORMATS:
         decoded = decode_image(encode(image, fmt))
         assert decoded.size == image.size and decoded.mode == "RGB", fmt
+
+
+@pytest.mark.parametrize(
+    ("mode", "fmt", "fill", "expected"),
+    [
+        ("L", "PNG", 128, (128, 128, 128)),
+        ("LA", "PNG", (128, 0), (255, 255, 255)),  # fully transparent: the white background
+        ("LA", "PNG", (40, 255), (40, 40, 40)),
+        ("1", "PNG", 1, (255, 255, 255)),
+        ("P", "GIF", 3, None),
+        ("RGBA", "WEBP", (200, 10, 10, 255), None),
+        ("RGBA", "PNG", (200, 10, 10, 0), (255, 255, 255)),
+        ("CMYK", "TIFF", (0, 255, 255, 0), (255, 0, 0)),
+        ("I;16", "TIFF", 32768, (128, 128, 128)),
+        ("I", "TIFF", 7, (255, 255, 255)),
+        ("F", "TIFF", 0.5, (0, 0, 0)),
+        ("RGB", "BMP", (1, 2, 3), (1, 2, 3)),
+    ],
+)
+def test_every_colour_mode_becomes_8_bit_rgb(mode, fmt, fill, expected):
+    decoded = decode_image(_encode(Image.new(mode, (5, 4), fill), fmt))
+    assert decoded.mode == "RGB" and decoded.size == (5, 4)
+    if expected is not None:
+        pixel = decoded.getpixel((2, 2))
+        assert all(abs(a - b) <= 1 for a, b in zip(pixel, expected, strict=True)), pixel
+
+
+def test_palette_transparency_and_animated_gif_first_frame():
+    palette = Image.new("P", (4, 4), 0)
+    palette.putpalette([0, 0, 255] + [0, 0, 0] * 255)
+    decoded = decode_image(_encode(palette, "PNG", transparency=0))
+    assert decoded.getpixel((0, 0)) == (255, 255, 255)  # the transparent index shows the background
+    frames = [Image.new("RGB", (6, 6), colour) for colour in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    first = decode_image(buffer.getvalue())
+    red, green, blue = first.getpixel((3, 3))
+    assert red > 200 and green < 50 and blue < 50
