@@ -76,7 +76,15 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     status = exc.status_code
     code = _HTTP_CODES.get(status, "error")
     detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(status).phrase
+    if is_protocol_path(request.url.path):
+        # Unknown paths and methods under /v2 answer in the Open Inference Protocol's error shape.
+        return JSONResponse({"error": detail}, status_code=status, headers=dict(exc.headers or {}))
     return error_response(request, status, code, detail, dict(exc.headers or {}))
+
+
+def is_protocol_path(path: str) -> bool:
+    """Whether ``path`` belongs to the Open Inference Protocol (``/v2``) API."""
+    return path == "/v2" or path.startswith("/v2/")
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -126,7 +126,29 @@ class OipRoute(APIRoute):
         return handle
 
 
-router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"], route_class=OipRoute)
+class ProtocolError(BaseModel):
+    """The protocol's error body."""
+
+    error: str = Field(description="what went wrong", examples=["unknown model 'resnet'"])
+
+
+_ERROR_DESCRIPTIONS = {
+    400: "invalid request, or (readiness endpoints) not ready",
+    401: "missing or wrong API key",
+    404: "unknown model or version",
+    413: "request too large",
+    500: "internal error",
+    503: "model loading or unavailable, queue full, or out of memory (Retry-After)",
+    504: "the request could not start before its deadline",
+}
+PROTOCOL_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ProtocolError, "description": text} for status, text in _ERROR_DESCRIPTIONS.items()
+}
+_NO_BODY: dict[int | str, dict[str, Any]] = {200: {"description": "true (an empty body)"}}
+
+router = APIRouter(
+    prefix="/v2", tags=["Open Inference Protocol v2"], route_class=OipRoute, responses=PROTOCOL_ERRORS
+)
 
 
 # --------------------------------------------------------------------------- schemas
@@ -215,6 +237,8 @@ async def server_metadata(request: Request) -> dict[str, Any]:
 
 @router.get(
     "/health/live",
+    response_class=Response,
+    responses=_NO_BODY,
     dependencies=[Depends(require_api_key_for_health)],
     summary="Liveness: 200 while the process serves requests",
 )
@@ -224,11 +248,15 @@ async def server_live() -> Response:
 
 @router.get(
     "/health/ready",
+    response_class=Response,
+    responses=_NO_BODY,
     dependencies=[Depends(require_api_key_for_health)],
     summary="Readiness: 200 when every model has settled, one at least serves, and not draining; else 400",
 )
 async def server_ready(service: Service = Depends(get_service)) -> Response:
-    return Response(status_code=200 if service.ready else 400)
+    if not service.ready:
+        return oip_error_response(400, "the server is not ready")
+    return Response(status_code=200)
 
 
 @router.get(
@@ -257,16 +285,22 @@ async def model_version_metadata(
 
 @router.get(
     "/models/{name}/ready",
+    response_class=Response,
+    responses=_NO_BODY,
     dependencies=[Depends(require_api_key_for_health)],
     summary="Model readiness: 200 ready, 400 not ready, 404 unknown",
 )
 async def model_ready(name: str, service: Service = Depends(get_service)) -> Response:
     entry = service.registry.get(name)
-    return Response(status_code=200 if entry.status == "ready" and not service.draining else 400)
+    if entry.status != "ready" or service.draining:
+        return oip_error_response(400, f"model {name!r} is not ready ({entry.status})")
+    return Response(status_code=200)
 
 
 @router.get(
     "/models/{name}/versions/{version}/ready",
+    response_class=Response,
+    responses=_NO_BODY,
     dependencies=[Depends(require_api_key_for_health)],
     summary="Model readiness of one version",
 )

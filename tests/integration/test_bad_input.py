@@ -123,7 +123,9 @@ async def test_every_bad_input_is_refused_and_the_service_keeps_serving(limited_
 async def test_unknown_model_route_and_method(limited_client):
     client = limited_client
     assert_error(await client.post("/v1/models/nope/explain", **multipart(GOOD)), 404, "model_not_found")
-    assert_error(await client.get("/v2/anything"), 404, "not_found")
+    assert_error(await client.get("/v3/anything"), 404, "not_found")
+    protocol = await client.get("/v2/anything")
+    assert protocol.status_code == 404 and isinstance(protocol.json()["error"], str)
     assert_error(await client.get("/v1/models/tiny/explain"), 405, "method_not_allowed")
 
 
