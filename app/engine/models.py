@@ -17,6 +17,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -83,8 +84,9 @@ class LoadedModel:
     engine: ReciproCAM
     extra: dict[str, Any] = field(default_factory=dict)
 
-    @property
+    @cached_property
     def preprocessor(self) -> Preprocessor:
+        """Built once per model: it sits on every request's path."""
         return Preprocessor(self.data_config)
 
     @property
