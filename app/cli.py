@@ -104,7 +104,7 @@ def _run_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-_EXTRA_COMMANDS: list[str] = []
+_EXTRA_COMMANDS: list[str] = ["app.eval.cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:
