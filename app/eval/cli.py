@@ -32,13 +32,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--val-count", type=int, default=defaults.val_count)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--threads", type=int, default=defaults.threads)
+    parser.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(handler=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from app.eval.train import TrainConfig, save_weights, train
+    from app.eval.train import TrainConfig, model_card, save_weights, train
 
     config = TrainConfig(
         seed=args.seed,
@@ -52,6 +52,12 @@ def _run_train(args: argparse.Namespace) -> int:
     )
     model, result = train(config, progress=not args.no_progress)
     path = save_weights(model, args.out, config, result)
+    command = (
+        f"python -m app train --out {args.out} --epochs {args.epochs} --seed {args.seed} "
+        f"--train-count {args.train_count} --batch-size {args.batch_size} --lr {args.lr} --threads {args.threads}"
+    )
+    card = path.with_suffix(".md")
+    card.write_text(model_card(config, result, path, command.strip()), encoding="utf-8")
     size_mb = path.stat().st_size / 1e6
     print(
         json.dumps(
@@ -98,7 +104,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--seed", type=int, default=DEFAULT_EVAL_SEED, help="synthetic data / subset seed")
     parser.add_argument("--target", choices=["label", "predicted"], default="label", help="class explained")
-    parser.add_argument("--steps", type=int, default=32, help="insertion/deletion steps")
+    parser.add_argument("--steps", type=int, default=32, help="insertion/deletion steps (0: skip them)")
     parser.add_argument("--tolerance", type=float, default=4.0, help="pointing-game tolerance in pixels")
     parser.add_argument("--batch-size", type=int, default=25)
     parser.add_argument("--figure-images", type=int, default=6, help="rows in the PNG grid")

@@ -287,13 +287,14 @@ def evaluate(
             method_scores.increase += metrics.increase_in_confidence(confidence, masked_confidence).tolist()
             method_scores.coherency += metrics.coherency(grid, masked_grid).tolist()
             method_scores.complexity += metrics.complexity(grid).tolist()
-            cpu_inputs = inputs.float().cpu()
-            method_scores.insertion += metrics.curve_auc(
-                metrics.insertion_curve(model_fn, cpu_inputs, upsampled, class_ids, steps)
-            ).tolist()
-            method_scores.deletion += metrics.curve_auc(
-                metrics.deletion_curve(model_fn, cpu_inputs, upsampled, class_ids, steps)
-            ).tolist()
+            if steps > 0:
+                cpu_inputs = inputs.float().cpu()
+                method_scores.insertion += metrics.curve_auc(
+                    metrics.insertion_curve(model_fn, cpu_inputs, upsampled, class_ids, steps)
+                ).tolist()
+                method_scores.deletion += metrics.curve_auc(
+                    metrics.deletion_curve(model_fn, cpu_inputs, upsampled, class_ids, steps)
+                ).tolist()
             if batch.masks is not None:
                 method_scores.pointing += metrics.pointing_hits(upsampled, batch.masks, tolerance).tolist()
             figure_maps[name].extend(upsampled[:keep_for_figure].numpy())

@@ -176,7 +176,7 @@ def _downsample(layer: Image.Image, size: int) -> np.ndarray:
 
 def _object_alpha(rng: np.random.Generator, label: int, size: int) -> np.ndarray:
     """Coverage (H, W) in [0, 1] of one object of class ``label`` at a random pose."""
-    radius = rng.uniform(_MIN_RADIUS, _MAX_RADIUS)
+    radius = rng.uniform(_MIN_RADIUS, _MAX_RADIUS) * size / IMAGE_SIZE
     margin = radius + 1.0
     cx, cy = rng.uniform(margin, size - margin, size=2)
     layer = Image.new("L", (size * _SUPERSAMPLE, size * _SUPERSAMPLE), 0)
@@ -204,6 +204,19 @@ def render(seed: int, index: int, size: int = IMAGE_SIZE) -> tuple[np.ndarray, i
     canvas = canvas * (1 - alpha[..., None]) + colour * alpha[..., None]
     image = np.clip(np.round(canvas), 0, 255).astype(np.uint8)
     return image, label, alpha >= 0.5
+
+
+def render_empty(seed: int, index: int, size: int = IMAGE_SIZE) -> np.ndarray:
+    """A background with clutter and no object (its own random stream, apart from :func:`render`)."""
+    rng = np.random.default_rng([seed, index, 1])
+    canvas, _ = _background(rng, size)
+    _draw_clutter(rng, canvas, size)
+    return np.clip(np.round(canvas), 0, 255).astype(np.uint8)
+
+
+def generate_empty(seed: int, count: int, size: int = IMAGE_SIZE) -> np.ndarray:
+    """(count, H, W, 3) uint8 images without an object."""
+    return np.stack([render_empty(seed, index, size) for index in range(count)])
 
 
 def generate(seed: int, count: int, size: int = IMAGE_SIZE, start: int = 0) -> ShapeSet:
