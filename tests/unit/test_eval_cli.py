@@ -53,7 +53,16 @@ def test_eval_synthetic_writes_table_csv_and_figure(tiny_weights, tmp_path, caps
     assert [row["method"] for row in rows] == ["reciprocam", "rollout", "gradcam"]
     for row in rows:
         assert row["images"] == "4"
-        for column in ("drop", "increase", "coherency", "complexity", "adcc", "insertion", "deletion", "pointing"):
+        for column in (
+            "drop",
+            "increase",
+            "coherency",
+            "complexity",
+            "adcc",
+            "insertion",
+            "deletion",
+            "pointing",
+        ):
             value = float(row[column])
             assert 0.0 <= value <= 1.0, (column, value)
     markdown = (out / "results.md").read_text(encoding="utf-8")
