@@ -104,7 +104,7 @@ def _run_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-_EXTRA_COMMANDS: list[str] = ["app.serving.cli"]
+_EXTRA_COMMANDS: list[str] = ["app.serving.cli", "app.eval.cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,202 @@
+"""``python -m app train`` (the shipped shapes model) and ``python -m app eval`` (saliency metrics)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "shapes_vit.safetensors"
+DEFAULT_EVAL_SEED = 1000  # training uses seeds 0 (train) and 1 (validation)
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    _add_train(sub)
+    _add_eval(sub)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from app.eval.train import TrainConfig
+
+    defaults = TrainConfig()
+    parser = sub.add_parser("train", help="train the small shapes ViT on synthetic data")
+    parser.add_argument("--out", type=Path, default=DEFAULT_WEIGHTS, help="output .safetensors file")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="training data and init seed")
+    parser.add_argument("--train-count", type=int, default=defaults.train_count)
+    parser.add_argument("--val-seed", type=int, default=defaults.val_seed)
+    parser.add_argument("--val-count", type=int, default=defaults.val_count)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(handler=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from app.eval.train import TrainConfig, model_card, save_weights, train
+
+    config = TrainConfig(
+        seed=args.seed,
+        train_count=args.train_count,
+        val_seed=args.val_seed,
+        val_count=args.val_count,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        threads=args.threads,
+    )
+    model, result = train(config, progress=not args.no_progress)
+    path = save_weights(model, args.out, config, result)
+    command = (
+        f"python -m app train --out {args.out} --epochs {args.epochs} --seed {args.seed} "
+        f"--train-count {args.train_count} --batch-size {args.batch_size} --lr {args.lr} --threads {args.threads}"
+    )
+    card = path.with_suffix(".md")
+    card.write_text(model_card(config, result, path, command.strip()), encoding="utf-8")
+    size_mb = path.stat().st_size / 1e6
+    print(
+        json.dumps(
+            {
+                "out": str(path),
+                "size_mb": round(size_mb, 2),
+                "val_accuracy": result.val_accuracy,
+                "train_accuracy": result.train_accuracy,
+                "seconds": round(result.seconds, 1),
+                "history": result.history,
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    from app.eval.baselines import DEFAULT_METHODS, METHODS
+
+    parser = sub.add_parser("eval", help="saliency metrics (ADCC, insertion/deletion, pointing game)")
+    parser.add_argument(
+        "--model",
+        default=str(DEFAULT_WEIGHTS),
+        help="a weights file (self-describing .safetensors, or with --arch) or a timm architecture name "
+        "(hub weights unless --weights is given); default: the shipped shapes model",
+    )
+    parser.add_argument(
+        "--arch", default=None, help="timm architecture for a weights file that does not name one"
+    )
+    parser.add_argument("--weights", default=None, help="weights for an architecture given by --model")
+    parser.add_argument("--data", default="synthetic", help="'synthetic' or an image folder")
+    parser.add_argument(
+        "--labels",
+        type=Path,
+        default=None,
+        help="for an image folder: a file of 'NAME CLASS_ID' lines (else class folders give the ids)",
+    )
+    parser.add_argument("--limit", type=int, default=200, help="number of images (0: all of a folder)")
+    parser.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help=f"comma-separated, from: {', '.join(METHODS)}",
+    )
+    parser.add_argument("--seed", type=int, default=DEFAULT_EVAL_SEED, help="synthetic data / subset seed")
+    parser.add_argument("--target", choices=["label", "predicted"], default="label", help="class explained")
+    parser.add_argument("--steps", type=int, default=32, help="insertion/deletion steps (0: skip them)")
+    parser.add_argument("--tolerance", type=float, default=4.0, help="pointing-game tolerance in pixels")
+    parser.add_argument("--batch-size", type=int, default=25)
+    parser.add_argument("--figure-images", type=int, default=6, help="rows in the PNG grid")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--out", type=Path, default=Path("eval-out"), help="directory for CSV, markdown, PNG")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(handler=_run_eval)
+
+
+def _load(args: argparse.Namespace):  # -> LoadedModel
+    from app.engine.models import load_model
+
+    model = str(args.model)
+    looks_like_file = Path(model).suffix in (".safetensors", ".pth", ".pt", ".bin") or Path(model).is_file()
+    if looks_like_file:
+        return load_model(args.arch, model, device=args.device, warmup=False)
+    return load_model(model, args.weights or "hub", device=args.device, warmup=False)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from app.engine.models import ModelLoadError
+    from app.eval.baselines import METHODS
+    from app.eval.evaluate import (
+        csv_text,
+        evaluate,
+        figure,
+        folder_batches,
+        list_image_dir,
+        markdown_table,
+        synthetic_batches,
+        text_table,
+    )
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    methods = [name.strip() for name in args.methods.split(",") if name.strip()]
+    unknown = [name for name in methods if name not in METHODS]
+    if unknown or not methods:
+        print(f"error: unknown methods {unknown}; expected some of {', '.join(METHODS)}", file=sys.stderr)
+        return 2
+    try:
+        loaded = _load(args)
+    except ModelLoadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.data == "synthetic":
+        total = args.limit if args.limit > 0 else 200
+        batches = synthetic_batches(loaded, args.seed, total, args.batch_size)
+        source = f"synthetic shapes, seed {args.seed}"
+    else:
+        root = Path(args.data)
+        if not root.is_dir():
+            print(f"error: {root} is not a directory (nor 'synthetic')", file=sys.stderr)
+            return 2
+        try:
+            items = list_image_dir(root, args.labels)
+        except (OSError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if not items:
+            print(f"error: no images under {root}", file=sys.stderr)
+            return 2
+        total = min(args.limit, len(items)) if args.limit > 0 else len(items)
+        batches = folder_batches(loaded, items, total, args.batch_size, args.seed)
+        source = str(root)
+    report = evaluate(
+        loaded,
+        batches,
+        methods,
+        total=total,
+        target=args.target,
+        steps=args.steps,
+        tolerance=args.tolerance,
+        figure_images=args.figure_images,
+        progress=not args.no_progress,
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    accuracy = "n/a" if report.accuracy is None else f"{100 * report.accuracy:.2f}%"
+    summary = (
+        f"model: {loaded.name} ({loaded.weights}); data: {source}; images: {report.images}; "
+        f"top-1 accuracy: {accuracy}; class explained: {report.target}; insertion/deletion steps: "
+        f"{args.steps}; pointing tolerance: {args.tolerance:g} px. All values in percent."
+    )
+    table = markdown_table(report)
+    (args.out / "results.csv").write_text(csv_text(report), encoding="utf-8")
+    (args.out / "results.md").write_text(f"{summary}\n\n{table}\n", encoding="utf-8")
+    if report.figure_pixels is not None:
+        figure(report).save(args.out / "eval_grid.png", optimize=True)
+    print(summary)
+    print(text_table(report))
+    print(f"wrote {args.out / 'results.csv'}, {args.out / 'results.md'}, {args.out / 'eval_grid.png'}")
+    return 0

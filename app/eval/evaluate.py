@@ -1,0 +1,373 @@
+"""The evaluation behind ``python -m app eval``: data, the per-method loop, tables and the figure.
+
+For every batch and method: the class ``c`` is the ground-truth label (or the prediction, by option
+or when no labels exist); the method's map for ``c`` is min-max normalised on the patch grid and fed
+to the metrics of :mod:`app.eval.metrics` (ADCC and its parts, insertion and deletion AUC, and the
+pointing game where object masks exist).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from app.engine.models import LoadedModel
+from app.engine.reciprocam import normalize_maps, upsample_maps
+from app.eval import metrics
+from app.eval.baselines import make_method
+from app.serving.render import overlay_rgb
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+COLUMNS: tuple[str, ...] = (
+    "drop",
+    "increase",
+    "coherency",
+    "complexity",
+    "adcc",
+    "insertion",
+    "deletion",
+    "pointing",
+)
+HEADERS: dict[str, str] = {
+    "drop": "Drop ↓",
+    "increase": "Increase ↑",
+    "coherency": "Coherency ↑",
+    "complexity": "Complexity ↓",
+    "adcc": "ADCC ↑",
+    "insertion": "Insertion ↑",
+    "deletion": "Deletion ↓",
+    "pointing": "Pointing ↑",
+}
+
+
+@dataclass
+class Batch:
+    """Model inputs (B, 3, H, W), labels (B,) or None, masks (B, H, W) or None, pixels (B, H, W, 3)."""
+
+    inputs: torch.Tensor
+    labels: torch.Tensor | None
+    masks: torch.Tensor | None
+    pixels: np.ndarray
+    names: list[str]
+
+
+@dataclass
+class MethodScores:
+    """Per-image values of one method, and their summary."""
+
+    drop: list[float] = field(default_factory=list)
+    increase: list[float] = field(default_factory=list)
+    coherency: list[float] = field(default_factory=list)
+    complexity: list[float] = field(default_factory=list)
+    insertion: list[float] = field(default_factory=list)
+    deletion: list[float] = field(default_factory=list)
+    pointing: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float]:
+        def mean(values: list[float]) -> float:
+            return float(np.mean(values)) if values else math.nan
+
+        result = {
+            "drop": mean(self.drop),
+            "increase": mean(self.increase),
+            "coherency": mean(self.coherency),
+            "complexity": mean(self.complexity),
+            "insertion": mean(self.insertion),
+            "deletion": mean(self.deletion),
+            "pointing": mean(self.pointing),
+        }
+        result["adcc"] = metrics.adcc(result["drop"], result["coherency"], result["complexity"])
+        return result
+
+
+@dataclass
+class EvalReport:
+    methods: list[str]
+    scores: dict[str, MethodScores]
+    images: int
+    accuracy: float | None
+    target: str
+    figure_pixels: np.ndarray | None = None
+    figure_maps: dict[str, np.ndarray] = field(default_factory=dict)
+    figure_names: list[str] = field(default_factory=list)
+
+    def rows(self) -> list[dict[str, float | str]]:
+        return [{"method": name, **self.scores[name].summary()} for name in self.methods]
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def _mask_to_input(mask: np.ndarray, loaded: LoadedModel) -> np.ndarray:
+    """An (h, w) bool mask through the same resize and crop as its image."""
+    image = Image.fromarray(mask.astype(np.uint8) * 255).convert("RGB")
+    pixels, _ = loaded.preprocessor.to_pixels(image)
+    return pixels[..., 0] >= 128
+
+
+def _to_inputs(pixels: np.ndarray, loaded: LoadedModel) -> torch.Tensor:
+    config = loaded.data_config
+    tensor = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.tensor(config.mean).view(1, 3, 1, 1)
+    std = torch.tensor(config.std).view(1, 3, 1, 1)
+    return (tensor - mean) / std
+
+
+def synthetic_batches(loaded: LoadedModel, seed: int, limit: int, batch_size: int) -> Iterator[Batch]:
+    """Freshly generated shapes images (with labels and object masks), preprocessed for the model."""
+    from app.eval.shapes import generate
+
+    for start in range(0, limit, batch_size):
+        count = min(batch_size, limit - start)
+        data = generate(seed, count, start=start)
+        pixels, masks = [], []
+        for image, mask in zip(data.images, data.masks, strict=True):
+            pixel_array, _ = loaded.preprocessor.to_pixels(Image.fromarray(image))
+            pixels.append(pixel_array)
+            masks.append(_mask_to_input(mask, loaded))
+        stacked = np.stack(pixels)
+        yield Batch(
+            inputs=_to_inputs(stacked, loaded),
+            labels=torch.from_numpy(data.labels),
+            masks=torch.from_numpy(np.stack(masks)),
+            pixels=stacked,
+            names=[f"shapes-{seed}-{start + i}" for i in range(count)],
+        )
+
+
+def read_labels_file(path: Path) -> dict[str, int]:
+    """``NAME CLASS_ID`` per line (whitespace or comma separated; NAME relative to the image dir)."""
+    mapping: dict[str, int] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        parts = text.replace(",", " ").split()
+        if len(parts) < 2:
+            raise ValueError(f"{path}:{number}: expected 'NAME CLASS_ID', got {text!r}")
+        try:
+            mapping[parts[0]] = int(parts[1])
+        except ValueError as exc:
+            if number == 1:  # a header line
+                continue
+            raise ValueError(f"{path}:{number}: class id {parts[1]!r} is not an integer") from exc
+    return mapping
+
+
+def list_image_dir(root: Path, labels_file: Path | None = None) -> list[tuple[Path, int | None]]:
+    """Images under ``root`` with their class ids.
+
+    With a labels file, ids come from it (files it does not name are skipped). Otherwise, when
+    ``root`` holds class folders, the id is the folder's index in sorted order (the ImageNet
+    convention: sorted synset folders are class 0..999); a flat folder has no labels.
+    """
+    if labels_file is not None:
+        mapping = read_labels_file(labels_file)
+        items = []
+        for name, class_id in sorted(mapping.items()):
+            path = root / name
+            if path.is_file():
+                items.append((path, class_id))
+            else:
+                matches = sorted(root.rglob(Path(name).name))
+                if matches:
+                    items.append((matches[0], class_id))
+        if not items:
+            raise ValueError(f"none of the images named in {labels_file} exist under {root}")
+        return items
+    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    if folders:
+        return [
+            (path, index)
+            for index, folder in enumerate(folders)
+            for path in sorted(folder.rglob("*"))
+            if path.suffix.lower() in IMAGE_SUFFIXES
+        ]
+    return [(path, None) for path in sorted(root.iterdir()) if path.suffix.lower() in IMAGE_SUFFIXES]
+
+
+def folder_batches(
+    loaded: LoadedModel,
+    items: Sequence[tuple[Path, int | None]],
+    limit: int,
+    batch_size: int,
+    seed: int,
+) -> Iterator[Batch]:
+    """Preprocessed images of an image folder; ``limit`` picks a seeded random subset."""
+    chosen = list(items)
+    if 0 < limit < len(chosen):
+        chosen = sorted(random.Random(seed).sample(chosen, limit), key=lambda item: str(item[0]))
+    for start in range(0, len(chosen), batch_size):
+        part = chosen[start : start + batch_size]
+        pixels = []
+        for path, _ in part:
+            with Image.open(path) as image:
+                pixel_array, _ = loaded.preprocessor.to_pixels(image.convert("RGB"))
+            pixels.append(pixel_array)
+        stacked = np.stack(pixels)
+        labels = [label for _, label in part]
+        yield Batch(
+            inputs=_to_inputs(stacked, loaded),
+            labels=None if any(label is None for label in labels) else torch.tensor(labels),
+            masks=None,
+            pixels=stacked,
+            names=[path.name for path, _ in part],
+        )
+
+
+# ---------------------------------------------------------------------------------------- evaluation
+
+
+def evaluate(
+    loaded: LoadedModel,
+    batches: Iterator[Batch],
+    methods: Sequence[str],
+    *,
+    total: int,
+    target: str = "label",
+    steps: int = 32,
+    tolerance: float = 4.0,
+    figure_images: int = 6,
+    progress: bool = True,
+) -> EvalReport:
+    """Run every method on every batch; see the module docstring."""
+    from tqdm import tqdm
+
+    if target not in ("label", "predicted"):
+        raise ValueError("target must be 'label' or 'predicted'")
+    model = loaded.model
+    device = loaded.device
+    dtype = next(model.parameters()).dtype
+    map_functions = {name: make_method(name, model, loaded.engine) for name in methods}
+    scores = {name: MethodScores() for name in methods}
+
+    @torch.no_grad()
+    def model_fn(images: torch.Tensor) -> torch.Tensor:
+        return model(images.to(device=device, dtype=dtype)).float().cpu()
+
+    correct, labelled, seen = 0, 0, 0
+    report = EvalReport(methods=list(methods), scores=scores, images=0, accuracy=None, target=target)
+    figure_pixels: list[np.ndarray] = []
+    figure_maps: dict[str, list[np.ndarray]] = {name: [] for name in methods}
+    bar = tqdm(total=total, desc="eval", unit="img", disable=not progress)
+    for batch in batches:
+        inputs = batch.inputs.to(device=device, dtype=dtype)
+        logits = model_fn(inputs)
+        predicted = logits.argmax(-1)
+        if batch.labels is not None:
+            correct += int((predicted == batch.labels).sum())
+            labelled += len(batch.labels)
+        class_ids = batch.labels if target == "label" and batch.labels is not None else predicted
+        confidence = logits.softmax(-1).gather(1, class_ids[:, None])[:, 0]
+        height, width = inputs.shape[-2:]
+        keep_for_figure = max(0, min(len(class_ids), figure_images - len(figure_pixels)))
+        figure_pixels.extend(batch.pixels[:keep_for_figure])
+        for name, map_fn in map_functions.items():
+            grid = normalize_maps(map_fn(inputs, class_ids.to(device)).float().cpu())
+            upsampled = upsample_maps(grid, (height, width))
+            masked = metrics.mask_input(inputs.float().cpu(), upsampled)
+            masked_confidence = model_fn(masked).softmax(-1).gather(1, class_ids[:, None])[:, 0]
+            masked_grid = normalize_maps(
+                map_fn(masked.to(device=device, dtype=dtype), class_ids.to(device)).float().cpu()
+            )
+            method_scores = scores[name]
+            method_scores.drop += metrics.average_drop(confidence, masked_confidence).tolist()
+            method_scores.increase += metrics.increase_in_confidence(confidence, masked_confidence).tolist()
+            method_scores.coherency += metrics.coherency(grid, masked_grid).tolist()
+            method_scores.complexity += metrics.complexity(grid).tolist()
+            if steps > 0:
+                cpu_inputs = inputs.float().cpu()
+                method_scores.insertion += metrics.curve_auc(
+                    metrics.insertion_curve(model_fn, cpu_inputs, upsampled, class_ids, steps)
+                ).tolist()
+                method_scores.deletion += metrics.curve_auc(
+                    metrics.deletion_curve(model_fn, cpu_inputs, upsampled, class_ids, steps)
+                ).tolist()
+            if batch.masks is not None:
+                method_scores.pointing += metrics.pointing_hits(upsampled, batch.masks, tolerance).tolist()
+            figure_maps[name].extend(upsampled[:keep_for_figure].numpy())
+        if keep_for_figure:
+            report.figure_names.extend(batch.names[:keep_for_figure])
+        seen += len(class_ids)
+        bar.update(len(class_ids))
+    bar.close()
+    report.images = seen
+    report.accuracy = correct / labelled if labelled else None
+    if figure_pixels:
+        report.figure_pixels = np.stack(figure_pixels)
+        report.figure_maps = {name: np.stack(maps) for name, maps in figure_maps.items()}
+    return report
+
+
+# ------------------------------------------------------------------------------------------- output
+
+
+def _cell(value: float | str) -> str:
+    if isinstance(value, str):
+        return value
+    return "–" if math.isnan(value) else f"{100 * value:.2f}"
+
+
+def markdown_table(report: EvalReport) -> str:
+    """Method x metric table, every value in percent."""
+    header = "| Method | " + " | ".join(HEADERS[c] for c in COLUMNS) + " |"
+    rule = "|---|" + "|".join("---:" for _ in COLUMNS) + "|"
+    lines = [header, rule]
+    for row in report.rows():
+        lines.append(f"| {row['method']} | " + " | ".join(_cell(row[c]) for c in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def text_table(report: EvalReport) -> str:
+    names = [str(row["method"]) for row in report.rows()]
+    width = max(len("method"), *(len(n) for n in names))
+    header = f"{'method':<{width}} " + " ".join(f"{c:>10}" for c in COLUMNS)
+    lines = [header, "-" * len(header)]
+    for row in report.rows():
+        lines.append(f"{row['method']!s:<{width}} " + " ".join(f"{_cell(row[c]):>10}" for c in COLUMNS))
+    return "\n".join(lines)
+
+
+def csv_text(report: EvalReport) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["method", *COLUMNS, "images"])
+    for row in report.rows():
+        writer.writerow([row["method"], *(f"{float(row[c]):.6f}" for c in COLUMNS), report.images])
+    return buffer.getvalue()
+
+
+def figure(report: EvalReport, tile: int = 112, labels: Sequence[str] | None = None) -> Image.Image:
+    """Rows of images: the input, then each method's map over it (jet colour map)."""
+    if report.figure_pixels is None:
+        raise ValueError("the report holds no images for a figure")
+    columns = ["input", *report.methods]
+    rows = len(report.figure_pixels)
+    header = 16
+    canvas = Image.new("RGB", (tile * len(columns), header + tile * rows), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for column, title in enumerate(columns):
+        draw.text((column * tile + 3, 2), title[: tile // 6], fill=(0, 0, 0))
+    for row in range(rows):
+        pixels = report.figure_pixels[row]
+        tiles = [pixels] + [
+            overlay_rgb(pixels, report.figure_maps[name][row], opacity=0.5) for name in report.methods
+        ]
+        for column, array in enumerate(tiles):
+            image = Image.fromarray(array).resize((tile, tile), Image.Resampling.NEAREST)
+            canvas.paste(image, (column * tile, header + row * tile))
+        if labels is not None and row < len(labels):
+            draw.text((3, header + row * tile + tile - 12), labels[row], fill=(255, 255, 255))
+    return canvas

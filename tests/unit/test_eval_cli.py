@@ -1,0 +1,134 @@
+"""The eval command and its data sources, on a tiny seeded model."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app.cli import main
+from app.eval.evaluate import list_image_dir, read_labels_file
+from tests.helpers import save_self_describing
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
+    return save_self_describing(path, "deit_tiny", seed=1, labels=[f"c{i}" for i in range(7)])
+
+
+def _rows(path):
+    with path.open(encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_eval_synthetic_writes_table_csv_and_figure(tiny_weights, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(
+        [
+            "eval",
+            "--model",
+            str(tiny_weights),
+            "--limit",
+            "4",
+            "--batch-size",
+            "3",
+            "--steps",
+            "2",
+            "--methods",
+            "reciprocam,rollout,gradcam",
+            "--figure-images",
+            "2",
+            "--no-progress",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "reciprocam" in printed and "pointing" in printed
+    rows = _rows(out / "results.csv")
+    assert [row["method"] for row in rows] == ["reciprocam", "rollout", "gradcam"]
+    for row in rows:
+        assert row["images"] == "4"
+        for column in (
+            "drop",
+            "increase",
+            "coherency",
+            "complexity",
+            "adcc",
+            "insertion",
+            "deletion",
+            "pointing",
+        ):
+            value = float(row[column])
+            assert 0.0 <= value <= 1.0, (column, value)
+    markdown = (out / "results.md").read_text(encoding="utf-8")
+    assert "| reciprocam |" in markdown and "ADCC" in markdown
+    figure = Image.open(out / "eval_grid.png")
+    assert figure.width > figure.height  # 4 columns (input + 3 methods), 2 rows
+    assert figure.mode == "RGB"
+
+
+def test_eval_image_folder_with_class_folders(tiny_weights, tmp_path):
+    rng = np.random.default_rng(0)
+    for class_name in ("a_first", "b_second"):
+        folder = tmp_path / "images" / class_name
+        folder.mkdir(parents=True)
+        for index in range(2):
+            pixels = rng.integers(0, 255, size=(40, 50, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"{index}.png")
+    out = tmp_path / "out"
+    code = main(
+        [
+            "eval",
+            "--model",
+            str(tiny_weights),
+            "--data",
+            str(tmp_path / "images"),
+            "--limit",
+            "0",
+            "--steps",
+            "0",
+            "--methods",
+            "reciprocam",
+            "--no-progress",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    (row,) = _rows(out / "results.csv")
+    assert row["images"] == "4"
+    assert row["pointing"] == "nan" and row["insertion"] == "nan"  # no masks, no curves
+    assert 0.0 <= float(row["adcc"]) <= 1.0
+
+
+def test_eval_rejects_unknown_methods_and_missing_data(tiny_weights, tmp_path, capsys):
+    assert main(["eval", "--model", str(tiny_weights), "--methods", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown methods" in capsys.readouterr().err
+    missing = str(tmp_path / "missing")
+    assert main(["eval", "--model", str(tiny_weights), "--data", missing, "--out", str(tmp_path)]) == 2
+
+
+def test_labels_file_and_folder_listing(tmp_path):
+    root = tmp_path / "val"
+    root.mkdir()
+    for name in ("x1.JPEG", "x2.JPEG", "x3.JPEG"):
+        Image.new("RGB", (8, 8)).save(root / name, format="JPEG")
+    labels = tmp_path / "val.txt"
+    labels.write_text("name,label\nx2.JPEG,7\nx1.JPEG 3\n\n# comment\nabsent.JPEG 1\n", encoding="utf-8")
+    assert read_labels_file(labels) == {"x2.JPEG": 7, "x1.JPEG": 3, "absent.JPEG": 1}
+    assert [(p.name, c) for p, c in list_image_dir(root, labels)] == [("x1.JPEG", 3), ("x2.JPEG", 7)]
+    # a flat folder without labels: no class ids
+    assert [(p.name, c) for p, c in list_image_dir(root)] == [
+        ("x1.JPEG", None),
+        ("x2.JPEG", None),
+        ("x3.JPEG", None),
+    ]
+    bad = tmp_path / "bad.txt"
+    bad.write_text("x1.JPEG\n", encoding="utf-8")
+    with pytest.raises(ValueError):
+        read_labels_file(bad)

@@ -1,0 +1,78 @@
+"""The synthetic shapes dataset: determinism, class balance and masks that cover the objects."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from app.eval import shapes
+
+
+def test_same_seed_same_data_and_prefixes_agree():
+    first = shapes.generate(seed=7, count=12)
+    second = shapes.generate(seed=7, count=12)
+    assert np.array_equal(first.images, second.images)
+    assert np.array_equal(first.labels, second.labels)
+    assert np.array_equal(first.masks, second.masks)
+    prefix = shapes.generate(seed=7, count=5)
+    assert np.array_equal(prefix.images, first.images[:5])
+    window = shapes.generate(seed=7, count=4, start=6)
+    assert np.array_equal(window.images, first.images[6:10])
+    assert np.array_equal(window.masks, first.masks[6:10])
+    other = shapes.generate(seed=8, count=12)
+    assert not np.array_equal(other.images, first.images)
+
+
+def test_shapes_and_types():
+    data = shapes.generate(seed=0, count=60)
+    size = shapes.IMAGE_SIZE
+    assert data.images.shape == (60, size, size, 3) and data.images.dtype == np.uint8
+    assert data.masks.shape == (60, size, size) and data.masks.dtype == bool
+    assert data.labels.dtype == np.int64
+    assert set(data.labels.tolist()) == set(range(len(shapes.SHAPE_CLASSES)))
+    # textured backgrounds: no image is flat outside its object
+    for image, mask in zip(data.images, data.masks, strict=True):
+        assert image[~mask].std() > 3
+
+
+def test_masks_cover_the_objects():
+    """Every mask is one solid object of plausible size, and the image inside it is the object's
+    single colour while the surroundings differ from it."""
+    data = shapes.generate(seed=3, count=40)
+    for image, mask in zip(data.images, data.masks, strict=True):
+        area = int(mask.sum())
+        assert 80 <= area <= 0.4 * mask.size
+        # the object's colour: the mask interior (eroded by one pixel, away from antialiased edges)
+        interior = mask.copy()
+        interior[1:] &= mask[:-1]
+        interior[:-1] &= mask[1:]
+        interior[:, 1:] &= mask[:, :-1]
+        interior[:, :-1] &= mask[:, 1:]
+        inside = image[interior].astype(float)
+        colour = np.median(inside, axis=0)
+        # one flat colour, no texture, no clutter on top (a few thin-part pixels are antialiased)
+        assert np.mean(np.linalg.norm(inside - colour, axis=1) < 1.0) > 0.9
+        # a ring of pixels just outside the mask is mostly far from the object's colour
+        grown = mask.copy()
+        for _ in range(2):
+            grown[1:] |= grown[:-1].copy()
+            grown[:-1] |= grown[1:].copy()
+            grown[:, 1:] |= grown[:, :-1].copy()
+            grown[:, :-1] |= grown[:, 1:].copy()
+        ring = grown & ~mask
+        distance = np.linalg.norm(image[ring].astype(float) - colour, axis=1)
+        assert np.mean(distance > 30) > 0.8
+        # no object pixel lies outside the mask: pixels of the object's colour are in (or next to) it
+        same_colour = np.linalg.norm(image.astype(float) - colour, axis=2) < 1.0
+        assert (same_colour & ~grown).sum() <= 3
+
+
+def test_torch_dataset_normalises_with_the_model_statistics():
+    dataset = shapes.ShapesDataset(seed=5, count=4)
+    image, label, mask = dataset[2]
+    raw = shapes.generate(seed=5, count=4)
+    expected = (torch.from_numpy(raw.images[2]).permute(2, 0, 1).float() / 255 - 0.5) / 0.25
+    assert torch.allclose(image, expected)
+    assert label == int(raw.labels[2])
+    assert torch.equal(mask, torch.from_numpy(raw.masks[2]))
+    assert len(dataset) == 4
