@@ -32,6 +32,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--val-count", type=int, default=defaults.val_count)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs)
+    parser.add_argument(
+        "--masked-loss-weight",
+        type=float,
+        default=defaults.masked_loss_weight,
+        help="weight of the last-block feature-masking loss (0: off)",
+    )
+    parser.add_argument("--init", default=None, help="continue from these weights (.safetensors)")
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(handler=_run_train)
@@ -49,12 +57,17 @@ def _run_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         threads=args.threads,
+        warmup_epochs=args.warmup_epochs,
+        masked_loss_weight=args.masked_loss_weight,
+        init_weights=args.init,
     )
     model, result = train(config, progress=not args.no_progress)
     path = save_weights(model, args.out, config, result)
     command = (
         f"python -m app train --out {args.out} --epochs {args.epochs} --seed {args.seed} "
         f"--train-count {args.train_count} --batch-size {args.batch_size} --lr {args.lr} --threads {args.threads}"
+        f" --warmup-epochs {args.warmup_epochs} --masked-loss-weight {args.masked_loss_weight}"
+        + (f" --init {args.init}" if args.init else "")
     )
     card = path.with_suffix(".md")
     card.write_text(model_card(config, result, path, command.strip()), encoding="utf-8")

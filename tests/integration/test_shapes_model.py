@@ -1,0 +1,84 @@
+"""The shipped shapes model: it loads by itself, classifies, and its ViT-ReciproCAM maps point at
+the object on images generated with a seed that training never used."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.engine.models import load_model
+from app.engine.reciprocam import normalize_maps, upsample_maps
+from app.eval import metrics, shapes
+from app.eval.baselines import make_method
+
+WEIGHTS = Path(__file__).resolve().parents[2] / "app" / "weights" / "shapes_vit.safetensors"
+FRESH_SEED = 20_250  # training uses seeds 0 (train) and 1 (validation)
+IMAGES = 200
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return load_model(None, str(WEIGHTS), device="cpu", warmup=False)
+
+
+@pytest.fixture(scope="module")
+def fresh():
+    data = shapes.generate(FRESH_SEED, IMAGES)
+    return shapes.normalize(data.images), torch.from_numpy(data.labels), torch.from_numpy(data.masks)
+
+
+def test_weights_are_small_and_self_describing(loaded):
+    assert WEIGHTS.stat().st_size <= 10 * 1024 * 1024
+    assert loaded.labels == list(shapes.SHAPE_CLASSES)
+    assert loaded.arch.startswith("vit_")
+    assert loaded.anatomy.num_prefix_tokens == 1 and loaded.anatomy.global_pool == "token"
+    grid_h, grid_w = loaded.anatomy.grid_size
+    assert grid_h >= 7 and grid_w >= 7
+    config = loaded.data_config
+    assert config.input_size == (shapes.IMAGE_SIZE, shapes.IMAGE_SIZE)
+    assert config.crop_pct == 1.0
+    assert config.mean == shapes.MEAN and config.std == shapes.STD
+
+
+def test_preprocessor_matches_the_training_normalisation(loaded, fresh):
+    from PIL import Image
+
+    data = shapes.generate(FRESH_SEED, 2)
+    tensor, _ = loaded.preprocessor(Image.fromarray(data.images[1]))
+    assert torch.allclose(tensor, fresh[0][1], atol=1e-6)
+
+
+def test_classifies_fresh_images(loaded, fresh):
+    inputs, labels, _ = fresh
+    predicted = loaded.engine.predict(inputs).argmax(-1)
+    # the model card reports 92.4% on the validation seed
+    assert (predicted == labels).float().mean().item() >= 0.9
+
+
+@pytest.fixture(scope="module")
+def pointing(loaded, fresh):
+    """Pointing-game accuracy (tolerance 4 px) of each method for the true class."""
+    inputs, labels, masks = fresh
+    size = (shapes.IMAGE_SIZE, shapes.IMAGE_SIZE)
+    hits = {}
+    for name in ("reciprocam", "reciprocam-dirac", "rollout"):
+        grid = make_method(name, loaded.model, loaded.engine)(inputs, labels)
+        upsampled = upsample_maps(normalize_maps(grid), size)
+        hits[name] = metrics.pointing_hits(upsampled, masks, tolerance=4.0).mean().item()
+    return hits
+
+
+def test_reciprocam_points_at_the_object(pointing):
+    assert pointing["reciprocam"] >= 0.9, pointing
+    assert pointing["reciprocam-dirac"] >= 0.9, pointing
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="attention rollout points at the object on 99% of these images; the published "
+    "3x3 ViT-ReciproCAM reaches 96%, so it does not beat rollout on this model yet",
+)
+def test_reciprocam_beats_rollout_at_pointing(pointing):
+    assert pointing["reciprocam"] > pointing["rollout"], pointing
