@@ -8,6 +8,7 @@ import functools
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from types import FrameType
@@ -28,6 +29,7 @@ class Service:
         self.registry = ModelRegistry(settings, self.metrics)
         self.io_pool = ThreadPoolExecutor(max_workers=settings.io_workers, thread_name_prefix="io")
         self.draining = False
+        self._drain_started = time.monotonic()
         self.allowed_formats = frozenset(fmt.upper() for fmt in settings.limits.allowed_formats)
         self._previous_sigterm: Any = None
 
@@ -64,11 +66,15 @@ class Service:
     def begin_drain(self) -> None:
         if not self.draining:
             logger.info("draining: readiness now fails; in-flight and queued work continues")
+            self._drain_started = time.monotonic()
         self.draining = True
 
     async def stop(self) -> None:
         self.begin_drain()
-        await self.registry.close(self.settings.drain_timeout_s)
+        # One deadline for the whole drain: the server's graceful shutdown already used part of it
+        # since SIGTERM, so the queues get what is left (shutdown stays within the orchestrator's grace).
+        elapsed = time.monotonic() - self._drain_started
+        await self.registry.close(max(1.0, self.settings.drain_timeout_s - elapsed))
         self.io_pool.shutdown(wait=False, cancel_futures=True)
         self._restore_sigterm()
         logger.info("service stopped")
