@@ -21,7 +21,6 @@ The classification extension (``outputs[i].parameters.classification = k``) turn
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
@@ -49,7 +48,6 @@ from app.engine.reciprocam import CamOptions, ImageExplanation, normalize_maps, 
 from app.serving.batcher import BatchItem
 from app.serving.errors import ServiceError
 from app.serving.images import ImageDecodeError
-from app.serving.pipeline import prepare_image
 from app.serving.service import Service
 
 logger = logging.getLogger(__name__)
@@ -570,29 +568,11 @@ async def _images_from_bytes(
     if count > limits.max_images_per_request:
         raise OipError(413, f"{count} images in one request; the limit is {limits.max_images_per_request}")
     files = _split_bytes(raw, count) if raw is not None else _bytes_from_json(tensor.data, count)
-    preprocessor = loaded.preprocessor
-    results = await asyncio.gather(
-        *(
-            service.run_io(
-                prepare_image,
-                data,
-                preprocessor,
-                max_pixels=limits.max_pixels,
-                allowed_formats=service.allowed_formats,
-                keep_original=False,
-            )
-            for data in files
-        ),
-        return_exceptions=True,
-    )
-    tensors: list[torch.Tensor] = []
-    for index, result in enumerate(results):
-        if isinstance(result, ImageDecodeError):
-            raise OipError(result.status, f"image {index}: {result}") from result
-        if isinstance(result, BaseException):
-            raise result
-        tensors.append(result.tensor)
-    return tensors
+    try:
+        prepared = await service.prepare_images(files, loaded.preprocessor)
+    except ImageDecodeError as exc:
+        raise OipError(exc.status, f"image {exc.index}: {exc}") from exc
+    return [image.tensor for image in prepared]
 
 
 def _split_bytes(raw: bytes, count: int) -> list[bytes]:

@@ -28,7 +28,7 @@ from app.engine.reciprocam import CamOptions
 from app.serving.batcher import BatchItem
 from app.serving.errors import ServiceError
 from app.serving.images import ImageDecodeError
-from app.serving.pipeline import PreparedImage, RenderOptions, prepare_image, render_result
+from app.serving.pipeline import RenderOptions, render_result
 from app.serving.service import Service
 
 router = APIRouter(prefix="/v1", tags=["v1"], dependencies=[Depends(require_api_key)])
@@ -103,20 +103,11 @@ async def _serve(request: Request, service: Service, name: str, *, explain: bool
             opacity=options.opacity,
         )
     keep_original = render is not None and render.map_size == "original" and "overlay" in render.encodings
-    preprocessor = loaded.preprocessor
-    prepared = await _gather_images(
-        [
-            service.run_io(
-                prepare_image,
-                data,
-                preprocessor,
-                max_pixels=limits.max_pixels,
-                allowed_formats=service.allowed_formats,
-                keep_original=keep_original,
-            )
-            for data in images
-        ]
-    )
+    try:
+        prepared = await service.prepare_images(images, loaded.preprocessor, keep_original=keep_original)
+    except ImageDecodeError as exc:
+        prefix = f"image {exc.index}: " if len(images) > 1 else ""
+        raise ServiceError(exc.status, exc.code, f"{prefix}{exc}") from exc
     items = [
         BatchItem(image=image.tensor, options=cam_options, targets=targets, top_k=options.top_k)
         for image in prepared
@@ -192,14 +183,3 @@ def _cam_options(options: ExplainOptions, loaded: LoadedModel, default_block: in
     return CamOptions(
         kernel=options.kernel, keep_prefix=options.keep_prefix, score=options.score, target_block=block
     )
-
-
-async def _gather_images(tasks: list[Any]) -> list[PreparedImage]:
-    results = await asyncio.gather(*tasks, return_exceptions=True)
-    for index, result in enumerate(results):
-        if isinstance(result, ImageDecodeError):
-            prefix = f"image {index}: " if len(results) > 1 else ""
-            raise ServiceError(result.status, result.code, f"{prefix}{result}") from result
-        if isinstance(result, BaseException):
-            raise result
-    return results  # type: ignore[return-value]

@@ -20,6 +20,7 @@ class ImageDecodeError(ValueError):
         super().__init__(message)
         self.code = code
         self.status = status
+        self.index: int | None = None  # position of the failing image in a request, when known
 
 
 def decode_image(

@@ -9,13 +9,16 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import FrameType
 from typing import Any, TypeVar
 
 from app.config import Settings
+from app.engine.preprocess import Preprocessor
+from app.serving.images import ImageDecodeError
 from app.serving.metrics import ServiceMetrics
+from app.serving.pipeline import PreparedImage, prepare_image
 from app.serving.registry import ModelRegistry
 
 logger = logging.getLogger(__name__)
@@ -37,6 +40,35 @@ class Service:
         """Run a blocking decode/encode step in the I/O pool."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.io_pool, functools.partial(function, *args, **kwargs))
+
+    async def prepare_images(
+        self, blobs: Sequence[bytes], preprocessor: Preprocessor, *, keep_original: bool = False
+    ) -> list[PreparedImage]:
+        """Decode and preprocess posted images in the I/O pool, all at once.
+
+        Raises the first failure; an ``ImageDecodeError`` carries the failing image's ``index``.
+        """
+        limits = self.settings.limits
+        results = await asyncio.gather(
+            *(
+                self.run_io(
+                    prepare_image,
+                    data,
+                    preprocessor,
+                    max_pixels=limits.max_pixels,
+                    allowed_formats=self.allowed_formats,
+                    keep_original=keep_original,
+                )
+                for data in blobs
+            ),
+            return_exceptions=True,
+        )
+        for index, result in enumerate(results):
+            if isinstance(result, ImageDecodeError):
+                result.index = index
+            if isinstance(result, BaseException):
+                raise result
+        return results  # type: ignore[return-value]
 
     @property
     def ready(self) -> bool:
