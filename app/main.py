@@ -10,11 +10,10 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
-from starlette.middleware.cors import CORSMiddleware
 
 from app.api import health, oip, v1
 from app.api.errors import install_error_handlers
-from app.api.middleware import RequestContextMiddleware
+from app.api.middleware import CORSMiddleware, RequestContextMiddleware
 from app.api.openapi import install_openapi
 from app.config import Settings
 from app.serving.service import Service

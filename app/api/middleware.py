@@ -9,9 +9,12 @@ import time
 import uuid
 from typing import Any
 
+from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware as StarletteCORSMiddleware
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.errors import error_body
+from app.api.errors import error_body, is_protocol_path
 from app.serving.logs import request_id_var
 from app.serving.metrics import ServiceMetrics
 
@@ -169,3 +172,33 @@ async def _send_error(
         headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+class CORSMiddleware(StarletteCORSMiddleware):
+    """Starlette's CORS handling, with refused preflight requests answered in the service's JSON
+    error shape (``{"error": {...}}``, or ``{"error": "..."}`` under ``/v2``) instead of plain text.
+    Allowed preflights and simple requests are Starlette's own behaviour."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "OPTIONS":
+            headers = Headers(scope=scope)
+            if "origin" in headers and "access-control-request-method" in headers:
+                response = self.preflight_response(request_headers=headers)
+                if response.status_code == 400:
+                    response = _refused_preflight(scope, response)
+                await response(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+
+def _refused_preflight(scope: Scope, plain: Response) -> Response:
+    message = bytes(plain.body).decode("utf-8", "replace") or "Disallowed CORS request"
+    message += " (see the service's cors settings)"
+    path = str(scope.get("path", ""))
+    if is_protocol_path(path):
+        body: dict[str, Any] = {"error": message}
+    else:
+        request_id = str((scope.get("state") or {}).get("request_id") or uuid.uuid4().hex)
+        body = error_body("cors_rejected", message, request_id)
+    headers = {k: v for k, v in plain.headers.items() if k.lower() not in ("content-length", "content-type")}
+    return JSONResponse(body, status_code=400, headers=headers)

@@ -197,5 +197,14 @@ async def test_cors_preflight_from_a_foreign_origin_is_refused(tiny_weights):
             "/v1/models/tiny/explain",
             headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
         )
-        assert preflight.status_code == 400
+        error = assert_error(preflight, 400, "cors_rejected")
+        assert "origin" in error["message"]
         assert "access-control-allow-origin" not in preflight.headers
+        # a disallowed method from an allowed origin is refused the same way, and /v2 paths answer
+        # in the Open Inference Protocol's error shape
+        oip = await client.options(
+            "/v2/models/tiny/infer",
+            headers={"Origin": "https://app.example", "Access-Control-Request-Method": "PATCH"},
+        )
+        assert oip.status_code == 400
+        assert set(oip.json()) == {"error"} and "method" in oip.json()["error"]
