@@ -1,11 +1,14 @@
 """A deterministic synthetic dataset whose ground truth says where the object is.
 
 Every image holds exactly ONE object of one of :data:`SHAPE_CLASSES` (the shapes differ in form,
-not only in colour) at a random position, scale, colour and, where meaningful, orientation (one of four
-quarter turns, tilted by up to about 14 degrees), drawn over
-a textured background (a colour gradient, sinusoidal stripes and pixel noise) with small clutter
-(dots and short strokes that are not class shapes). The object is drawn last, so its ground-truth
-mask is exactly the set of pixels it covers.
+not only in colour) at a random position, scale, colour and, where meaningful, orientation (one of
+four quarter turns, tilted by up to about 14 degrees), drawn over a textured background (a colour
+gradient, sinusoidal stripes and pixel noise) with non-informative clutter: small dots and short
+strokes, and one or two *decoys* (shapes of the object's size and contrast that are no class: rings,
+bars, crescents and hollow outlines of the class shapes, placed at least 5 px clear of the object). Decoys appear in every class
+and in the object-free images alike, so they carry no class evidence; a map that merely finds
+salient shapes lands on them, a class-specific map should not. The object is drawn last, so its
+ground-truth mask is exactly the set of pixels it covers.
 
 Image ``i`` of a dataset with seed ``s`` is drawn from its own generator seeded with ``(s, i)``:
 the same seed always gives the same images, and the first ``k`` images of a larger set equal the
@@ -30,7 +33,13 @@ MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
 STD: tuple[float, float, float] = (0.25, 0.25, 0.25)
 
 _SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down: smooth edges, exact coverage
-_MIN_RADIUS, _MAX_RADIUS = 9.0, 16.0  # object half-size in pixels (64-pixel image)
+_OBJECT_RADIUS = (8.0, 13.0)  # object half-size in pixels (64-pixel image)
+DECOY_SHAPES: tuple[str, ...] = ("ring", "bar", "crescent", *(f"outline-{n}" for n in SHAPE_CLASSES[1:]))
+_DECOY_RADIUS = (8.0, 12.0)  # decoy half-size in pixels
+_DECOYS = (1, 2)  # decoys wanted per image (fewer when they do not fit)
+_DECOY_GAP = 5.0  # pixels between a decoy and the object (beyond the pointing game's 4 px tolerance)
+_EXTENT = 1.15  # the farthest a shape reaches from its centre, in radii (square corners, triangle tips)
+_PLACEMENT_TRIES = 40
 _MAX_TILT = 0.25  # radians: a quarter-turn orientation, tilted by at most about 14 degrees
 _MIN_CONTRAST = 90.0  # Euclidean RGB distance between object colour and background base colour
 
@@ -174,11 +183,21 @@ def _downsample(layer: Image.Image, size: int) -> np.ndarray:
     return np.asarray(layer.resize((size, size), Image.Resampling.BOX), dtype=np.float64) / 255.0
 
 
-def _object_alpha(rng: np.random.Generator, label: int, size: int) -> np.ndarray:
-    """Coverage (H, W) in [0, 1] of one object of class ``label`` at a random pose."""
-    radius = rng.uniform(_MIN_RADIUS, _MAX_RADIUS) * size / IMAGE_SIZE
+def _pose(
+    rng: np.random.Generator, size: int, radius_range: tuple[float, float]
+) -> tuple[float, float, float]:
+    """A random (centre x, centre y, radius) that keeps the shape inside the image."""
+    radius = rng.uniform(*radius_range) * size / IMAGE_SIZE
     margin = radius + 1.0
     cx, cy = rng.uniform(margin, size - margin, size=2)
+    return float(cx), float(cy), float(radius)
+
+
+def _object_alpha(
+    rng: np.random.Generator, label: int, pose: tuple[float, float, float], size: int
+) -> np.ndarray:
+    """Coverage (H, W) in [0, 1] of one object of class ``label`` at ``pose``, random orientation."""
+    cx, cy, radius = pose
     layer = Image.new("L", (size * _SUPERSAMPLE, size * _SUPERSAMPLE), 0)
     draw = ImageDraw.Draw(layer)
     s = _SUPERSAMPLE
@@ -193,24 +212,109 @@ def _object_alpha(rng: np.random.Generator, label: int, size: int) -> np.ndarray
     return _downsample(layer, size)
 
 
+def _decoy_alpha(
+    rng: np.random.Generator, kind: str, pose: tuple[float, float, float], size: int
+) -> np.ndarray:
+    """Coverage (H, W) of one decoy (a ring, a bar, a crescent or a class shape's outline) at
+    ``pose``, random orientation."""
+    cx, cy, radius = pose
+    s = _SUPERSAMPLE
+    layer = Image.new("L", (size * s, size * s), 0)
+    draw = ImageDraw.Draw(layer)
+    angle = rng.uniform(0, 2 * math.pi)
+
+    def disc(x: float, y: float, r: float, fill: int) -> None:
+        draw.ellipse(((x - r) * s, (y - r) * s, (x + r) * s, (y + r) * s), fill=fill)
+
+    if kind == "ring":
+        disc(cx, cy, radius * 0.9, 255)
+        disc(cx, cy, radius * 0.5, 0)
+    elif kind == "crescent":
+        disc(cx, cy, radius * 0.9, 255)
+        disc(cx + radius * 0.45 * math.cos(angle), cy + radius * 0.45 * math.sin(angle), radius * 0.75, 0)
+    elif kind.startswith("outline-"):
+        # The outline of a class shape: the same form, but hollow (the background shows through).
+        tilt = math.pi / 2 * int(rng.integers(0, 4)) + rng.uniform(-_MAX_TILT, _MAX_TILT)
+        points = _rotate(_POLYGONS[kind.removeprefix("outline-")](radius), tilt)
+        width = max(1, round(radius * 0.22 * s))
+        draw.polygon([((cx + x) * s, (cy + y) * s) for x, y in points], outline=255, width=width)
+    else:  # bar
+        half_length, half_width = radius, radius * 0.22
+        corners = [(-half_length, -half_width), (half_length, -half_width), (half_length, half_width)]
+        corners.append((-half_length, half_width))
+        points = _rotate(corners, angle)
+        draw.polygon([((cx + x) * s, (cy + y) * s) for x, y in points], fill=255)
+    return _downsample(layer, size)
+
+
+def _decoy_poses(
+    rng: np.random.Generator, avoid: tuple[float, float, float] | None, size: int
+) -> list[tuple[float, float, float]]:
+    """Up to two decoy poses, each at least ``_DECOY_GAP`` pixels clear of the object (``avoid``)
+    and of each other, so that a map peaking on a decoy misses the object in the pointing game."""
+    wanted = int(rng.integers(_DECOYS[0], _DECOYS[1] + 1))
+    poses: list[tuple[float, float, float]] = []
+    for _ in range(_PLACEMENT_TRIES):
+        if len(poses) == wanted:
+            break
+        candidate = _pose(rng, size, _DECOY_RADIUS)
+        others = poses + ([avoid] if avoid is not None else [])
+        gap = _DECOY_GAP * size / IMAGE_SIZE
+        if all(
+            math.hypot(candidate[0] - x, candidate[1] - y) >= _EXTENT * (candidate[2] + r) + gap
+            for x, y, r in others
+        ):
+            poses.append(candidate)
+    return poses
+
+
+def _paint(canvas: np.ndarray, alpha: np.ndarray, colour: np.ndarray) -> np.ndarray:
+    return canvas * (1 - alpha[..., None]) + colour * alpha[..., None]
+
+
 def render(seed: int, index: int, size: int = IMAGE_SIZE) -> tuple[np.ndarray, int, np.ndarray]:
     """Image ``index`` of the set with ``seed``: (H, W, 3) uint8 image, class id, (H, W) bool mask."""
     rng = np.random.default_rng([seed, index])
     label = int(rng.integers(0, len(SHAPE_CLASSES)))
     canvas, base = _background(rng, size)
     _draw_clutter(rng, canvas, size)
-    alpha = _object_alpha(rng, label, size)
+    pose = _pose(rng, size, _OBJECT_RADIUS)
     colour = _object_colour(rng, base)
-    canvas = canvas * (1 - alpha[..., None]) + colour * alpha[..., None]
+    canvas = _draw_decoys(rng, canvas, base, colour, pose, size)
+    alpha = _object_alpha(rng, label, pose, size)
+    canvas = _paint(canvas, alpha, colour)
     image = np.clip(np.round(canvas), 0, 255).astype(np.uint8)
     return image, label, alpha >= 0.5
 
 
+def _draw_decoys(
+    rng: np.random.Generator,
+    canvas: np.ndarray,
+    base: np.ndarray,
+    object_colour: np.ndarray | None,
+    pose: tuple[float, float, float] | None,
+    size: int,
+) -> np.ndarray:
+    """Decoys: shapes of object size and contrast that are no class (rings, bars, crescents, hollow
+    outlines of the class shapes), in every class and in empty images alike, so they carry no class
+    evidence; their colours stay far from the object's, so the object's colour marks only the object."""
+    for decoy_pose in _decoy_poses(rng, pose, size):
+        kind = DECOY_SHAPES[int(rng.integers(0, len(DECOY_SHAPES)))]
+        while True:
+            colour = _object_colour(rng, base)
+            if object_colour is None or float(np.linalg.norm(colour - object_colour)) >= _MIN_CONTRAST / 2:
+                break
+        canvas = _paint(canvas, _decoy_alpha(rng, kind, decoy_pose, size), colour)
+    return canvas
+
+
 def render_empty(seed: int, index: int, size: int = IMAGE_SIZE) -> np.ndarray:
-    """A background with clutter and no object (its own random stream, apart from :func:`render`)."""
+    """A background with clutter and decoys and no object (its own random stream, apart from
+    :func:`render`)."""
     rng = np.random.default_rng([seed, index, 1])
-    canvas, _ = _background(rng, size)
+    canvas, base = _background(rng, size)
     _draw_clutter(rng, canvas, size)
+    canvas = _draw_decoys(rng, canvas, base, None, None, size)
     return np.clip(np.round(canvas), 0, 255).astype(np.uint8)
 
 

@@ -76,3 +76,54 @@ def test_torch_dataset_normalises_with_the_model_statistics():
     assert label == int(raw.labels[2])
     assert torch.equal(mask, torch.from_numpy(raw.masks[2]))
     assert len(dataset) == 4
+
+
+def test_decoys_keep_clear_of_the_object():
+    """Decoys (rings, bars, crescents) sit at least the pointing tolerance plus one pixel away from
+    the object and from each other, and nearly every image gets at least one."""
+    placed = 0
+    for index in range(300):
+        rng = np.random.default_rng([11, index])
+        pose = shapes._pose(rng, shapes.IMAGE_SIZE, shapes._OBJECT_RADIUS)
+        decoys = shapes._decoy_poses(rng, pose, shapes.IMAGE_SIZE)
+        assert len(decoys) <= shapes._DECOYS[1]
+        placed += bool(decoys)
+        shapes_here = [pose, *decoys]
+        for i, (x1, y1, r1) in enumerate(shapes_here):
+            assert r1 + 1 <= x1 <= shapes.IMAGE_SIZE - r1 - 1 and r1 + 1 <= y1 <= shapes.IMAGE_SIZE - r1 - 1
+            for x2, y2, r2 in shapes_here[i + 1 :]:
+                assert np.hypot(x1 - x2, y1 - y2) >= shapes._EXTENT * (r1 + r2) + 5.0 - 1e-9
+    assert placed >= 0.9 * 300
+
+
+def test_every_shape_stays_within_its_extent():
+    """The placement rule assumes no object or decoy reaches beyond _EXTENT radii from its centre."""
+    size = shapes.IMAGE_SIZE
+    ys, xs = np.mgrid[0:size, 0:size] + 0.5
+    pose = (32.0, 32.0, 13.0)
+    for index in range(24):
+        rng = np.random.default_rng([12, index])
+        alphas = [shapes._object_alpha(rng, index % len(shapes.SHAPE_CLASSES), pose, size)]
+        alphas.append(shapes._decoy_alpha(rng, shapes.DECOY_SHAPES[index % 3], pose, size))
+        for alpha in alphas:
+            covered = alpha > 0
+            assert covered.sum() > 50
+            distance = np.hypot(xs - pose[0], ys - pose[1])[covered]
+            assert distance.max() <= shapes._EXTENT * pose[2] + 1.0
+
+
+def test_decoys_are_drawn_in_object_and_empty_images():
+    """Images carry shapes besides the object: large same-colour regions outside the object mask."""
+    data = shapes.generate(seed=4, count=30)
+    empty = shapes.generate_empty(seed=4, count=30)
+    with_decoy = 0
+    for image, mask in zip(data.images, data.masks, strict=True):
+        base = np.median(image[~mask].reshape(-1, 3).astype(float), axis=0)
+        far = np.linalg.norm(image.astype(float) - base, axis=2) > 80
+        with_decoy += (far & ~mask).sum() > 40
+    assert with_decoy >= 20
+    empty_with_decoy = sum(
+        (np.linalg.norm(im.astype(float) - np.median(im.reshape(-1, 3), axis=0), axis=2) > 80).sum() > 40
+        for im in empty
+    )
+    assert empty_with_decoy >= 20
