@@ -20,7 +20,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from app.eval.train import TrainConfig
+    from app.eval.train import MODEL_KWARGS, TrainConfig
 
     defaults = TrainConfig()
     parser = sub.add_parser("train", help="train the small shapes ViT on synthetic data")
@@ -39,6 +39,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         default=defaults.masked_loss_weight,
         help="weight of the last-block feature-masking loss (0: off)",
     )
+    parser.add_argument("--depth", type=int, default=MODEL_KWARGS["depth"], help="transformer blocks")
+    parser.add_argument("--embed-dim", type=int, default=MODEL_KWARGS["embed_dim"], help="token width")
+    parser.add_argument("--heads", type=int, default=MODEL_KWARGS["num_heads"], help="attention heads")
     parser.add_argument("--init", default=None, help="continue from these weights (.safetensors)")
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true")
@@ -46,7 +49,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from app.eval.train import TrainConfig, model_card, save_weights, train
+    from app.eval.train import MODEL_KWARGS, TrainConfig, model_card, save_weights, train
 
     config = TrainConfig(
         seed=args.seed,
@@ -60,15 +63,25 @@ def _run_train(args: argparse.Namespace) -> int:
         warmup_epochs=args.warmup_epochs,
         masked_loss_weight=args.masked_loss_weight,
         init_weights=args.init,
+        model_kwargs={
+            **MODEL_KWARGS,
+            "depth": args.depth,
+            "embed_dim": args.embed_dim,
+            "num_heads": args.heads,
+        },
     )
     model, result = train(config, progress=not args.no_progress)
     path = save_weights(model, args.out, config, result)
-    command = (
-        f"python -m app train --out {args.out} --epochs {args.epochs} --seed {args.seed} "
-        f"--train-count {args.train_count} --batch-size {args.batch_size} --lr {args.lr} --threads {args.threads}"
-        f" --warmup-epochs {args.warmup_epochs} --masked-loss-weight {args.masked_loss_weight}"
-        + (f" --init {args.init}" if args.init else "")
-    )
+    options = [
+        f"--out {args.out}",
+        f"--epochs {args.epochs} --seed {args.seed} --train-count {args.train_count}",
+        f"--batch-size {args.batch_size} --lr {args.lr} --warmup-epochs {args.warmup_epochs}",
+        f"--masked-loss-weight {args.masked_loss_weight} --threads {args.threads}",
+        f"--depth {args.depth} --embed-dim {args.embed_dim} --heads {args.heads}",
+    ]
+    if args.init:
+        options.append(f"--init {args.init}")
+    command = " \\\n    ".join(["python -m app train", *options])
     card = path.with_suffix(".md")
     card.write_text(model_card(config, result, path, command.strip()), encoding="utf-8")
     size_mb = path.stat().st_size / 1e6

@@ -31,8 +31,8 @@ ARCH = "vit_tiny_patch16_224"
 MODEL_KWARGS: dict[str, Any] = {
     "img_size": IMAGE_SIZE,
     "patch_size": 8,
-    "embed_dim": 96,
-    "depth": 4,
+    "embed_dim": 80,
+    "depth": 6,
     "num_heads": 4,
     "mlp_ratio": 4.0,
 }
@@ -52,18 +52,18 @@ class TrainConfig:
     train_count: int = 24000
     val_seed: int = 1
     val_count: int = 1000
-    epochs: int = 20
-    batch_size: int = 32
-    lr: float = 2e-3
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 3e-3
     weight_decay: float = 0.05
-    warmup_epochs: float = 0.3
-    threads: int = 1
+    warmup_epochs: float = 1.0
+    threads: int = 2
     image_size: int = IMAGE_SIZE
     label_smoothing: float = 0.05
     token_loss_weight: float = 1.0
     pattern_loss_weight: float = 1.0
     empty_fraction: float = 0.1
-    masked_loss_weight: float = 0.0
+    masked_loss_weight: float = 1.0
     init_weights: str | None = None
     token_coverage: float = 0.25
     mimetic_init: bool = True
@@ -253,9 +253,8 @@ def train(config: TrainConfig, progress: bool = True) -> tuple[nn.Module, TrainR
             tokens = patch_targets(masks, train_labels[rows].clamp(min=0), patch_size, config.token_coverage)
             block_input = last_block_input(model, batch)
             features = model.norm(model.blocks[-1](block_input))
-            class_loss = soft_cross_entropy(
-                model.forward_head(features), train_labels[rows], config.label_smoothing
-            )
+            class_logits = model.forward_head(features)
+            class_loss = soft_cross_entropy(class_logits, train_labels[rows], config.label_smoothing)
             token_logits = token_head(features[:, prefix:])
             token_loss = F.cross_entropy(token_logits.reshape(-1, token_logits.shape[-1]), tokens.reshape(-1))
             pattern_loss = F.binary_cross_entropy_with_logits(
@@ -397,50 +396,66 @@ def config_dict(config: TrainConfig) -> dict[str, Any]:
 
 
 def model_card(config: TrainConfig, result: TrainResult, weights: Path, command: str) -> str:
-    """Markdown model card for a trained shapes model."""
-    size_kb = weights.stat().st_size / 1024
+    """Markdown model card for a trained shapes model (the committed card is this output)."""
+    size_mb = weights.stat().st_size / 1e6
     kwargs = json.dumps(config.model_kwargs)
+    params = sum(int(v.numel()) for v in _state_shapes(weights))
     history = "\n".join(
-        f"| {int(row['epoch'])} | {row['loss']:.4f} | {100 * row['val_accuracy']:.2f}% |"
+        f"| {int(row['epoch'])} | {row['loss']:.4f} | {100 * row['val_accuracy']:.1f}% |"
         for row in result.history
     )
+    empty = round(config.empty_fraction * config.train_count)
     return f"""# Shapes ViT (`{weights.name}`)
 
 A small timm Vision Transformer with a class token, trained from scratch on the synthetic shapes
-dataset of `app/eval/shapes.py`. It is the model the service serves by default when nothing can be
+dataset of `app/eval/shapes.py`. It is the model the service can serve when nothing can be
 downloaded, and the model the localisation tests and `docs/evaluation.md` use: its ground truth
 says where the object is, so a saliency map can be checked.
 
 | | |
 |---|---|
-| Architecture | `{ARCH}` with `{kwargs}` ({grid_text(config)} patch grid, 1 class token, token pooling) |
+| Architecture | `{ARCH}` with `{kwargs}` ({grid_text(config)} patch grid, 1 class token, token pooling, {params / 1e6:.2f} M parameters) |
 | Classes | {", ".join(SHAPE_CLASSES)} |
-| Input | {config.image_size}x{config.image_size} RGB, mean {list(MEAN)}, std {list(STD)}, crop_pct 1.0 |
-| Weights | {size_kb:.0f} KiB safetensors, self-describing (arch, kwargs, labels, data config in metadata) |
-| Validation accuracy | **{100 * result.val_accuracy:.2f}%** on {config.val_count} images of seed {config.val_seed} |
-| Training accuracy | {100 * result.train_accuracy:.2f}% (first 2000 training images) |
-| Training time | {result.seconds / 60:.1f} min on the CPU ({config.threads} thread(s)) |
+| Input | {config.image_size}x{config.image_size} RGB, mean {list(MEAN)}, std {list(STD)}, bilinear, crop_pct 1.0 |
+| Weights | {size_mb:.1f} MB safetensors, self-describing (arch, kwargs, labels, data config in metadata): `load_model(None, "{weights.as_posix()}")` |
+| Validation accuracy | **{100 * result.val_accuracy:.1f}%** on {config.val_count} images of seed {config.val_seed} (training images: {100 * result.train_accuracy:.1f}%) |
+| Training time | {result.seconds / 60:.1f} min on the CPU ({config.threads} threads), data generation included |
 
 ## Data
-{config.train_count} images generated with seed {config.seed} (validation: seed {config.val_seed});
-one object per image (circle, square, triangle, star, cross or arrow) at a random position, scale,
-colour and quarter-turn orientation (tilted by up to about 14 degrees), over a textured background
-(gradient, stripes, noise) with small dots and strokes as clutter. Augmentation: horizontal flips and
-quarter turns. Tests and evaluations use other seeds (for example 1000 and 20250).
+{config.train_count} images generated with seed {config.seed} (validation: {config.val_count} images of
+seed {config.val_seed}); one object per image (circle, square, triangle, star, cross or arrow) at a
+random position, scale, colour and quarter-turn orientation (tilted by up to about 14 degrees), over
+a textured background (gradient, stripes, noise) with clutter: small dots and strokes, and one or two
+decoys (shapes of the object's size and contrast that are no class: rings, bars, crescents and
+hollow outlines of the class shapes, at least 5 px clear of the object). Plus {empty} images without an object (see below). Augmentation:
+horizontal flips and quarter turns. Tests and evaluations use other seeds (1000 for
+`docs/evaluation.md`, 20250 for the tests).
 
 ## Training
-`{command}`
+One command (deterministic for a given seed, torch build and thread count):
 
-AdamW (lr {config.lr}, weight decay {config.weight_decay}), batch {config.batch_size},
-{config.epochs} epochs, linear warm-up ({config.warmup_epochs} epoch) then cosine decay, label
-smoothing {config.label_smoothing}, gradient clipping at 1.0. The attention weights start from a
-mimetic initialisation and the position embeddings from 2-D sine-cosine values
-(`mimetic_init={config.mimetic_init}`). Auxiliary training-only heads on the patch tokens (dropped
-from the saved model): token labels (the object's class where it covers at least
-{config.token_coverage:.0%} of a patch, else background; weight {config.token_loss_weight}) and the
-object's pixel mask inside each patch (weight {config.pattern_loss_weight}). A further {config.empty_fraction:.0%} of
-training images hold no object and have a uniform target, so that no class is the model's answer
-for "nothing there".{masked_text(config)}
+```bash
+{command}
+```
+
+AdamW (lr {config.lr}, weight decay {config.weight_decay}), batch {config.batch_size}, {config.epochs}
+epochs, linear warm-up ({config.warmup_epochs:g} epoch) then cosine decay, label smoothing
+{config.label_smoothing}, gradient clipping at 1.0. The attention weights start from a mimetic
+initialisation and the position embeddings from 2-D sine-cosine values
+(`mimetic_init={config.mimetic_init}`); every parameter is trained.
+
+Training-only parts (none of them is in the saved model):
+
+- Auxiliary heads on the patch tokens: token labels (the object's class where it covers at least
+  {config.token_coverage:.0%} of a patch, else background; weight {config.token_loss_weight}) and the
+  object's pixel mask inside each patch (weight {config.pattern_loss_weight}).
+- {config.empty_fraction:.0%} extra images hold no object (decoys and clutter only) and have a uniform
+  target, so that no class is the model's answer for "nothing there".{masked_text(config)}
+
+These losses shape what the network computes, and so what any explanation method sees: the
+auxiliary heads make patch tokens object-centred, which helps attention-based maps as well; the
+feature-masking loss gives the property ViT-ReciproCAM relies on (zeroed tokens read as missing
+evidence). Keep this in mind when comparing methods on this model (`docs/evaluation.md`).
 
 | epoch | class loss | validation accuracy |
 |---:|---:|---:|
@@ -453,18 +468,26 @@ nothing else: its predictions on natural images are meaningless.
 """
 
 
+def _state_shapes(weights: Path) -> list[torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return list(load_file(str(weights)).values())
+
+
 def masked_text(config: TrainConfig) -> str:
     parts = []
-    if config.init_weights:
-        parts.append(f" Training continued from `{config.init_weights}`.")
     if config.masked_loss_weight > 0:
         parts.append(
-            " Feature-masking loss at the last block (weight "
-            f"{config.masked_loss_weight}): a random window of 1x1 to 3x3 patch tokens is kept with "
-            "random weights, the other patch tokens are zeroed, and the target is the class in "
-            "proportion to the share of the object inside the window (uniform otherwise), so that "
-            "the last block reads zeroed tokens as missing evidence."
+            "\n- A feature-masking loss at the last block (weight "
+            f"{config.masked_loss_weight}): per image a random window of 1x1 to 3x3 patch tokens is "
+            "kept with random weights, the other patch tokens are zeroed (the class token kept), and "
+            "the target is the class in proportion to the share of the object inside the window "
+            "(uniform otherwise), so that the last block reads zeroed tokens as missing evidence. "
+            "Without it, a model trained on this data may treat mostly-zero token sequences as evidence "
+            "for some class, which inverts masking-based maps for that class."
         )
+    if config.init_weights:
+        parts.append(f"\n- Training continued from `{config.init_weights}`.")
     return "".join(parts)
 
 
