@@ -39,6 +39,18 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         default=defaults.masked_loss_weight,
         help="weight of the last-block feature-masking loss (0: off)",
     )
+    parser.add_argument(
+        "--token-loss-weight",
+        type=float,
+        default=defaults.token_loss_weight,
+        help="patch-label head (0: off)",
+    )
+    parser.add_argument(
+        "--pattern-loss-weight",
+        type=float,
+        default=defaults.pattern_loss_weight,
+        help="patch-mask head (0: off)",
+    )
     parser.add_argument("--depth", type=int, default=MODEL_KWARGS["depth"], help="transformer blocks")
     parser.add_argument("--embed-dim", type=int, default=MODEL_KWARGS["embed_dim"], help="token width")
     parser.add_argument("--heads", type=int, default=MODEL_KWARGS["num_heads"], help="attention heads")
@@ -62,6 +74,8 @@ def _run_train(args: argparse.Namespace) -> int:
         threads=args.threads,
         warmup_epochs=args.warmup_epochs,
         masked_loss_weight=args.masked_loss_weight,
+        token_loss_weight=args.token_loss_weight,
+        pattern_loss_weight=args.pattern_loss_weight,
         init_weights=args.init,
         model_kwargs={
             **MODEL_KWARGS,
@@ -76,7 +90,8 @@ def _run_train(args: argparse.Namespace) -> int:
         f"--out {args.out}",
         f"--epochs {args.epochs} --seed {args.seed} --train-count {args.train_count}",
         f"--batch-size {args.batch_size} --lr {args.lr} --warmup-epochs {args.warmup_epochs}",
-        f"--masked-loss-weight {args.masked_loss_weight} --threads {args.threads}",
+        f"--masked-loss-weight {args.masked_loss_weight} --token-loss-weight {args.token_loss_weight}",
+        f"--pattern-loss-weight {args.pattern_loss_weight} --threads {args.threads}",
         f"--depth {args.depth} --embed-dim {args.embed_dim} --heads {args.heads}",
     ]
     if args.init:

@@ -446,14 +446,11 @@ initialisation and the position embeddings from 2-D sine-cosine values
 
 Training-only parts (none of them is in the saved model):
 
-- Auxiliary heads on the patch tokens: token labels (the object's class where it covers at least
-  {config.token_coverage:.0%} of a patch, else background; weight {config.token_loss_weight}) and the
-  object's pixel mask inside each patch (weight {config.pattern_loss_weight}).
-- {config.empty_fraction:.0%} extra images hold no object (decoys and clutter only) and have a uniform
+{auxiliary_text(config)}- {config.empty_fraction:.0%} extra images hold no object (decoys and clutter only) and have a uniform
   target, so that no class is the model's answer for "nothing there".{masked_text(config)}
 
-These losses shape what the network computes, and so what any explanation method sees: the
-auxiliary heads make patch tokens object-centred, which helps attention-based maps as well; the
+These losses shape what the network computes, and so what any explanation method sees: auxiliary
+patch heads make patch tokens object-centred, which helps attention-based maps as well; the
 feature-masking loss gives the property ViT-ReciproCAM relies on (zeroed tokens read as missing
 evidence). Keep this in mind when comparing methods on this model (`docs/evaluation.md`).
 
@@ -472,6 +469,20 @@ def _state_shapes(weights: Path) -> list[torch.Tensor]:
     from safetensors.torch import load_file
 
     return list(load_file(str(weights)).values())
+
+
+def auxiliary_text(config: TrainConfig) -> str:
+    parts = []
+    if config.token_loss_weight > 0:
+        parts.append(
+            f"token labels (the object's class where it covers at least {config.token_coverage:.0%} of a "
+            f"patch, else background; weight {config.token_loss_weight})"
+        )
+    if config.pattern_loss_weight > 0:
+        parts.append(f"the object's pixel mask inside each patch (weight {config.pattern_loss_weight})")
+    if not parts:
+        return "- No auxiliary heads: the patch tokens get no supervision of their own.\n"
+    return "- Auxiliary heads on the patch tokens: " + " and ".join(parts) + ".\n"
 
 
 def masked_text(config: TrainConfig) -> str:

@@ -46,7 +46,10 @@ def test_train_writes_weights_card_and_reproduces(tmp_path, capsys):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     other = tmp_path / "c" / "shapes.safetensors"
-    _train(other, capsys, "--seed", "5", "--masked-loss-weight", "0")
+    _train(other, capsys, "--seed", "5", "--masked-loss-weight", "0", "--token-loss-weight", "0")
     c = load_file(str(other))
     assert not all(torch.equal(a[k], c[k]) for k in a)
-    assert "A feature-masking loss" not in other.with_suffix(".md").read_text(encoding="utf-8")
+    other_card = other.with_suffix(".md").read_text(encoding="utf-8")
+    assert "A feature-masking loss" not in other_card and "token labels" not in other_card
+    assert "pixel mask inside each patch" in other_card and "--token-loss-weight 0.0" in other_card
+    assert "token labels" in card
