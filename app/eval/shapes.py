@@ -193,6 +193,22 @@ def _pose(
     return float(cx), float(cy), float(radius)
 
 
+def _quarter_turn(rng: np.random.Generator) -> float:
+    """An orientation: one of four quarter turns, tilted by at most ``_MAX_TILT``."""
+    return math.pi / 2 * int(rng.integers(0, 4)) + rng.uniform(-_MAX_TILT, _MAX_TILT)
+
+
+def _placed(points: list[Point], cx: float, cy: float) -> list[Point]:
+    """Shape-centred points moved to ``(cx, cy)``, in the supersampled layer's pixels."""
+    s = _SUPERSAMPLE
+    return [((cx + x) * s, (cy + y) * s) for x, y in points]
+
+
+def _disc(draw: ImageDraw.ImageDraw, cx: float, cy: float, r: float, fill: int) -> None:
+    s = _SUPERSAMPLE
+    draw.ellipse(((cx - r) * s, (cy - r) * s, (cx + r) * s, (cy + r) * s), fill=fill)
+
+
 def _object_alpha(
     rng: np.random.Generator, label: int, pose: tuple[float, float, float], size: int
 ) -> np.ndarray:
@@ -200,15 +216,12 @@ def _object_alpha(
     cx, cy, radius = pose
     layer = Image.new("L", (size * _SUPERSAMPLE, size * _SUPERSAMPLE), 0)
     draw = ImageDraw.Draw(layer)
-    s = _SUPERSAMPLE
     name = SHAPE_CLASSES[label]
     if name == "circle":
-        r = radius * 0.85
-        draw.ellipse(((cx - r) * s, (cy - r) * s, (cx + r) * s, (cy + r) * s), fill=255)
+        _disc(draw, cx, cy, radius * 0.85, 255)
     else:
-        angle = math.pi / 2 * int(rng.integers(0, 4)) + rng.uniform(-_MAX_TILT, _MAX_TILT)
-        points = _rotate(_POLYGONS[name](radius), angle)
-        draw.polygon([((cx + x) * s, (cy + y) * s) for x, y in points], fill=255)
+        points = _rotate(_POLYGONS[name](radius), _quarter_turn(rng))
+        draw.polygon(_placed(points, cx, cy), fill=255)
     return _downsample(layer, size)
 
 
@@ -218,32 +231,25 @@ def _decoy_alpha(
     """Coverage (H, W) of one decoy (a ring, a bar, a crescent or a class shape's outline) at
     ``pose``, random orientation."""
     cx, cy, radius = pose
-    s = _SUPERSAMPLE
-    layer = Image.new("L", (size * s, size * s), 0)
+    layer = Image.new("L", (size * _SUPERSAMPLE, size * _SUPERSAMPLE), 0)
     draw = ImageDraw.Draw(layer)
     angle = rng.uniform(0, 2 * math.pi)
-
-    def disc(x: float, y: float, r: float, fill: int) -> None:
-        draw.ellipse(((x - r) * s, (y - r) * s, (x + r) * s, (y + r) * s), fill=fill)
-
     if kind == "ring":
-        disc(cx, cy, radius * 0.9, 255)
-        disc(cx, cy, radius * 0.5, 0)
+        _disc(draw, cx, cy, radius * 0.9, 255)
+        _disc(draw, cx, cy, radius * 0.5, 0)
     elif kind == "crescent":
-        disc(cx, cy, radius * 0.9, 255)
-        disc(cx + radius * 0.45 * math.cos(angle), cy + radius * 0.45 * math.sin(angle), radius * 0.75, 0)
+        _disc(draw, cx, cy, radius * 0.9, 255)
+        offset = radius * 0.45
+        _disc(draw, cx + offset * math.cos(angle), cy + offset * math.sin(angle), radius * 0.75, 0)
     elif kind.startswith("outline-"):
         # The outline of a class shape: the same form, but hollow (the background shows through).
-        tilt = math.pi / 2 * int(rng.integers(0, 4)) + rng.uniform(-_MAX_TILT, _MAX_TILT)
-        points = _rotate(_POLYGONS[kind.removeprefix("outline-")](radius), tilt)
-        width = max(1, round(radius * 0.22 * s))
-        draw.polygon([((cx + x) * s, (cy + y) * s) for x, y in points], outline=255, width=width)
+        points = _rotate(_POLYGONS[kind.removeprefix("outline-")](radius), _quarter_turn(rng))
+        width = max(1, round(radius * 0.22 * _SUPERSAMPLE))
+        draw.polygon(_placed(points, cx, cy), outline=255, width=width)
     else:  # bar
-        half_length, half_width = radius, radius * 0.22
-        corners = [(-half_length, -half_width), (half_length, -half_width), (half_length, half_width)]
-        corners.append((-half_length, half_width))
-        points = _rotate(corners, angle)
-        draw.polygon([((cx + x) * s, (cy + y) * s) for x, y in points], fill=255)
+        along, across = radius, radius * 0.22  # half-length, half-width
+        corners = [(-along, -across), (along, -across), (along, across), (-along, across)]
+        draw.polygon(_placed(_rotate(corners, angle), cx, cy), fill=255)
     return _downsample(layer, size)
 
 
@@ -254,12 +260,12 @@ def _decoy_poses(
     and of each other, so that a map peaking on a decoy misses the object in the pointing game."""
     wanted = int(rng.integers(_DECOYS[0], _DECOYS[1] + 1))
     poses: list[tuple[float, float, float]] = []
+    gap = _DECOY_GAP * size / IMAGE_SIZE
     for _ in range(_PLACEMENT_TRIES):
         if len(poses) == wanted:
             break
         candidate = _pose(rng, size, _DECOY_RADIUS)
         others = poses + ([avoid] if avoid is not None else [])
-        gap = _DECOY_GAP * size / IMAGE_SIZE
         if all(
             math.hypot(candidate[0] - x, candidate[1] - y) >= _EXTENT * (candidate[2] + r) + gap
             for x, y, r in others
