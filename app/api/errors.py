@@ -76,10 +76,18 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     status = exc.status_code
     code = _HTTP_CODES.get(status, "error")
     detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(status).phrase
+    return path_error_response(request, status, code, detail, dict(exc.headers or {}))
+
+
+def path_error_response(
+    request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """An error in the shape of the API the path belongs to: the Open Inference Protocol's
+    ``{"error": message}`` under ``/v2``, the service's ``{"error": {code, message, request_id}}``
+    everywhere else."""
     if is_protocol_path(request.url.path):
-        # Unknown paths and methods under /v2 answer in the Open Inference Protocol's error shape.
-        return JSONResponse({"error": detail}, status_code=status, headers=dict(exc.headers or {}))
-    return error_response(request, status, code, detail, dict(exc.headers or {}))
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+    return error_response(request, status, code, message, headers)
 
 
 def is_protocol_path(path: str) -> bool:

@@ -11,10 +11,11 @@ from typing import Any
 
 from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware as StarletteCORSMiddleware
-from starlette.responses import JSONResponse, Response
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.errors import error_body, is_protocol_path
+from app.api.errors import error_body, path_error_response
 from app.serving.logs import request_id_var
 from app.serving.metrics import ServiceMetrics
 
@@ -193,12 +194,7 @@ class CORSMiddleware(StarletteCORSMiddleware):
 
 def _refused_preflight(scope: Scope, plain: Response) -> Response:
     message = bytes(plain.body).decode("utf-8", "replace") or "Disallowed CORS request"
-    message += " (see the service's cors settings)"
-    path = str(scope.get("path", ""))
-    if is_protocol_path(path):
-        body: dict[str, Any] = {"error": message}
-    else:
-        request_id = str((scope.get("state") or {}).get("request_id") or uuid.uuid4().hex)
-        body = error_body("cors_rejected", message, request_id)
     headers = {k: v for k, v in plain.headers.items() if k.lower() not in ("content-length", "content-type")}
-    return JSONResponse(body, status_code=400, headers=headers)
+    return path_error_response(
+        Request(scope), 400, "cors_rejected", message + " (see the service's cors settings)", headers
+    )
