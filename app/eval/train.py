@@ -250,19 +250,28 @@ def train(config: TrainConfig, progress: bool = True) -> tuple[nn.Module, TrainR
         for step in bar:
             rows = order[step * config.batch_size : (step + 1) * config.batch_size]
             batch, masks = augment(train_inputs[rows], train_masks[rows], generator)
-            tokens = patch_targets(masks, train_labels[rows].clamp(min=0), patch_size, config.token_coverage)
             block_input = last_block_input(model, batch)
             features = model.norm(model.blocks[-1](block_input))
             class_logits = model.forward_head(features)
             class_loss = soft_cross_entropy(class_logits, train_labels[rows], config.label_smoothing)
-            token_logits = token_head(features[:, prefix:])
-            token_loss = F.cross_entropy(token_logits.reshape(-1, token_logits.shape[-1]), tokens.reshape(-1))
-            pattern_loss = F.binary_cross_entropy_with_logits(
-                pattern_head(features[:, prefix:]), mask_patches(masks, patch_size)
-            )
-            loss = (
-                class_loss + config.token_loss_weight * token_loss + config.pattern_loss_weight * pattern_loss
-            )
+            loss = class_loss
+            postfix: dict[str, str] = {}
+            # The auxiliary heads only run when they have a weight.
+            if config.token_loss_weight > 0:
+                tokens = patch_targets(
+                    masks, train_labels[rows].clamp(min=0), patch_size, config.token_coverage
+                )
+                token_logits = token_head(features[:, prefix:])
+                token_loss = F.cross_entropy(
+                    token_logits.reshape(-1, token_logits.shape[-1]), tokens.reshape(-1)
+                )
+                loss = loss + config.token_loss_weight * token_loss
+                postfix["tokens"] = f"{float(token_loss.detach()):.3f}"
+            if config.pattern_loss_weight > 0:
+                pattern_loss = F.binary_cross_entropy_with_logits(
+                    pattern_head(features[:, prefix:]), mask_patches(masks, patch_size)
+                )
+                loss = loss + config.pattern_loss_weight * pattern_loss
             if config.masked_loss_weight > 0:
                 window_logits, window_targets = masked_window_batch(
                     model, block_input, masks, train_labels[rows], patch_size, generator
@@ -276,7 +285,7 @@ def train(config: TrainConfig, progress: bool = True) -> tuple[nn.Module, TrainR
             scheduler.step()
             running_loss += float(class_loss.detach()) * rows.numel()
             seen += rows.numel()
-            bar.set_postfix(loss=f"{running_loss / seen:.3f}", tokens=f"{float(token_loss.detach()):.3f}")
+            bar.set_postfix(loss=f"{running_loss / seen:.3f}", **postfix)
         val_acc = accuracy(model, val_inputs, val_labels)
         history.append({"epoch": epoch + 1, "loss": running_loss / seen, "val_accuracy": val_acc})
         logger.info("epoch %d: class loss %.4f, val accuracy %.4f", epoch + 1, running_loss / seen, val_acc)
@@ -399,7 +408,7 @@ def model_card(config: TrainConfig, result: TrainResult, weights: Path, command:
     """Markdown model card for a trained shapes model (the committed card is this output)."""
     size_mb = weights.stat().st_size / 1e6
     kwargs = json.dumps(config.model_kwargs)
-    params = sum(int(v.numel()) for v in _state_shapes(weights))
+    params = _parameter_count(weights)
     history = "\n".join(
         f"| {int(row['epoch'])} | {row['loss']:.4f} | {100 * row['val_accuracy']:.1f}% |"
         for row in result.history
@@ -465,10 +474,13 @@ nothing else: its predictions on natural images are meaningless.
 """
 
 
-def _state_shapes(weights: Path) -> list[torch.Tensor]:
-    from safetensors.torch import load_file
+def _parameter_count(weights: Path) -> int:
+    """Number of values in a safetensors file, from its header (no tensor is loaded)."""
+    from safetensors import safe_open
 
-    return list(load_file(str(weights)).values())
+    with safe_open(str(weights), framework="pt") as handle:
+        names = list(handle.keys())
+        return sum(math.prod(handle.get_slice(name).get_shape()) for name in names)
 
 
 def auxiliary_text(config: TrainConfig) -> str:
