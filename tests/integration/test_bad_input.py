@@ -415,46 +415,11 @@ async def test_data_url_is_accepted(limited_client):
     assert response.json()["images"] == plain.json()["images"]
 
 
-async def test_declared_oversized_body_is_refused_unread(tiny_weights):
-    """A Content-Length over the limit is answered 413 before a single body chunk is read."""
-    app = create_app(tiny_settings(tiny_weights, limits={"max_body_bytes": 1000}))
-    reads = 0
-
-    async def receive() -> dict[str, Any]:
-        nonlocal reads
-        reads += 1
-        return {"type": "http.request", "body": b"x" * 100, "more_body": True}
-
-    sent: list[dict[str, Any]] = []
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/v1/models/tiny/predict",
-        "raw_path": b"/v1/models/tiny/predict",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"content-type", b"application/json"), (b"content-length", b"50000000")],
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 80),
-    }
-    await app(scope, receive, send)
-    assert reads == 0
-    assert sent[0]["status"] == 413
-    assert (b"connection", b"close") in sent[0]["headers"]
-    body = json.loads(sent[1]["body"])
-    assert body["error"]["code"] == "payload_too_large" and body["error"]["request_id"]
-
-
-async def test_streamed_body_stops_being_read_at_the_limit(tiny_weights):
-    """Without a Content-Length the body is counted as it streams and reading stops past the limit."""
-    app = create_app(tiny_settings(tiny_weights, limits={"max_body_bytes": 1000}))
+async def _post_endless_body(
+    app: Any, headers: list[tuple[bytes, bytes]]
+) -> tuple[int, list[dict[str, Any]]]:
+    """POST an endless stream of 100-byte chunks to ``app`` at the raw ASGI level (no client in
+    between that could buffer or stop it); returns how many chunks it read and what it sent."""
     reads = 0
 
     async def receive() -> dict[str, Any]:
@@ -478,10 +443,32 @@ async def test_streamed_body_stops_being_read_at_the_limit(tiny_weights):
         "raw_path": b"/v1/models/tiny/predict",
         "query_string": b"",
         "root_path": "",
-        "headers": [(b"content-type", b"image/png"), (b"transfer-encoding", b"chunked")],
+        "headers": headers,
         "client": ("127.0.0.1", 1),
         "server": ("127.0.0.1", 80),
     }
     await app(scope, receive, send)
+    return reads, sent
+
+
+async def test_declared_oversized_body_is_refused_unread(tiny_weights):
+    """A Content-Length over the limit is answered 413 before a single body chunk is read."""
+    app = create_app(tiny_settings(tiny_weights, limits={"max_body_bytes": 1000}))
+    reads, sent = await _post_endless_body(
+        app, [(b"content-type", b"application/json"), (b"content-length", b"50000000")]
+    )
+    assert reads == 0
+    assert sent[0]["status"] == 413
+    assert (b"connection", b"close") in sent[0]["headers"]
+    body = json.loads(sent[1]["body"])
+    assert body["error"]["code"] == "payload_too_large" and body["error"]["request_id"]
+
+
+async def test_streamed_body_stops_being_read_at_the_limit(tiny_weights):
+    """Without a Content-Length the body is counted as it streams and reading stops past the limit."""
+    app = create_app(tiny_settings(tiny_weights, limits={"max_body_bytes": 1000}))
+    reads, sent = await _post_endless_body(
+        app, [(b"content-type", b"image/png"), (b"transfer-encoding", b"chunked")]
+    )
     assert reads == 11  # 1,100 bytes: the first chunk past 1,000
     assert sent[0]["status"] == 413
