@@ -119,6 +119,18 @@ def upload(driver: object, path: Path) -> None:
     driver.find_element(By.ID, "file").send_keys(str(path))
 
 
+def upload_and_wait_for_three_classes(driver: object, path: Path, message: str) -> None:
+    upload(driver, path)
+    wait(
+        driver,
+        lambda d: (
+            d.find_element(By.ID, "result").is_displayed()
+            and len(d.find_elements(By.CSS_SELECTOR, "#predictions li")) == 3
+        ),
+        message,
+    )
+
+
 def test_upload_explain_switch_class_and_errors(
     browser: object, live_server: LiveServer, tmp_path: Path, artifacts_dir: Path
 ) -> None:
@@ -131,15 +143,7 @@ def test_upload_explain_switch_class_and_errors(
 
     picture = tmp_path / "balloons.png"
     picture.write_bytes(colourful_png(640, 420, seed=11))
-    upload(driver, picture)
-    wait(
-        driver,
-        lambda d: (
-            d.find_element(By.ID, "result").is_displayed()
-            and len(d.find_elements(By.CSS_SELECTOR, "#predictions li")) == 3
-        ),
-        "no result with three classes appeared",
-    )
+    upload_and_wait_for_three_classes(driver, picture, "no result with three classes appeared")
     assert not driver.find_element(By.ID, "error").is_displayed()
     items = driver.find_elements(By.CSS_SELECTOR, "#predictions li")
     labels = [item.find_element(By.CSS_SELECTOR, ".label").text for item in items]
@@ -210,15 +214,7 @@ def test_phone_width_layout(
     open_page(driver, live_server)
     picture = tmp_path / "phone.png"
     picture.write_bytes(colourful_png(480, 640, seed=12))
-    upload(driver, picture)
-    wait(
-        driver,
-        lambda d: (
-            d.find_element(By.ID, "result").is_displayed()
-            and len(d.find_elements(By.CSS_SELECTOR, "#predictions li")) == 3
-        ),
-        "no result at phone width",
-    )
+    upload_and_wait_for_three_classes(driver, picture, "no result at phone width")
     layout = driver.execute_script(
         "const c = document.getElementById('canvas').getBoundingClientRect();"
         "const p = document.querySelector('.predictions').getBoundingClientRect();"

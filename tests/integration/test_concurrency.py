@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import re
 
 import numpy as np
@@ -12,6 +11,7 @@ from PIL import Image
 
 from app.engine.reciprocam import CamOptions, normalize_maps
 from app.serving.pipeline import prepare_image
+from tests.bad_inputs import encode
 from tests.integration.conftest import assert_error, image_bytes, running_service, tiny_settings
 
 
@@ -114,9 +114,7 @@ async def test_injected_failure_fails_only_its_own_request(tiny_weights):
 
         engine.explain = flaky_explain  # instance attribute: the batch loop calls it
         try:
-            buffer = io.BytesIO()
-            Image.new("RGB", (40, 40), (255, 255, 255)).save(buffer, format="PNG")
-            poison = buffer.getvalue()
+            poison = encode(Image.new("RGB", (40, 40), (255, 255, 255)), "PNG")
             datas = [image_bytes(2000 + i) for i in range(12)]
             datas.insert(5, poison)
 
@@ -220,9 +218,7 @@ async def test_out_of_memory_batches_are_split_until_they_fit(tiny_weights):
 
         engine.explain = tight_memory
         try:
-            buffer = io.BytesIO()
-            Image.new("RGB", (40, 40), (255, 255, 255)).save(buffer, format="PNG")
-            huge = buffer.getvalue()
+            huge = encode(Image.new("RGB", (40, 40), (255, 255, 255)), "PNG")
             datas = [image_bytes(4000 + i) for i in range(11)]
             datas.insert(3, huge)
 
