@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.e2e.readiness import wait_until_ready
 from tests.helpers import save_self_describing
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,17 +75,7 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")[-6000:]
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"the server exited ({self.process.returncode}):\n{self.log()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        pytest.fail(f"the server was not ready in {timeout_s} s:\n{self.log()}")
+        wait_until_ready(self.url, self.process, timeout_s, self.log)
 
     def metric(self, name: str, **labels: str) -> float:
         """One sample of /metrics (0 when absent)."""

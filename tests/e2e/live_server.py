@@ -8,16 +8,15 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
+from tests.e2e.readiness import wait_until_ready
 from tests.helpers import save_self_describing
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -100,18 +99,7 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"the server exited with {process.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the server was not ready within 120 s:\n{log.read_text()[-4000:]}")
-            time.sleep(0.2)
+        wait_until_ready(url, process, 120, lambda: log.read_text()[-4000:])
         yield LiveServer(url=url, weights=weights, log=log)
     finally:
         process.terminate()

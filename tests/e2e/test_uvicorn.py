@@ -8,16 +8,23 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
+from typing import IO
 
 import httpx
 import numpy as np
 import pytest
 
+from tests.e2e.readiness import wait_until_ready
 from tests.helpers import save_self_describing
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def _read_all(log: IO[str]) -> str:
+    """What the server wrote to its log file so far (read before failing a test)."""
+    log.seek(0)
+    return log.read()
 
 
 def free_port() -> int:
@@ -66,19 +73,7 @@ def server(tmp_path):
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            if process.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"server exited early:\n{log.read()}")
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("server did not become ready")
-            time.sleep(0.2)
+        wait_until_ready(base, process, 90, lambda: _read_all(log))
         yield base, process, log
     finally:
         if process.poll() is None:
