@@ -65,6 +65,12 @@ class LimitSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_body_bytes: int = Field(20 * MIB, ge=1, description="largest request body (413)")
+    max_concurrent_requests: int = Field(
+        512,
+        ge=0,
+        description="requests handled at once before 503 overloaded (0: no limit; probes and "
+        "metrics are exempt); with max_body_bytes it bounds the memory held by request bodies",
+    )
     max_pixels: int = Field(40_000_000, ge=1, description="largest image, in pixels (413)")
     max_images_per_request: int = Field(16, ge=1, description="images in one request (413)")
     max_targets: int = Field(20, ge=1, description="classes explained per image (top_k or targets)")

@@ -72,6 +72,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_age=settings.cors.max_age,
         )
     app.add_middleware(
-        RequestContextMiddleware, metrics=service.metrics, max_body_bytes=settings.limits.max_body_bytes
+        RequestContextMiddleware,
+        metrics=service.metrics,
+        max_body_bytes=settings.limits.max_body_bytes,
+        max_concurrent=settings.limits.max_concurrent_requests,
+        retry_after_s=settings.batch.retry_after_s,
     )
     return app

@@ -1,4 +1,5 @@
-"""Outermost ASGI layer: request id, body size limit, access log, HTTP metrics, last-resort 500."""
+"""Outermost ASGI layer: request id, concurrency and body size limits, access log, HTTP metrics,
+last-resort 500."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.errors import error_body, path_error_response
+from app.api.errors import error_body, is_protocol_path, path_error_response
 from app.serving.logs import request_id_var
 from app.serving.metrics import ServiceMetrics
 
@@ -25,6 +26,8 @@ error_logger = logging.getLogger(__name__)
 REQUEST_ID_HEADER = "x-request-id"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# Probes and scrapes are never refused for load: an overloaded replica is alive, and says so.
+UNLIMITED_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
 
 
 class _BodyTooLarge(Exception):
@@ -37,13 +40,26 @@ class _ClientGone(Exception):
 
 class RequestContextMiddleware:
     """Gives every request an id (the client's ``X-Request-ID`` when it is sane), returns it on every
-    response, refuses bodies over ``max_body_bytes`` with 413 before the application sees them,
-    turns any unhandled error into the JSON error shape, and records metrics and one access log line."""
+    response, refuses a request with 503 ``overloaded`` while ``max_concurrent`` others are in
+    progress (0: no limit; probes and metrics are exempt) and bodies over ``max_body_bytes`` with
+    413, both before the body is read, turns any unhandled error into the JSON error shape, and
+    records metrics and one access log line."""
 
-    def __init__(self, app: ASGIApp, *, metrics: ServiceMetrics, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        metrics: ServiceMetrics,
+        max_body_bytes: int,
+        max_concurrent: int = 0,
+        retry_after_s: int = 1,
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.max_concurrent = max_concurrent
+        self.retry_after_s = retry_after_s
+        self.active = 0  # requests admitted and not finished (one event loop: no lock needed)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -73,7 +89,25 @@ class RequestContextMiddleware:
                 message = {**message, "headers": raw_headers}
             await send(message)
 
+        path = scope.get("path", "")
+        admitted = not self.max_concurrent or path in UNLIMITED_PATHS or self.active < self.max_concurrent
+        if admitted:
+            self.active += 1
         try:
+            if not admitted:
+                self.metrics.overloaded.inc()
+                await _send_error(
+                    send_with_id,
+                    503,
+                    "overloaded",
+                    f"the service is handling its limit of {self.max_concurrent} requests at once; "
+                    "retry later",
+                    request_id,
+                    path=path,
+                    close=method in _BODY_METHODS,  # the body is left unread
+                    headers=[(b"retry-after", str(self.retry_after_s).encode())],
+                )
+                return
             app_receive = receive
             if method in _BODY_METHODS:
                 try:
@@ -85,6 +119,7 @@ class RequestContextMiddleware:
                         "payload_too_large",
                         f"the request body is larger than the limit of {self.max_body_bytes} bytes",
                         request_id,
+                        path=path,
                         close=True,
                     )
                     return
@@ -95,8 +130,12 @@ class RequestContextMiddleware:
         except Exception as exc:
             error_logger.exception("unhandled error: %s", type(exc).__name__)
             if not response["started"]:
-                await _send_error(send_with_id, 500, "internal_error", "internal server error", request_id)
+                await _send_error(
+                    send_with_id, 500, "internal_error", "internal server error", request_id, path=path
+                )
         finally:
+            if admitted:
+                self.active -= 1
             elapsed = time.perf_counter() - started
             route = _route_template(scope)
             status = int(response["status"])
@@ -165,10 +204,24 @@ def _route_template(scope: Scope) -> str:
 
 
 async def _send_error(
-    send: Send, status: int, code: str, message: str, request_id: str, *, close: bool = False
+    send: Send,
+    status: int,
+    code: str,
+    message: str,
+    request_id: str,
+    *,
+    path: str,
+    close: bool = False,
+    headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
-    body = json.dumps(error_body(code, message, request_id)).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    """An error response in the shape of the path's API (see ``path_error_response``)."""
+    payload = {"error": message} if is_protocol_path(path) else error_body(code, message, request_id)
+    body = json.dumps(payload).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *(headers or []),
+    ]
     if close:
         headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})

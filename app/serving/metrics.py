@@ -63,6 +63,11 @@ class ServiceMetrics:
         self.rejections = Counter(
             "reciprocam_rejections", "requests refused or dropped, by reason", ["model", "reason"], registry=r
         )
+        self.overloaded = Counter(
+            "reciprocam_overloaded",
+            "requests refused because limits.max_concurrent_requests were in progress",
+            registry=r,
+        )
         self.batch_retries = Counter(
             "reciprocam_batch_splits", "failed batches split in halves and retried", ["model"], registry=r
         )

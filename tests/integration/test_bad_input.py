@@ -472,3 +472,17 @@ async def test_streamed_body_stops_being_read_at_the_limit(tiny_weights):
     )
     assert reads == 11  # 1,100 bytes: the first chunk past 1,000
     assert sent[0]["status"] == 413
+
+
+def test_concurrency_limit_comes_from_the_settings(tiny_weights):
+    """`limits.max_concurrent_requests` reaches the outermost middleware (its behaviour:
+    tests/unit/test_overload.py), with the queue's Retry-After."""
+    from app.api.middleware import RequestContextMiddleware
+
+    app = create_app(
+        tiny_settings(
+            tiny_weights, limits={"max_concurrent_requests": 3}, batch={"max_wait_ms": 2, "retry_after_s": 4}
+        )
+    )
+    [outer] = [m for m in app.user_middleware if m.cls is RequestContextMiddleware]
+    assert outer.kwargs["max_concurrent"] == 3 and outer.kwargs["retry_after_s"] == 4

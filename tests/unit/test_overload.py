@@ -1,0 +1,104 @@
+"""The concurrency limit of the outermost middleware: past it, a JSON 503 with Retry-After, before
+the body is read; probes and metrics always get through; a finished request frees its slot."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import pytest
+
+from app.api.middleware import RequestContextMiddleware
+from app.config import Settings
+from app.serving.metrics import ServiceMetrics
+
+
+class _Inner:
+    """A raw ASGI app: ``/slow`` waits for ``release``; every path answers 200 with its body length."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.calls: list[str] = []
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        self.calls.append(scope["path"])
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        if scope["path"] == "/slow":
+            await self.release.wait()
+        payload = str(len(body)).encode()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": payload})
+
+
+def _client(app: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+async def _wait_for(condition: Any) -> None:
+    for _ in range(200):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition never held")
+
+
+async def test_requests_past_the_limit_get_a_json_503_and_probes_still_pass():
+    inner = _Inner()
+    metrics = ServiceMetrics()
+    app = RequestContextMiddleware(
+        inner, metrics=metrics, max_body_bytes=1000, max_concurrent=2, retry_after_s=3
+    )
+    async with _client(app) as client:
+        slow = [asyncio.create_task(client.post("/slow", content=b"x" * 10)) for _ in range(2)]
+        await _wait_for(lambda: app.active == 2)
+
+        refused = await client.post("/v1/models/m/explain", content=b"y" * 50)
+        assert refused.status_code == 503
+        assert refused.headers["retry-after"] == "3"
+        assert refused.headers["connection"] == "close"  # its body was never read
+        error = refused.json()["error"]
+        assert error["code"] == "overloaded" and "2 requests" in error["message"]
+        assert error["request_id"] == refused.headers["x-request-id"]
+        # the Open Inference Protocol's error shape under /v2
+        oip = await client.post("/v2/models/m/infer", content=b"{}")
+        assert oip.status_code == 503 and isinstance(oip.json()["error"], str)
+        assert inner.calls == ["/slow", "/slow"]  # neither refused request reached the app
+
+        for probe in ("/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"):
+            assert (await client.get(probe)).status_code == 200, probe
+        assert app.active == 2
+
+        inner.release.set()
+        assert [(await task).status_code for task in slow] == [200, 200]
+        assert app.active == 0
+        again = await client.post("/v1/models/m/explain", content=b"y" * 50)
+        assert again.status_code == 200 and again.text == "50"
+    exported = metrics.render().decode()
+    assert "reciprocam_overloaded_total 2.0" in exported
+    assert 'status="503"' in exported
+
+
+async def test_no_limit_when_zero():
+    inner = _Inner()
+    app = RequestContextMiddleware(inner, metrics=ServiceMetrics(), max_body_bytes=1000, max_concurrent=0)
+    async with _client(app) as client:
+        slow = [asyncio.create_task(client.post("/slow")) for _ in range(5)]
+        await _wait_for(lambda: app.active == 5)
+        assert (await client.get("/other")).status_code == 200
+        inner.release.set()
+        assert [(await task).status_code for task in slow] == [200] * 5
+
+
+def test_the_limit_is_a_setting(monkeypatch: pytest.MonkeyPatch):
+    assert Settings().limits.max_concurrent_requests == 512
+    monkeypatch.setenv("RECIPROCAM_LIMITS__MAX_CONCURRENT_REQUESTS", "7")
+    assert Settings().limits.max_concurrent_requests == 7
+    monkeypatch.setenv("RECIPROCAM_LIMITS__MAX_CONCURRENT_REQUESTS", "-1")
+    with pytest.raises(ValueError):
+        Settings()
