@@ -102,3 +102,14 @@ def test_the_limit_is_a_setting(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("RECIPROCAM_LIMITS__MAX_CONCURRENT_REQUESTS", "-1")
     with pytest.raises(ValueError):
         Settings()
+
+
+async def test_middleware_errors_take_the_shape_of_the_paths_api():
+    """The 413 of the body limit, like the 503 above: OIP `{"error": message}` under /v2."""
+    app = RequestContextMiddleware(_Inner(), metrics=ServiceMetrics(), max_body_bytes=10)
+    async with _client(app) as client:
+        oip = await client.post("/v2/models/m/infer", content=b"x" * 11)
+        service = await client.post("/v1/models/m/predict", content=b"x" * 11)
+    assert oip.status_code == service.status_code == 413
+    assert oip.json() == {"error": "the request body is larger than the limit of 10 bytes"}
+    assert service.json()["error"]["code"] == "payload_too_large"
