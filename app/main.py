@@ -42,6 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await service.stop()
+            service.metrics.process_exited()
 
     app = FastAPI(
         title="ViT-ReciproCAM service",

@@ -6,7 +6,9 @@ import argparse
 import contextlib
 import math
 import os
+import shutil
 import signal
+import tempfile
 import threading
 from collections.abc import Iterator
 from types import FrameType
@@ -37,7 +39,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     settings = Settings()
     level = (args.serve_log_level or settings.log_level).lower()
-    with _sigterm_exits_zero(enabled=args.workers == 1):
+    with _sigterm_exits_zero(enabled=args.workers == 1), _shared_metrics(args.workers):
         uvicorn.run(
             "app.main:create_app",
             factory=True,
@@ -51,6 +53,24 @@ def run_serve(args: argparse.Namespace) -> int:
             proxy_headers=True,
         )
     return 0
+
+
+@contextlib.contextmanager
+def _shared_metrics(workers: int) -> Iterator[None]:
+    """With several workers, a fresh PROMETHEUS_MULTIPROC_DIR (unless one is given) that the worker
+    processes inherit, so /metrics sums over all of them; removed when the server stops."""
+    from app.serving.metrics import MULTIPROC_DIR_ENV
+
+    if workers <= 1 or os.environ.get(MULTIPROC_DIR_ENV):
+        yield
+        return
+    directory = tempfile.mkdtemp(prefix="reciprocam-metrics-")
+    os.environ[MULTIPROC_DIR_ENV] = directory
+    try:
+        yield
+    finally:
+        os.environ.pop(MULTIPROC_DIR_ENV, None)
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _exit_zero(signum: int, frame: FrameType | None) -> None:

@@ -1,6 +1,14 @@
-"""Prometheus metrics of one service instance (its own registry, so several apps can coexist)."""
+"""Prometheus metrics of one service instance (its own registry, so several apps can coexist).
+
+With several worker processes (``serve --workers N``), ``PROMETHEUS_MULTIPROC_DIR`` names a
+directory where every process keeps its values (prometheus_client's multiprocess mode, chosen when
+the library is imported); ``/metrics`` then reports the sum over all workers, whichever worker
+answers the scrape.
+"""
 
 from __future__ import annotations
+
+import os
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -9,7 +17,16 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    multiprocess,
 )
+
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def multiprocess_dir() -> str | None:
+    """The shared metrics directory of a multi-worker server, or None."""
+    return os.environ.get(MULTIPROC_DIR_ENV) or None
+
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -58,7 +75,11 @@ class ServiceMetrics:
             registry=r,
         )
         self.queue_depth = Gauge(
-            "reciprocam_queue_depth_images", "images waiting in the queue", ["model"], registry=r
+            "reciprocam_queue_depth_images",
+            "images waiting in the queue",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livesum",  # all workers' queues together
         )
         self.rejections = Counter(
             "reciprocam_rejections", "requests refused or dropped, by reason", ["model", "reason"], registry=r
@@ -87,8 +108,24 @@ class ServiceMetrics:
             registry=r,
         )
         self.model_ready = Gauge(
-            "reciprocam_model_ready", "1 when the model is loaded and serving", ["model"], registry=r
+            "reciprocam_model_ready",
+            "1 when the model is loaded and serving",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livemin",  # 1 only when every live worker serves it
         )
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        directory = multiprocess_dir()
+        if directory is None:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged, path=directory)
+        return generate_latest(merged)
+
+    @staticmethod
+    def process_exited() -> None:
+        """Drop this process's live gauges from the shared directory (multi-worker servers)."""
+        directory = multiprocess_dir()
+        if directory is not None:
+            multiprocess.mark_process_dead(os.getpid(), path=directory)

@@ -37,7 +37,14 @@ def free_port() -> int:
 class ServerProcess:
     """``python -m tests.e2e.server`` with settings from the environment; stopped on exit."""
 
-    def __init__(self, weights: Path, workdir: Path, settings: dict[str, Any], delay_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        weights: Path,
+        workdir: Path,
+        settings: dict[str, Any],
+        delay_s: float = 0.0,
+        serve_args: tuple[str, ...] = (),
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.delay_file = workdir / f"delay-{self.port}"
@@ -56,7 +63,11 @@ class ServerProcess:
             env[f"RECIPROCAM_{key.upper()}"] = str(value)
         self._log = self.log_path.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.e2e.server", "--host", "127.0.0.1", "--port", str(self.port)],
+            [
+                sys.executable,
+                *("-m", "tests.e2e.server", "--host", "127.0.0.1", "--port", str(self.port)),
+                *serve_args,
+            ],
             cwd=ROOT,
             env=env,
             stdout=self._log,
@@ -98,8 +109,10 @@ class ServerProcess:
 def start_server(e2e_weights: Path, tmp_path: Path) -> Iterator[Any]:
     started: list[ServerProcess] = []
 
-    def start(settings: dict[str, Any], delay_s: float = 0.0) -> ServerProcess:
-        server = ServerProcess(e2e_weights, tmp_path, settings, delay_s)
+    def start(
+        settings: dict[str, Any], delay_s: float = 0.0, serve_args: tuple[str, ...] = ()
+    ) -> ServerProcess:
+        server = ServerProcess(e2e_weights, tmp_path, settings, delay_s, serve_args)
         started.append(server)
         server.wait_ready()
         return server

@@ -36,3 +36,23 @@ def test_explain_cli_reports_errors(tmp_path, capsys):
     assert main(["explain", str(bad), "--weights", str(weights), "--out", str(tmp_path)]) == 2
     assert "not an image" in capsys.readouterr().err
     assert main(["explain", str(bad), "--weights", str(tmp_path / "none.pth")]) == 2
+
+
+def test_serve_gives_several_workers_one_fresh_metrics_directory(monkeypatch, tmp_path):
+    import os
+
+    from app.serving.cli import _shared_metrics
+    from app.serving.metrics import MULTIPROC_DIR_ENV
+
+    monkeypatch.delenv(MULTIPROC_DIR_ENV, raising=False)
+    with _shared_metrics(1):
+        assert MULTIPROC_DIR_ENV not in os.environ
+    with _shared_metrics(3):
+        directory = os.environ[MULTIPROC_DIR_ENV]
+        assert os.path.isdir(directory) and not os.listdir(directory)
+    assert MULTIPROC_DIR_ENV not in os.environ and not os.path.exists(directory)
+    # a directory the operator chose is used as it is and kept
+    monkeypatch.setenv(MULTIPROC_DIR_ENV, str(tmp_path))
+    with _shared_metrics(3):
+        assert os.environ[MULTIPROC_DIR_ENV] == str(tmp_path)
+    assert tmp_path.is_dir()
