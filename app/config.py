@@ -58,7 +58,7 @@ class BatchSettings(BaseModel):
     max_wait_ms: float = Field(5.0, ge=0, description="batching window, from the first queued request")
     max_queue_images: int = Field(256, ge=1, description="queued images per model before 503")
     request_timeout_s: float = Field(30.0, gt=0, description="deadline for a request to START compute (504)")
-    retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 503 when the queue is full")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 503 queue_full and overloaded")
 
 
 class LimitSettings(BaseModel):
@@ -68,8 +68,9 @@ class LimitSettings(BaseModel):
     max_concurrent_requests: int = Field(
         512,
         ge=0,
-        description="requests handled at once before 503 overloaded (0: no limit; probes and "
-        "metrics are exempt); with max_body_bytes it bounds the memory held by request bodies",
+        description="requests handled at once per worker process before 503 overloaded (0: no limit; "
+        "probes, metrics and CORS preflights are exempt); with max_body_bytes it bounds the memory "
+        "held by request bodies",
     )
     max_pixels: int = Field(40_000_000, ge=1, description="largest image, in pixels (413)")
     max_images_per_request: int = Field(16, ge=1, description="images in one request (413)")

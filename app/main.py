@@ -41,8 +41,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            await service.stop()
-            service.metrics.process_exited()
+            try:
+                await service.stop()
+            finally:
+                service.metrics.process_exited()
 
     app = FastAPI(
         title="ViT-ReciproCAM service",

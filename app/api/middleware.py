@@ -41,7 +41,8 @@ class _ClientGone(Exception):
 class RequestContextMiddleware:
     """Gives every request an id (the client's ``X-Request-ID`` when it is sane), returns it on every
     response, refuses a request with 503 ``overloaded`` while ``max_concurrent`` others are in
-    progress (0: no limit; probes and metrics are exempt) and bodies over ``max_body_bytes`` with
+    progress (0: no limit; probes, metrics and CORS preflights are exempt and not counted; the count
+    is per worker process) and bodies over ``max_body_bytes`` with
     413, both before the body is read, turns any unhandled error into the JSON error shape, and
     records metrics and one access log line."""
 
@@ -59,7 +60,7 @@ class RequestContextMiddleware:
         self.max_body_bytes = max_body_bytes
         self.max_concurrent = max_concurrent
         self.retry_after_s = retry_after_s
-        self.active = 0  # requests admitted and not finished (one event loop: no lock needed)
+        self.active = 0  # limited requests admitted and not finished (one event loop: no lock needed)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -90,8 +91,10 @@ class RequestContextMiddleware:
             await send(message)
 
         path = scope.get("path", "")
-        admitted = not self.max_concurrent or path in UNLIMITED_PATHS or self.active < self.max_concurrent
-        if admitted:
+        # Probes, scrapes and CORS preflights are never refused, and do not take a slot.
+        limited = bool(self.max_concurrent) and not _exempt(path, method, headers)
+        admitted = not limited or self.active < self.max_concurrent
+        if limited and admitted:
             self.active += 1
         try:
             if not admitted:
@@ -134,7 +137,7 @@ class RequestContextMiddleware:
                     send_with_id, 500, "internal_error", "internal server error", request_id, path=path
                 )
         finally:
-            if admitted:
+            if limited and admitted:
                 self.active -= 1
             elapsed = time.perf_counter() - started
             route = _route_template(scope)
@@ -191,6 +194,12 @@ class RequestContextMiddleware:
             return await receive()
 
         return replay
+
+
+def _exempt(path: str, method: str, headers: dict[str, str]) -> bool:
+    """Requests the concurrency limit never refuses: probes, metrics and CORS preflights."""
+    preflight = method == "OPTIONS" and "access-control-request-method" in headers
+    return path in UNLIMITED_PATHS or preflight
 
 
 def _headers(scope: Scope) -> dict[str, str]:

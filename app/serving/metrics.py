@@ -8,7 +8,10 @@ answers the scrape.
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
+import re
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -119,6 +122,7 @@ class ServiceMetrics:
         directory = multiprocess_dir()
         if directory is None:
             return generate_latest(self.registry)
+        _forget_dead_workers(directory)
         merged = CollectorRegistry()
         multiprocess.MultiProcessCollector(merged, path=directory)
         return generate_latest(merged)
@@ -129,3 +133,30 @@ class ServiceMetrics:
         directory = multiprocess_dir()
         if directory is not None:
             multiprocess.mark_process_dead(os.getpid(), path=directory)
+
+
+_LIVE_GAUGE_FILE = re.compile(r"gauge_live\w+?_(\d+)\.db$")
+
+
+def _forget_dead_workers(directory: str) -> None:
+    """Drop the live gauges of worker processes that are gone without a clean shutdown (killed,
+    crashed, replaced by the server's supervisor); counters and histograms keep their values."""
+    pids = set()
+    for name in glob.glob(os.path.join(directory, "gauge_live*.db")):
+        match = _LIVE_GAUGE_FILE.search(os.path.basename(name))
+        if match:
+            pids.add(int(match.group(1)))
+    for pid in pids:
+        if not _process_exists(pid):
+            with contextlib.suppress(OSError):
+                multiprocess.mark_process_dead(pid, path=directory)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from tests.e2e.readiness import wait_until_ready
@@ -99,7 +101,12 @@ class ServerProcess:
         return 0.0
 
     def stop(self) -> None:
+        """Kill the server and every process it started (``--workers`` children too)."""
         if self.process.poll() is None:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                for child in psutil.Process(self.pid).children(recursive=True):
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        child.kill()
             self.process.send_signal(signal.SIGKILL)
             self.process.wait(30)
         self._log.close()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import httpx
 import psutil
 
@@ -11,10 +15,23 @@ REQUESTS = 40
 PREDICT = {"method": "POST", "route": "/v1/models/{name}/predict", "status": "200"}
 
 
+def _workers(pid: int) -> list[psutil.Process]:
+    """uvicorn's worker processes (multiprocessing spawn children, not its resource tracker)."""
+    children = psutil.Process(pid).children(recursive=True)
+    return [child for child in children if "spawn_main" in " ".join(child.cmdline())]
+
+
 def test_metrics_sum_over_all_workers(start_server):
     server = start_server({}, serve_args=("--workers", "2"))
-    workers = [p for p in psutil.Process(server.pid).children(recursive=True) if "python" in p.name()]
-    assert len(workers) >= 2, workers
+    workers = _workers(server.pid)
+    assert len(workers) == 2, [w.cmdline() for w in workers]
+    directory = workers[0].environ()["PROMETHEUS_MULTIPROC_DIR"]
+    assert os.path.isdir(directory)
+    # /readyz passes as soon as one worker serves; model_ready is the minimum over live workers
+    deadline = time.monotonic() + 60
+    while server.metric("reciprocam_model_ready", model="tiny") != 1:
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.2)
     # a new connection per request, so that both workers take some of them
     for index in range(REQUESTS):
         response = httpx.post(
@@ -29,3 +46,8 @@ def test_metrics_sum_over_all_workers(start_server):
         assert server.metric("reciprocam_images_total", kind="predict", model="tiny") == REQUESTS
         assert server.metric("reciprocam_model_ready", model="tiny") == 1
         assert server.metric("reciprocam_queue_depth_images", model="tiny") == 0
+    # a graceful stop ends both workers and removes the directory the server made
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(60) == 0, server.log()
+    assert not any(worker.is_running() for worker in workers)
+    assert not os.path.exists(directory)

@@ -72,7 +72,15 @@ async def test_requests_past_the_limit_get_a_json_503_and_probes_still_pass():
 
         for probe in ("/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"):
             assert (await client.get(probe)).status_code == 200, probe
-        assert app.active == 2
+        # a CORS preflight is answered too (by the CORS layer inside; here the inner app)
+        preflight = await client.options(
+            "/v1/models/m/explain",
+            headers={"origin": "https://app.example", "access-control-request-method": "POST"},
+        )
+        assert preflight.status_code == 200
+        # a plain OPTIONS is an ordinary request
+        assert (await client.options("/v1/models/m/explain")).status_code == 503
+        assert app.active == 2  # none of these took a slot
 
         inner.release.set()
         assert [(await task).status_code for task in slow] == [200, 200]
@@ -80,7 +88,7 @@ async def test_requests_past_the_limit_get_a_json_503_and_probes_still_pass():
         again = await client.post("/v1/models/m/explain", content=b"y" * 50)
         assert again.status_code == 200 and again.text == "50"
     exported = metrics.render().decode()
-    assert "reciprocam_overloaded_total 2.0" in exported
+    assert "reciprocam_overloaded_total 3.0" in exported
     assert 'status="503"' in exported
 
 
@@ -89,8 +97,9 @@ async def test_no_limit_when_zero():
     app = RequestContextMiddleware(inner, metrics=ServiceMetrics(), max_body_bytes=1000, max_concurrent=0)
     async with _client(app) as client:
         slow = [asyncio.create_task(client.post("/slow")) for _ in range(5)]
-        await _wait_for(lambda: app.active == 5)
+        await _wait_for(lambda: inner.calls.count("/slow") == 5)
         assert (await client.get("/other")).status_code == 200
+        assert app.active == 0  # nothing is counted without a limit
         inner.release.set()
         assert [(await task).status_code for task in slow] == [200] * 5
 
