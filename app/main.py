@@ -6,14 +6,16 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.types import Receive, Scope, Send
 
 from app.api import health, oip, v1
 from app.api.errors import install_error_handlers
-from app.api.middleware import CORSMiddleware, RequestContextMiddleware
+from app.api.middleware import EXPOSED_HEADERS, CORSMiddleware, RequestContextMiddleware
 from app.api.openapi import install_openapi
 from app.config import Settings
 from app.serving.service import Service
@@ -64,21 +66,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def demo_page() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
+    cors_options: dict[str, Any] = {
+        "allow_origins": settings.cors.allow_origins,
+        "allow_credentials": settings.cors.allow_credentials,
+        "allow_methods": settings.cors.allow_methods,
+        "allow_headers": settings.cors.allow_headers,
+        "expose_headers": list(EXPOSED_HEADERS),
+        "max_age": settings.cors.max_age,
+    }
     if settings.cors.allow_origins:
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=settings.cors.allow_origins,
-            allow_credentials=settings.cors.allow_credentials,
-            allow_methods=settings.cors.allow_methods,
-            allow_headers=settings.cors.allow_headers,
-            expose_headers=["X-Request-ID", "Retry-After"],
-            max_age=settings.cors.max_age,
-        )
+        app.add_middleware(CORSMiddleware, **cors_options)
     app.add_middleware(
         RequestContextMiddleware,
         metrics=service.metrics,
         max_body_bytes=settings.limits.max_body_bytes,
         max_concurrent=settings.limits.max_concurrent_requests,
         retry_after_s=settings.batch.retry_after_s,
+        # the same CORS headers on the errors the outer layer answers itself (413, 503, 500)
+        cors=CORSMiddleware(_unused_app, **cors_options) if settings.cors.allow_origins else None,
     )
     return app
+
+
+async def _unused_app(scope: Scope, receive: Receive, send: Send) -> None:
+    raise RuntimeError("only the CORS headers of this middleware instance are used")

@@ -26,6 +26,8 @@ error_logger = logging.getLogger(__name__)
 REQUEST_ID_HEADER = "x-request-id"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# Response headers a page on another origin may read (CORS expose-headers).
+EXPOSED_HEADERS = ("X-Request-ID", "Retry-After")
 # Probes and scrapes are never refused for load: an overloaded replica is alive, and says so.
 UNLIMITED_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
 
@@ -54,6 +56,7 @@ class RequestContextMiddleware:
         max_body_bytes: int,
         max_concurrent: int = 0,
         retry_after_s: int = 1,
+        cors: StarletteCORSMiddleware | None = None,
     ) -> None:
         self.app = app
         self.metrics = metrics
@@ -61,6 +64,10 @@ class RequestContextMiddleware:
         self.max_concurrent = max_concurrent
         self.retry_after_s = retry_after_s
         self.active = 0  # limited requests admitted and not finished (one event loop: no lock needed)
+        # This layer answers some errors itself, outside the CORS layer: ``cors`` (configured like
+        # that layer) adds the same headers to them, so that a page on an allowed origin can read
+        # them and their Retry-After.
+        self.cors = cors
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -91,6 +98,13 @@ class RequestContextMiddleware:
             await send(message)
 
         path = scope.get("path", "")
+        error_send = send_with_id
+        if self.cors is not None:
+            cors, request_headers = self.cors, Headers(scope=scope)
+
+            async def error_send(message: Message) -> None:
+                await cors.send(message, send_with_id, request_headers)
+
         # Probes, scrapes and CORS preflights are never refused, and do not take a slot.
         limited = bool(self.max_concurrent) and not _exempt(path, method, headers)
         admitted = not limited or self.active < self.max_concurrent
@@ -100,7 +114,7 @@ class RequestContextMiddleware:
             if not admitted:
                 self.metrics.overloaded.inc()
                 await _send_error(
-                    send_with_id,
+                    error_send,
                     503,
                     "overloaded",
                     f"the service is handling its limit of {self.max_concurrent} requests at once; "
@@ -117,7 +131,7 @@ class RequestContextMiddleware:
                     app_receive = await self._buffered_body(headers, receive)
                 except _BodyTooLarge:
                     await _send_error(
-                        send_with_id,
+                        error_send,
                         413,
                         "payload_too_large",
                         f"the request body is larger than the limit of {self.max_body_bytes} bytes",
@@ -134,7 +148,7 @@ class RequestContextMiddleware:
             error_logger.exception("unhandled error: %s", type(exc).__name__)
             if not response["started"]:
                 await _send_error(
-                    send_with_id, 500, "internal_error", "internal server error", request_id, path=path
+                    error_send, 500, "internal_error", "internal server error", request_id, path=path
                 )
         finally:
             if limited and admitted:

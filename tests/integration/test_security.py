@@ -91,6 +91,42 @@ async def test_cors_for_allowed_origins_only(tiny_weights):
         assert "access-control-allow-origin" not in plain.headers
 
 
+@pytest.mark.parametrize(
+    "cors",
+    [
+        {"allow_origins": ["https://app.example"]},
+        {"allow_origins": ["*"]},
+        {"allow_origins": ["*"], "allow_credentials": True},
+    ],
+    ids=["listed", "any", "any-with-credentials"],
+)
+async def test_errors_of_the_outer_layer_carry_the_cors_headers(tiny_weights, cors):
+    """The 413 (and 503 overloaded) that the outermost layer answers itself carry the same CORS
+    headers as the CORS layer puts on an ordinary response, so a page can read them."""
+    settings = tiny_settings(tiny_weights, cors=cors, limits={"max_body_bytes": 1000})
+    cors_names = ("access-control-allow-origin", "access-control-allow-credentials")
+    async with running_service(settings) as client:
+        for origin in ("https://app.example", "https://evil.example"):
+            ordinary = await client.get("/v1/models", headers={"Origin": origin})
+            refused = await client.post(
+                "/v1/models/tiny/predict",
+                content=b"x" * 2000,
+                headers={"Origin": origin, "content-type": "image/png"},
+            )
+            assert ordinary.status_code == 200 and refused.status_code == 413
+            for name in cors_names:
+                assert refused.headers.get(name) == ordinary.headers.get(name), (origin, name)
+            expose = refused.headers.get("access-control-expose-headers", "")
+            expected = ordinary.headers.get("access-control-expose-headers", "")
+            assert {h.strip().lower() for h in expose.split(",")} == {
+                h.strip().lower() for h in expected.split(",")
+            }
+            if "origin" in ordinary.headers.get("vary", "").lower():
+                assert "origin" in refused.headers.get("vary", "").lower()
+        allowed = "*" in cors["allow_origins"] or "https://evil.example" in cors["allow_origins"]
+        assert ("access-control-allow-origin" in refused.headers) == allowed
+
+
 def test_json_log_lines_carry_the_request_id():
     record = logging.LogRecord("app.access", logging.INFO, __file__, 1, "GET %s %d", ("/x", 200), None)
     record.status = 200

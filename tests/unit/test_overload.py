@@ -122,3 +122,24 @@ async def test_middleware_errors_take_the_shape_of_the_paths_api():
     assert oip.status_code == service.status_code == 413
     assert oip.json() == {"error": "the request body is larger than the limit of 10 bytes"}
     assert service.json()["error"]["code"] == "payload_too_large"
+
+
+async def test_a_refusal_carries_the_cors_headers_for_an_allowed_origin():
+    from starlette.middleware.cors import CORSMiddleware
+
+    inner = _Inner()
+    cors = CORSMiddleware(inner, allow_origins=["https://app.example"], expose_headers=["Retry-After"])
+    app = RequestContextMiddleware(
+        cors, metrics=ServiceMetrics(), max_body_bytes=1000, max_concurrent=1, cors=cors
+    )
+    async with _client(app) as client:
+        slow = asyncio.create_task(client.post("/slow"))
+        await _wait_for(lambda: app.active == 1)
+        allowed = await client.post("/x", headers={"origin": "https://app.example"})
+        foreign = await client.post("/x", headers={"origin": "https://evil.example"})
+        inner.release.set()
+        assert (await slow).status_code == 200
+    assert allowed.status_code == foreign.status_code == 503
+    assert allowed.headers["access-control-allow-origin"] == "https://app.example"
+    assert allowed.headers["access-control-expose-headers"] == "Retry-After"
+    assert "access-control-allow-origin" not in foreign.headers
