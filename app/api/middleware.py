@@ -98,13 +98,6 @@ class RequestContextMiddleware:
             await send(message)
 
         path = scope.get("path", "")
-        error_send = send_with_id
-        if self.cors is not None:
-            cors, request_headers = self.cors, Headers(scope=scope)
-
-            async def error_send(message: Message) -> None:
-                await cors.send(message, send_with_id, request_headers)
-
         # Probes, scrapes and CORS preflights are never refused, and do not take a slot.
         limited = bool(self.max_concurrent) and not _exempt(path, method, headers)
         admitted = not limited or self.active < self.max_concurrent
@@ -114,7 +107,7 @@ class RequestContextMiddleware:
             if not admitted:
                 self.metrics.overloaded.inc()
                 await _send_error(
-                    error_send,
+                    self._error_send(scope, send_with_id),
                     503,
                     "overloaded",
                     f"the service is handling its limit of {self.max_concurrent} requests at once; "
@@ -131,7 +124,7 @@ class RequestContextMiddleware:
                     app_receive = await self._buffered_body(headers, receive)
                 except _BodyTooLarge:
                     await _send_error(
-                        error_send,
+                        self._error_send(scope, send_with_id),
                         413,
                         "payload_too_large",
                         f"the request body is larger than the limit of {self.max_body_bytes} bytes",
@@ -148,7 +141,12 @@ class RequestContextMiddleware:
             error_logger.exception("unhandled error: %s", type(exc).__name__)
             if not response["started"]:
                 await _send_error(
-                    error_send, 500, "internal_error", "internal server error", request_id, path=path
+                    self._error_send(scope, send_with_id),
+                    500,
+                    "internal_error",
+                    "internal server error",
+                    request_id,
+                    path=path,
                 )
         finally:
             if limited and admitted:
@@ -177,6 +175,18 @@ class RequestContextMiddleware:
                 },
             )
             request_id_var.reset(token)
+
+    def _error_send(self, scope: Scope, send: Send) -> Send:
+        """``send`` for an error this layer answers itself, with the CORS layer's headers added."""
+        cors = self.cors
+        if cors is None:
+            return send
+        request_headers = Headers(scope=scope)
+
+        async def send_with_cors(message: Message) -> None:
+            await cors.send(message, send, request_headers)
+
+        return send_with_cors
 
     async def _buffered_body(self, headers: dict[str, str], receive: Receive) -> Receive:
         """Read the whole body (refusing it past the limit), and replay it to the application."""

@@ -59,9 +59,9 @@ def run_serve(args: argparse.Namespace) -> int:
 def _shared_metrics(workers: int) -> Iterator[None]:
     """With several workers, a fresh PROMETHEUS_MULTIPROC_DIR (unless one is given) that the worker
     processes inherit, so /metrics sums over all of them; removed when the server stops."""
-    from app.serving.metrics import MULTIPROC_DIR_ENV
+    from app.serving.metrics import MULTIPROC_DIR_ENV, multiprocess_dir
 
-    if workers <= 1 or os.environ.get(MULTIPROC_DIR_ENV):
+    if workers <= 1 or multiprocess_dir():
         yield
         return
     directory = tempfile.mkdtemp(prefix="reciprocam-metrics-")

@@ -9,7 +9,6 @@ answers the scrape.
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
 import re
 
@@ -135,18 +134,14 @@ class ServiceMetrics:
             multiprocess.mark_process_dead(os.getpid(), path=directory)
 
 
-_LIVE_GAUGE_FILE = re.compile(r"gauge_live\w+?_(\d+)\.db$")
+_LIVE_GAUGE_FILE = re.compile(r"gauge_live\w+?_(\d+)\.db")
 
 
 def _forget_dead_workers(directory: str) -> None:
     """Drop the live gauges of worker processes that are gone without a clean shutdown (killed,
     crashed, replaced by the server's supervisor); counters and histograms keep their values."""
-    pids = set()
-    for name in glob.glob(os.path.join(directory, "gauge_live*.db")):
-        match = _LIVE_GAUGE_FILE.search(os.path.basename(name))
-        if match:
-            pids.add(int(match.group(1)))
-    for pid in pids:
+    matches = (_LIVE_GAUGE_FILE.fullmatch(name) for name in os.listdir(directory))
+    for pid in {int(match.group(1)) for match in matches if match}:
         if not _process_exists(pid):
             with contextlib.suppress(OSError):
                 multiprocess.mark_process_dead(pid, path=directory)
@@ -158,5 +153,5 @@ def _process_exists(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass  # it exists, under another user
     return True

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import httpx
 import psutil
 
-from tests.e2e.test_overload_and_drain import IMAGES
+from tests.e2e.test_overload_and_drain import IMAGES, _wait_for
 
 REQUESTS = 40
 PREDICT = {"method": "POST", "route": "/v1/models/{name}/predict", "status": "200"}
@@ -28,10 +27,12 @@ def test_metrics_sum_over_all_workers(start_server):
     directory = workers[0].environ()["PROMETHEUS_MULTIPROC_DIR"]
     assert os.path.isdir(directory)
     # /readyz passes as soon as one worker serves; model_ready is the minimum over live workers
-    deadline = time.monotonic() + 60
-    while server.metric("reciprocam_model_ready", model="tiny") != 1:
-        assert time.monotonic() < deadline, server.log()
-        time.sleep(0.2)
+    _wait_for(
+        lambda: server.metric("reciprocam_model_ready", model="tiny") == 1,
+        "every worker serving the model",
+        server,
+        timeout_s=60,
+    )
     # a new connection per request, so that both workers take some of them
     for index in range(REQUESTS):
         response = httpx.post(
