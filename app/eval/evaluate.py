@@ -3,7 +3,9 @@
 For every batch and method: the class ``c`` is the ground-truth label (or the prediction, by option
 or when no labels exist); the method's map for ``c`` is min-max normalised on the patch grid and fed
 to the metrics of :mod:`app.eval.metrics` (ADCC and its parts, insertion and deletion AUC, and the
-pointing game where object masks exist).
+pointing game where object masks exist; also over only the images the model classifies
+correctly, where labels exist, since a map of the true class on a misclassified image explains a
+class the model did not see).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ COLUMNS: tuple[str, ...] = (
     "insertion",
     "deletion",
     "pointing",
+    "pointing_correct",
 )
 HEADERS: dict[str, str] = {
     "drop": "Drop ↓",
@@ -49,6 +52,7 @@ HEADERS: dict[str, str] = {
     "insertion": "Insertion ↑",
     "deletion": "Deletion ↓",
     "pointing": "Pointing ↑",
+    "pointing_correct": "Pointing, correct ↑",
 }
 
 
@@ -74,6 +78,7 @@ class MethodScores:
     insertion: list[float] = field(default_factory=list)
     deletion: list[float] = field(default_factory=list)
     pointing: list[float] = field(default_factory=list)
+    pointing_correct: list[float] = field(default_factory=list)  # images the model classifies right
 
     def summary(self) -> dict[str, float]:
         def mean(values: list[float]) -> float:
@@ -87,6 +92,7 @@ class MethodScores:
             "insertion": mean(self.insertion),
             "deletion": mean(self.deletion),
             "pointing": mean(self.pointing),
+            "pointing_correct": mean(self.pointing_correct),
         }
         result["adcc"] = metrics.adcc(result["drop"], result["coherency"], result["complexity"])
         return result
@@ -296,7 +302,10 @@ def evaluate(
                     metrics.deletion_curve(model_fn, cpu_inputs, upsampled, class_ids, steps)
                 ).tolist()
             if batch.masks is not None:
-                method_scores.pointing += metrics.pointing_hits(upsampled, batch.masks, tolerance).tolist()
+                hits = metrics.pointing_hits(upsampled, batch.masks, tolerance)
+                method_scores.pointing += hits.tolist()
+                if batch.labels is not None:
+                    method_scores.pointing_correct += hits[predicted == batch.labels].tolist()
             figure_maps[name].extend(upsampled[:keep_for_figure].numpy())
         if keep_for_figure:
             report.figure_names.extend(batch.names[:keep_for_figure])
@@ -333,10 +342,12 @@ def markdown_table(report: EvalReport) -> str:
 def text_table(report: EvalReport) -> str:
     names = [str(row["method"]) for row in report.rows()]
     width = max(len("method"), *(len(n) for n in names))
-    header = f"{'method':<{width}} " + " ".join(f"{c:>10}" for c in COLUMNS)
+    widths = {c: max(10, len(c)) for c in COLUMNS}
+    header = f"{'method':<{width}} " + " ".join(f"{c:>{widths[c]}}" for c in COLUMNS)
     lines = [header, "-" * len(header)]
     for row in report.rows():
-        lines.append(f"{row['method']!s:<{width}} " + " ".join(f"{_cell(row[c]):>10}" for c in COLUMNS))
+        cells = " ".join(f"{_cell(row[c]):>{widths[c]}}" for c in COLUMNS)
+        lines.append(f"{row['method']!s:<{width}} {cells}")
     return "\n".join(lines)
 
 

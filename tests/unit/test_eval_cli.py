@@ -65,6 +65,8 @@ def test_eval_synthetic_writes_table_csv_and_figure(tiny_weights, tmp_path, caps
         ):
             value = float(row[column])
             assert 0.0 <= value <= 1.0, (column, value)
+        correct = float(row["pointing_correct"])  # nan when the random model gets none right
+        assert np.isnan(correct) or 0.0 <= correct <= 1.0
     markdown = (out / "results.md").read_text(encoding="utf-8")
     assert "| reciprocam |" in markdown and "ADCC" in markdown
     figure = Image.open(out / "eval_grid.png")
@@ -103,7 +105,38 @@ def test_eval_image_folder_with_class_folders(tiny_weights, tmp_path):
     (row,) = _rows(out / "results.csv")
     assert row["images"] == "4"
     assert row["pointing"] == "nan" and row["insertion"] == "nan"  # no masks, no curves
+    assert row["pointing_correct"] == "nan"
     assert 0.0 <= float(row["adcc"]) <= 1.0
+
+
+def test_pointing_on_correct_images_keeps_exactly_the_correctly_classified_ones(tiny_weights):
+    """The pointing column over correct images is the pointing hits of the images whose prediction
+    equals the label, in order: checked against the model's own predictions."""
+    import torch
+
+    from app.engine.models import load_model
+    from app.eval.evaluate import evaluate, synthetic_batches
+
+    loaded = load_model(None, tiny_weights)
+    report = evaluate(
+        loaded,
+        synthetic_batches(loaded, seed=3, limit=12, batch_size=5),
+        ["rollout"],
+        total=12,
+        steps=0,
+        progress=False,
+    )
+    predicted, labels = [], []
+    for batch in synthetic_batches(loaded, seed=3, limit=12, batch_size=5):
+        with torch.no_grad():
+            predicted += loaded.model(batch.inputs).argmax(-1).tolist()
+        labels += batch.labels.tolist()
+    correct = [p == y for p, y in zip(predicted, labels, strict=True)]
+    assert 0 < sum(correct) < len(correct)  # the seeded tiny model gets some right, some wrong
+    scores = report.scores["rollout"]
+    assert len(scores.pointing) == 12
+    assert scores.pointing_correct == [hit for hit, ok in zip(scores.pointing, correct, strict=True) if ok]
+    assert report.accuracy == sum(correct) / len(correct)
 
 
 def test_eval_rejects_unknown_methods_and_missing_data(tiny_weights, tmp_path, capsys):
