@@ -29,7 +29,10 @@ _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 # Response headers a page on another origin may read (CORS expose-headers).
 EXPOSED_HEADERS = ("X-Request-ID", "Retry-After")
 # Probes and scrapes are never refused for load: an overloaded replica is alive, and says so.
+# The per-model readiness probes of the Open Inference Protocol carry the model's name, so they are
+# matched by pattern. tests/unit/test_overload.py checks both against the app's probe routes.
 UNLIMITED_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
+UNLIMITED_PATTERN = re.compile(r"/v2/models/[^/]+(?:/versions/[^/]+)?/ready")
 
 
 class _BodyTooLarge(Exception):
@@ -223,7 +226,7 @@ class RequestContextMiddleware:
 def _exempt(path: str, method: str, headers: dict[str, str]) -> bool:
     """Requests the concurrency limit never refuses: probes, metrics and CORS preflights."""
     preflight = method == "OPTIONS" and "access-control-request-method" in headers
-    return path in UNLIMITED_PATHS or preflight
+    return path in UNLIMITED_PATHS or preflight or UNLIMITED_PATTERN.fullmatch(path) is not None
 
 
 def _headers(scope: Scope) -> dict[str, str]:

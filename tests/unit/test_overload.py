@@ -70,7 +70,9 @@ async def test_requests_past_the_limit_get_a_json_503_and_probes_still_pass():
         assert oip.status_code == 503 and isinstance(oip.json()["error"], str)
         assert inner.calls == ["/slow", "/slow"]  # neither refused request reached the app
 
-        for probe in ("/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"):
+        probes = ("/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready")
+        model_probes = ("/v2/models/m/ready", "/v2/models/m/versions/1/ready")
+        for probe in probes + model_probes:
             assert (await client.get(probe)).status_code == 200, probe
         # a CORS preflight is answered too (by the CORS layer inside; here the inner app)
         preflight = await client.options(
@@ -81,6 +83,8 @@ async def test_requests_past_the_limit_get_a_json_503_and_probes_still_pass():
         # a plain OPTIONS is an ordinary request
         assert (await client.options("/v1/models/m/explain")).status_code == 503
         assert app.active == 2  # none of these took a slot
+        # a path that only looks like a probe is counted
+        assert (await client.get("/v2/models/m/ready/x")).status_code == 503
 
         inner.release.set()
         assert [(await task).status_code for task in slow] == [200, 200]
@@ -88,7 +92,7 @@ async def test_requests_past_the_limit_get_a_json_503_and_probes_still_pass():
         again = await client.post("/v1/models/m/explain", content=b"y" * 50)
         assert again.status_code == 200 and again.text == "50"
     exported = metrics.render().decode()
-    assert "reciprocam_overloaded_total 3.0" in exported
+    assert "reciprocam_overloaded_total 4.0" in exported
     assert 'status="503"' in exported
 
 
@@ -143,3 +147,27 @@ async def test_a_refusal_carries_the_cors_headers_for_an_allowed_origin():
     assert allowed.headers["access-control-allow-origin"] == "https://app.example"
     assert allowed.headers["access-control-expose-headers"] == "Retry-After"
     assert "access-control-allow-origin" not in foreign.headers
+
+
+def test_exempt_paths_are_exactly_the_apps_probe_and_metrics_routes():
+    """The exempt paths are listed by hand in the middleware, which runs before routing: every route
+    guarded by the health or metrics key (the probes and the scrape) must be exempt, and no other
+    route may be. Path parameters are filled in with sample values."""
+    import re
+
+    from fastapi.routing import APIRoute
+
+    from app.api import health, oip, v1
+    from app.api.deps import require_api_key_for_health, require_api_key_for_metrics
+    from app.api.middleware import _exempt
+
+    probe_guards = {require_api_key_for_health, require_api_key_for_metrics}
+    seen = 0
+    for route in [*health.router.routes, *v1.router.routes, *oip.router.routes]:
+        assert isinstance(route, APIRoute)
+        path = re.sub(r"\{[^}]+\}", "sample", route.path)
+        is_probe = any(dependency.call in probe_guards for dependency in route.dependant.dependencies)
+        for method in route.methods:
+            assert _exempt(path, method, {}) == is_probe, (route.path, method)
+        seen += is_probe
+    assert seen == 7  # /healthz, /readyz, /metrics and four /v2 health and model-ready probes
