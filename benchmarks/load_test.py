@@ -52,6 +52,23 @@ class LevelResult:
     latencies_ms: list[float]
     batch_images: list[int]
     images_per_request: int
+    server_cpu_s: float | None = None  # CPU time of the server's process tree during the level
+    client_cpu_s: float = 0.0  # CPU time of this (client) process during the level
+
+    @property
+    def served_images(self) -> int:
+        return (self.requests - self.errors) * self.images_per_request
+
+    @property
+    def server_cpu_ms_per_image(self) -> float:
+        if self.server_cpu_s is None or not self.served_images:
+            return float("nan")
+        return 1000 * self.server_cpu_s / self.served_images
+
+    @property
+    def client_cpu_ms_per_request(self) -> float:
+        served = self.requests - self.errors
+        return 1000 * self.client_cpu_s / served if served else float("nan")
 
     @property
     def requests_per_s(self) -> float:
@@ -80,6 +97,30 @@ def test_images(count: int, size: int, seed: int = 0) -> list[bytes]:
         image.save(buffer, format="JPEG", quality=90)
         images.append(buffer.getvalue())
     return images
+
+
+def process_tree_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process and its live descendants (uvicorn workers), read from
+    /proc; None where /proc is not available (not Linux) or the process is gone."""
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    total, pending, seen = 0.0, [pid], set()
+    while pending:
+        current = pending.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        try:
+            stat = Path(f"/proc/{current}/stat").read_text()
+            # fields after the parenthesised command name; utime and stime are fields 14 and 15
+            fields = stat[stat.rindex(")") + 2 :].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks
+            for task in Path(f"/proc/{current}/task").iterdir():
+                children = (task / "children").read_text().split()
+                pending.extend(int(child) for child in children)
+        except (OSError, ValueError, IndexError):
+            if current == pid:
+                return None
+    return total
 
 
 def free_port() -> int:
@@ -170,6 +211,7 @@ async def run_level(
     options: dict[str, str],
     config: str,
     api_key: str | None,
+    server_pid: int | None = None,
 ) -> LevelResult:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -205,9 +247,16 @@ async def run_level(
         latencies.clear()
         batch_images.clear()
         errors = 0
+        server_cpu_before = process_tree_cpu_seconds(server_pid) if server_pid else None
+        client_cpu_before = time.process_time()
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         seconds = time.perf_counter() - started
+        client_cpu_s = time.process_time() - client_cpu_before
+        server_cpu_after = process_tree_cpu_seconds(server_pid) if server_pid else None
+    server_cpu_s = None
+    if server_cpu_before is not None and server_cpu_after is not None:
+        server_cpu_s = server_cpu_after - server_cpu_before
     return LevelResult(
         config,
         endpoint,
@@ -218,6 +267,8 @@ async def run_level(
         latencies,
         batch_images,
         images_per_request,
+        server_cpu_s,
+        client_cpu_s,
     )
 
 
@@ -231,8 +282,9 @@ def engine_only(
     total_images: int,
     images: list[bytes],
     explain: bool,
-) -> float:
-    """Images/s of ReciproCAM.explain alone, on preprocessed batches (decoding excluded)."""
+) -> tuple[float, float]:
+    """Images/s of ReciproCAM.explain alone, on preprocessed batches (decoding excluded), and the CPU
+    milliseconds this process spent per image (all its threads)."""
     import torch
 
     from app.engine.models import load_model
@@ -251,24 +303,30 @@ def engine_only(
         batches.append(torch.stack([tensors[(start + k) % len(tensors)] for k in range(count)]))
     options = CamOptions() if explain else None
     loaded.engine.explain(batches[0], options, top_k=1)  # warm-up at the measured batch size
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for batch in batches:
         loaded.engine.explain(batch, options, top_k=1)
     if loaded.device.type == "cuda":
         torch.cuda.synchronize()
-    return total_images / (time.perf_counter() - started)
+    cpu_ms = 1000 * (time.process_time() - cpu_started) / total_images
+    return total_images / (time.perf_counter() - started), cpu_ms
+
+
+def _ms(value: float) -> str:
+    return "–" if value != value else f"{value:.1f}"
 
 
 def print_table(results: list[LevelResult]) -> str:
     lines = [
-        "| configuration | endpoint | concurrency | requests | errors | req/s | images/s | p50 ms | p95 ms | p99 ms | mean batch |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| configuration | endpoint | concurrency | requests | errors | req/s | images/s | p50 ms | p95 ms | p99 ms "
+        "| mean batch | server CPU ms/image | client CPU ms/request |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
             f"| {r.config} | {r.endpoint} | {r.concurrency} | {r.requests} | {r.errors} | {r.requests_per_s:.2f} | "
             f"{r.images_per_s:.2f} | {r.percentile(50):.0f} | {r.percentile(95):.0f} | {r.percentile(99):.0f} | "
-            f"{r.mean_batch:.1f} |"
+            f"{r.mean_batch:.1f} | {_ms(r.server_cpu_ms_per_image)} | {_ms(r.client_cpu_ms_per_request)} |"
         )
     return "\n".join(lines)
 
@@ -309,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     options = {"encodings": args.encodings} if "explain" in args.endpoint else {}
     results: list[LevelResult] = []
 
-    def measure(servers: dict[str, str], model: str) -> None:
+    def measure(servers: dict[str, tuple[str, int | None]], model: str) -> None:
         """Every level on every server; with several rounds the servers alternate within a level,
         so that drifting load from elsewhere on the machine affects each configuration alike."""
         for endpoint in args.endpoint:
@@ -322,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
                     for config in order:
                         result = asyncio.run(
                             run_level(
-                                servers[config],
+                                servers[config][0],
                                 model,
                                 endpoint,
                                 concurrency,
@@ -332,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
                                 options if endpoint == "explain" else {},
                                 config,
                                 args.api_key,
+                                servers[config][1],
                             )
                         )
                         if config in merged:
@@ -341,6 +400,11 @@ def main(argv: list[str] | None = None) -> int:
                             previous.seconds += result.seconds
                             previous.latencies_ms += result.latencies_ms
                             previous.batch_images += result.batch_images
+                            previous.client_cpu_s += result.client_cpu_s
+                            if previous.server_cpu_s is not None and result.server_cpu_s is not None:
+                                previous.server_cpu_s += result.server_cpu_s
+                            else:
+                                previous.server_cpu_s = None
                         else:
                             merged[config] = result
                 for config, result in merged.items():
@@ -353,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
 
     if args.url:
-        measure({"given server": args.url}, args.model_name)
+        measure({"given server": (args.url, None)}, args.model_name)
     else:
         model = {
             "name": "bench",
@@ -381,16 +445,19 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 for server in servers.values():
                     server.wait_ready()
-                measure({config: server.url for config, server in servers.items()}, "bench")
+                measure(
+                    {config: (server.url, server.process.pid) for config, server in servers.items()}, "bench"
+                )
             finally:
                 for server in servers.values():
                     server.stop()
 
     engine_rate: dict[str, float] = {}
+    engine_cpu_ms: dict[str, float] = {}
     if not args.no_engine and (not args.url or args.engine):
         total = max(args.requests, 2 * max(args.concurrency)) * args.images_per_request
         for endpoint in args.endpoint:
-            engine_rate[endpoint] = engine_only(
+            engine_rate[endpoint], engine_cpu_ms[endpoint] = engine_only(
                 args.arch,
                 args.weights,
                 model_kwargs,
@@ -402,7 +469,8 @@ def main(argv: list[str] | None = None) -> int:
                 explain=endpoint == "explain",
             )
             print(
-                f"engine only {endpoint}: {engine_rate[endpoint]:.2f} images/s (batch {args.max_batch})",
+                f"engine only {endpoint}: {engine_rate[endpoint]:.2f} images/s (batch {args.max_batch}), "
+                f"CPU {engine_cpu_ms[endpoint]:.1f} ms/image",
                 flush=True,
             )
 
@@ -433,6 +501,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"{best.images_per_s:.2f} / {engine_rate[endpoint]:.2f} images/s = "
                 f"**{best.images_per_s / engine_rate[endpoint]:.2f}x**"
             )
+            served_ms = best.server_cpu_ms_per_image
+            if served_ms == served_ms:  # measured (not NaN)
+                report.append(
+                    f"- {endpoint}: CPU per image, server (concurrency {top}) / engine only = "
+                    f"{served_ms:.1f} / {engine_cpu_ms[endpoint]:.1f} ms: "
+                    f"{served_ms - engine_cpu_ms[endpoint]:.1f} ms per image outside the model"
+                )
     text = "\n".join(report)
     print()
     print(text)

@@ -1,0 +1,89 @@
+"""The HTTP load-test script: its CPU accounting, and one tiny run end to end (two real servers)."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "load_test.py"
+
+
+@pytest.fixture(scope="module")
+def load_test():
+    spec = importlib.util.spec_from_file_location("load_test", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["load_test"] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop("load_test", None)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_process_tree_cpu_counts_the_descendants(load_test, tmp_path):
+    """A parent that only waits, whose child burns 0.3 s of CPU: the tree's CPU time includes it."""
+    ready = tmp_path / "burned"
+    child = textwrap.dedent(
+        f"""
+        import time, pathlib
+        while time.process_time() < 0.3:
+            pass
+        pathlib.Path({str(ready)!r}).write_text("done")
+        time.sleep(60)
+        """
+    )
+    parent = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {child!r}])"
+    process = subprocess.Popen([sys.executable, "-c", parent])
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists()
+        assert load_test.process_tree_cpu_seconds(process.pid) >= 0.3
+    finally:
+        for pid_file in Path(f"/proc/{process.pid}/task").glob("*/children"):
+            for pid in pid_file.read_text().split():
+                subprocess.run(["kill", pid], check=False)
+        process.kill()
+        process.wait()
+    assert load_test.process_tree_cpu_seconds(process.pid) is None  # gone
+
+
+def test_a_tiny_load_test_reports_throughput_ratios_and_cpu(load_test, tmp_path, capsys):
+    out = tmp_path / "report.md"
+    code = load_test.main(
+        [
+            "--arch=deit_tiny_patch16_224",
+            '--model-kwargs={"img_size": 32}',
+            "--endpoint",
+            "explain",
+            "--concurrency",
+            "2",
+            "--requests=8",
+            "--rounds=1",
+            "--image-size=48",
+            "--max-batch=4",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    report = out.read_text()
+    rows = [line for line in report.splitlines() if line.startswith("| batching")]
+    assert len(rows) == 2  # batching on and off
+    for row in rows:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert cells[4] == "0"  # no errors
+        assert float(cells[5]) > 0  # req/s
+        assert float(cells[11]) > 0  # server CPU ms per image, measured from /proc
+        assert float(cells[12]) > 0  # client CPU ms per request
+    assert "batching on / off" in report and "engine only" in report
+    assert "ms per image outside the model" in report
