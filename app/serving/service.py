@@ -30,11 +30,15 @@ class Service:
         self.settings = settings
         self.metrics = ServiceMetrics()
         self.registry = ModelRegistry(settings, self.metrics)
-        self.io_pool = ThreadPoolExecutor(max_workers=settings.io_workers, thread_name_prefix="io")
+        self.io_pool = self._new_io_pool()
         self.draining = False
+        self._stopped = False
         self._drain_started = time.monotonic()
         self.allowed_formats = frozenset(fmt.upper() for fmt in settings.limits.allowed_formats)
         self._previous_sigterm: Any = None
+
+    def _new_io_pool(self) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(max_workers=self.settings.io_workers, thread_name_prefix="io")
 
     async def run_io(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking decode/encode step in the I/O pool."""
@@ -92,6 +96,13 @@ class Service:
         }
 
     async def start(self) -> None:
+        if self._stopped:
+            # A second lifespan of the same app (test clients do this): the models, the device threads
+            # and the I/O pool went with stop(), so start over with fresh ones. Metrics carry on.
+            self.registry = ModelRegistry(self.settings, self.metrics)
+            self.io_pool = self._new_io_pool()
+            self.draining = False
+            self._stopped = False
         self.registry.start_loading()
         self._watch_sigterm()
 
@@ -108,6 +119,7 @@ class Service:
         elapsed = time.monotonic() - self._drain_started
         await self.registry.close(max(1.0, self.settings.drain_timeout_s - elapsed))
         self.io_pool.shutdown(wait=False, cancel_futures=True)
+        self._stopped = True
         self._restore_sigterm()
         logger.info("service stopped")
 

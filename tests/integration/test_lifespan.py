@@ -1,0 +1,43 @@
+"""One app, two lifespans (as test clients do): the second start serves again, with the same
+answers; the first stop's drained state does not leak into the second run."""
+
+from __future__ import annotations
+
+import httpx
+from asgi_lifespan import LifespanManager
+
+from app.main import create_app
+from tests.integration.conftest import image_bytes, tiny_settings, wait_until_settled
+
+
+async def _explain_once(app) -> tuple[dict, object]:
+    async with LifespanManager(app, startup_timeout=60, shutdown_timeout=60) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://service", timeout=60) as client:
+            ready = await wait_until_settled(client)
+            assert ready.status_code == 200 and ready.json()["status"] == "ready"
+            response = await client.post(
+                "/v1/models/tiny/explain",
+                files={"files": ("a.png", image_bytes(5), "image/png")},
+                data={"encodings": "json"},
+            )
+            assert response.status_code == 200, response.text
+            return response.json(), app.state.service.registry
+
+
+async def test_the_same_app_can_be_started_again_after_a_stop(tiny_weights):
+    app = create_app(tiny_settings(tiny_weights))
+    first, first_registry = await _explain_once(app)
+    service = app.state.service
+    assert service.draining  # stopped: readiness was off
+    second, second_registry = await _explain_once(app)
+    assert second_registry is not first_registry  # models and device threads were loaded anew
+    assert service.draining and service.io_pool._shutdown  # stopped again
+    (one,), (two,) = first["images"], second["images"]
+    assert one["predictions"] == two["predictions"]
+    assert one["explanations"][0]["json"] == two["explanations"][0]["json"]
+    metrics = app.state.service.metrics.render().decode()
+    assert (
+        'reciprocam_http_requests_total{method="POST",route="/v1/models/{name}/explain",status="200"} 2.0'
+        in metrics
+    )
