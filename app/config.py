@@ -134,6 +134,12 @@ class Settings(BaseSettings):
         ge=1,
         description="threads that decode images and encode PNGs",
     )
+    reduced_jpeg_decode: bool = Field(
+        True,
+        description="decode a large JPEG at 1/2, 1/4 or 1/8 scale when that keeps at least twice the size "
+        "it is resized to (much less CPU for camera photos; pixels within a few levels of a full decode); "
+        "false: always decode whole, exactly as timm's PIL pipeline",
+    )
     hub_probe_timeout_s: float = Field(
         3.0, ge=0, description="quick reachability check of the model hub before a hub download (0 = off)"
     )

@@ -128,11 +128,23 @@ class Preprocessor:
             input_size=(target_h, target_w),
         )
 
-    def to_pixels(self, image: Image.Image) -> tuple[np.ndarray, Geometry]:
-        """Resized and cropped uint8 RGB pixels (H, W, 3), before normalisation."""
+    def min_decode_size(self, original_size: tuple[int, int]) -> tuple[int, int]:
+        """The smallest (width, height) an image of ``original_size`` may be decoded at so that the
+        resize still shrinks it at least twofold: twice the size the image is resized to."""
+        width, height = self.geometry(original_size).resized_size
+        return 2 * width, 2 * height
+
+    def to_pixels(
+        self, image: Image.Image, original_size: tuple[int, int] | None = None
+    ) -> tuple[np.ndarray, Geometry]:
+        """Resized and cropped uint8 RGB pixels (H, W, 3), before normalisation.
+
+        ``original_size``: the full image's (width, height) when ``image`` was decoded at a reduced
+        scale; the geometry (resize and crop, and where the map goes back) follows the full image.
+        """
         if image.mode != "RGB":
             image = image.convert("RGB")
-        geometry = self.geometry(image.size)
+        geometry = self.geometry(original_size or image.size)
         resized = image.resize(geometry.resized_size, _INTERPOLATIONS[self.config.interpolation])
         target_h, target_w = geometry.input_size
         left, top = geometry.offset

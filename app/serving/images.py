@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -23,17 +25,48 @@ class ImageDecodeError(ValueError):
         self.index: int | None = None  # position of the failing image in a request, when known
 
 
+# EXIF orientations that turn the stored image by 90 degrees (width and height swap when upright).
+_QUARTER_TURNS = frozenset({5, 6, 7, 8})
+
+
+@dataclass
+class DecodedImage:
+    """An upright 8-bit RGB image and the (width, height) of the full image, upright.
+
+    ``image`` is smaller than ``original_size`` when a JPEG was decoded at a reduced scale.
+    """
+
+    image: Image.Image
+    original_size: tuple[int, int]
+
+
 def decode_image(
     data: bytes,
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     allowed_formats: frozenset[str] = ALLOWED_FORMATS,
 ) -> Image.Image:
+    """Decode bytes into an 8-bit RGB image, upright, at full size (see :func:`decode`)."""
+    return decode(data, max_pixels=max_pixels, allowed_formats=allowed_formats).image
+
+
+def decode(
+    data: bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    allowed_formats: frozenset[str] = ALLOWED_FORMATS,
+    min_size: Callable[[tuple[int, int]], tuple[int, int]] | None = None,
+) -> DecodedImage:
     """Decode bytes into an 8-bit RGB image, upright.
 
     The header is read first and the pixel count checked before any pixel data is decoded, so a
     decompression bomb is refused cheaply. Animated formats give their first frame. Transparent
     images are composited on white; CMYK, 16-bit and float images are converted to 8-bit RGB.
+
+    ``min_size``: given the full upright (width, height), the smallest upright size the caller needs.
+    A JPEG at least twice that size in both directions is then decoded at 1/2, 1/4 or 1/8 scale
+    (libjpeg's DCT scaling, the largest reduction that keeps at least ``min_size``), which costs a
+    fraction of a full decode; other formats are always decoded whole.
     """
     if not data:
         raise ImageDecodeError("the image is empty (0 bytes)", code="empty_image")
@@ -72,15 +105,32 @@ def decode_image(
     try:
         if getattr(image, "n_frames", 1) > 1:
             image.seek(0)
+        upright = (width, height)
+        if min_size is not None and image.format == "JPEG":
+            upright = _draft(image, min_size)
         image.load()
         image = ImageOps.exif_transpose(image) or image
-        return to_rgb(image)
+        return DecodedImage(to_rgb(image), upright)
     except ImageDecodeError:
         raise
     except Exception as exc:  # truncated or corrupted data surfaces here
         raise ImageDecodeError(
             f"the image data is truncated or corrupted: {exc}", code="corrupt_image"
         ) from exc
+
+
+def _draft(image: Image.Image, min_size: Callable[[tuple[int, int]], tuple[int, int]]) -> tuple[int, int]:
+    """Ask the JPEG decoder for a reduced scale that keeps at least ``min_size``; returns the full
+    upright size. Must run before the pixels are loaded."""
+    width, height = image.size
+    turned = image.getexif().get(0x0112) in _QUARTER_TURNS
+    upright = (height, width) if turned else (width, height)
+    need_w, need_h = min_size(upright)
+    if turned:
+        need_w, need_h = need_h, need_w
+    if width >= 2 * need_w and height >= 2 * need_h:
+        image.draft(image.mode, (max(1, need_w), max(1, need_h)))
+    return upright
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

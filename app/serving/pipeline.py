@@ -15,7 +15,7 @@ import torch
 
 from app.engine.preprocess import Geometry, Preprocessor, project_to_original
 from app.engine.reciprocam import ImageExplanation, normalize_maps, upsample_maps
-from app.serving.images import decode_image
+from app.serving.images import decode
 from app.serving.render import heatmap_rgb, overlay_rgb, png_bytes, to_uint8
 
 ENCODINGS: tuple[str, ...] = ("png", "heatmap", "overlay", "json")
@@ -52,10 +52,22 @@ def prepare_image(
     max_pixels: int,
     allowed_formats: frozenset[str],
     keep_original: bool,
+    reduced_jpeg_decode: bool = False,
 ) -> PreparedImage:
-    """Decode (safely) and preprocess one posted image. Raises ``ImageDecodeError``."""
-    image = decode_image(data, max_pixels=max_pixels, allowed_formats=allowed_formats)
-    pixels, geometry = preprocessor.to_pixels(image)
+    """Decode (safely) and preprocess one posted image. Raises ``ImageDecodeError``.
+
+    ``reduced_jpeg_decode``: a large JPEG may be decoded at a reduced scale that keeps at least
+    twice the size it is resized to (never when the original pixels are kept for an overlay).
+    """
+    reduce = reduced_jpeg_decode and not keep_original
+    decoded = decode(
+        data,
+        max_pixels=max_pixels,
+        allowed_formats=allowed_formats,
+        min_size=preprocessor.min_decode_size if reduce else None,
+    )
+    image = decoded.image
+    pixels, geometry = preprocessor.to_pixels(image, decoded.original_size)
     tensor = preprocessor.normalize(pixels)
     original = np.asarray(image) if keep_original else None
     return PreparedImage(tensor=tensor, geometry=geometry, input_pixels=pixels, original=original)

@@ -62,6 +62,7 @@ class Service:
                     max_pixels=limits.max_pixels,
                     allowed_formats=self.allowed_formats,
                     keep_original=keep_original,
+                    reduced_jpeg_decode=self.settings.reduced_jpeg_decode,
                 )
                 for data in blobs
             ),

@@ -6,6 +6,7 @@ import base64
 import io
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -365,3 +366,52 @@ def test_prepare_image_keeps_input_pixels():
     assert prepared.tensor.shape == (3, 32, 32) and prepared.input_pixels.shape == (32, 32, 3)
     assert prepared.original.shape == (48, 64, 3) and prepared.original_size == (64, 48)
     assert torch.isfinite(prepared.tensor).all()
+
+
+def _camera_jpeg(width: int, height: int) -> bytes:
+    rng = np.random.default_rng(7)
+    coarse = Image.fromarray(rng.integers(0, 256, (height // 40, width // 40, 3), dtype=np.uint8))
+    base = np.asarray(coarse.resize((width, height), Image.Resampling.BICUBIC), dtype=np.int64)
+    pixels = np.clip(base + rng.integers(-20, 21, (height, width, 3)), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+async def test_camera_sized_jpeg_is_decoded_reduced_and_answered_at_its_full_size(tiny_weights):
+    """With reduced JPEG decoding (the default) a large photo is explained from a reduced decode, yet
+    sizes and maps refer to the full image; switched off, the full decode is used, as the reference."""
+    data = _camera_jpeg(1280, 960)
+    logits = {}
+    for reduced in (True, False):
+        settings = tiny_settings(tiny_weights, reduced_jpeg_decode=reduced)
+        async with running_service(settings) as client:
+            loaded = client.app.state.service.registry.entries["tiny"].loaded
+            prepared = prepare_image(
+                data,
+                loaded.preprocessor,
+                max_pixels=10**8,
+                allowed_formats=frozenset({"JPEG"}),
+                keep_original=False,
+                reduced_jpeg_decode=reduced,
+            )
+            (reference,) = loaded.engine.explain(prepared.tensor[None], CamOptions(), targets=[[2]])
+            response = await client.post(
+                "/v1/models/tiny/explain",
+                files={"files": ("photo.jpg", data, "image/jpeg")},
+                data={"targets": "2", "encodings": "json,png", "map_size": "original"},
+            )
+            assert response.status_code == 200, response.text
+            image = response.json()["images"][0]
+            assert (image["width"], image["height"]) == (1280, 960)
+            explanation = image["explanations"][0]
+            assert explanation["size"] == [960, 1280]
+            assert Image.open(io.BytesIO(base64.b64decode(explanation["png"]))).size == (1280, 960)
+            assert explanation["score_range"] == pytest.approx(
+                [float(reference.score_maps.min()), float(reference.score_maps.max())], abs=1e-5
+            )
+            served = {p["class_id"]: p["logit"] for p in image["predictions"]}
+            for class_id, logit in served.items():
+                assert logit == pytest.approx(float(reference.logits[class_id]), abs=1e-5)
+            logits[reduced] = served
+    assert logits[True] != logits[False]  # the two decodes gave (slightly) different inputs

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.serving.images import ImageDecodeError, decode_image
+from app.serving.images import ImageDecodeError, decode, decode_image
 from app.serving.render import colormap_lut, heatmap_rgb, overlay_rgb, png_bytes
 
 
@@ -30,6 +30,57 @@ def test_exif_orientation_applied():
     exif[0x0112] = 6  # rotate 90 degrees
     decoded = decode_image(_encode(image, "JPEG", exif=exif))
     assert decoded.size == (2, 6)
+
+
+def _detailed(width, height, seed=0):
+    """A photo-like image with detail at several scales."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (height // 64, width // 64, 3), dtype=np.uint8))
+    fine = rng.integers(-24, 25, (height, width, 3))
+    base = np.asarray(coarse.resize((width, height), Image.Resampling.BICUBIC), dtype=np.int64)
+    return Image.fromarray(np.clip(base + fine, 0, 255).astype(np.uint8))
+
+
+def test_large_jpeg_is_decoded_at_a_reduced_scale_with_its_full_size_kept():
+    data = _encode(_detailed(1600, 1200), "JPEG", quality=90)
+    asked = []
+
+    def need(size):
+        asked.append(size)
+        return (200, 150)
+
+    decoded = decode(data, min_size=need)
+    assert asked == [(1600, 1200)]
+    assert decoded.original_size == (1600, 1200)
+    assert decoded.image.size == (200, 150) and decoded.image.mode == "RGB"  # 1/8 scale
+    full = decode(data)
+    assert full.image.size == (1600, 1200) and full.original_size == (1600, 1200)
+    # the reduced decode is a good downscale of the full one
+    reference = np.asarray(full.image.resize((200, 150), Image.Resampling.BOX), dtype=np.float64)
+    assert np.abs(np.asarray(decoded.image, dtype=np.float64) - reference).mean() < 2.0
+    # less than twice the needed size: decoded whole
+    assert decode(data, min_size=lambda size: (900, 700)).image.size == (1600, 1200)
+    # a reduction to 1/2 or 1/4 when 1/8 would go below the needed size
+    assert decode(data, min_size=lambda size: (400, 300)).image.size == (400, 300)
+    assert decode(data, min_size=lambda size: (500, 300)).image.size == (800, 600)
+
+
+def test_reduced_decode_only_for_jpeg_and_follows_exif_orientation():
+    png = _encode(_detailed(640, 480), "PNG")
+    assert decode(png, min_size=lambda size: (40, 30)).image.size == (640, 480)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown portrait
+    data = _encode(_detailed(1600, 1200), "JPEG", exif=exif)
+    asked = []
+
+    def need(size):
+        asked.append(size)
+        return (150, 200)
+
+    decoded = decode(data, min_size=need)
+    assert asked == [(1200, 1600)]  # the upright size
+    assert decoded.original_size == (1200, 1600)
+    assert decoded.image.size == (150, 200)  # reduced, then turned upright
 
 
 def test_rejections():

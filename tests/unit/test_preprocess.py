@@ -72,3 +72,34 @@ def test_geometry_round_trip(size):
         max(0, int(top) - 1) : int(np.ceil(bottom)) + 1, max(0, int(left) - 1) : int(np.ceil(right)) + 1
     ] = False
     assert outside.any() and (projected[:, outside] == 0).all()
+
+
+@pytest.mark.parametrize("size", [(4032, 3024), (1300, 2100)])
+def test_reduced_jpeg_decode_gives_the_same_geometry_and_nearly_the_same_pixels(size):
+    """A camera-sized JPEG decoded at a reduced scale (at least twice the resize target) against the
+    full decode: identical geometry, model inputs within a fraction of a grey level on average."""
+    import io
+
+    from app.serving.pipeline import prepare_image
+
+    width, height = size
+    rng = np.random.default_rng(1)
+    coarse = Image.fromarray(rng.integers(0, 256, (height // 48, width // 48, 3), dtype=np.uint8))
+    base = np.asarray(coarse.resize(size, Image.Resampling.BICUBIC), dtype=np.int64)
+    pixels = np.clip(base + rng.integers(-20, 21, (height, width, 3)), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=92)
+    data = buffer.getvalue()
+    pre = Preprocessor(CONFIGS[0])
+    common = {"max_pixels": 10**8, "allowed_formats": frozenset({"JPEG"}), "keep_original": False}
+    full = prepare_image(data, pre, reduced_jpeg_decode=False, **common)
+    reduced = prepare_image(data, pre, reduced_jpeg_decode=True, **common)
+    assert reduced.geometry == full.geometry
+    assert reduced.original_size == size
+    difference = np.abs(reduced.input_pixels.astype(np.int64) - full.input_pixels.astype(np.int64))
+    assert difference.mean() < 1.0, difference.mean()
+    assert np.percentile(difference, 99) <= 4
+    # kept originals (overlays on the posted image) are never reduced
+    kept = prepare_image(data, pre, reduced_jpeg_decode=True, **{**common, "keep_original": True})
+    assert kept.original is not None and kept.original.shape[:2] == (height, width)
+    assert np.array_equal(kept.input_pixels, full.input_pixels)

@@ -1,0 +1,35 @@
+"""Smoke test of the decode benchmark: a complete table, and the reduced decode only where it applies."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_decode.py"
+
+
+def test_decode_benchmark_prints_a_row_per_size(capsys, monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_decode", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_decode", module)
+    spec.loader.exec_module(module)
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        assert module.main(["--sizes", "96x64", "640x480", "--input-size", "32", "--repeats", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    table = capsys.readouterr().out.split("\n\n")[-1]
+    rows = [
+        line.strip("|").split("|")
+        for line in table.splitlines()
+        if line.startswith("| ") and "x" in line[:12]
+    ]
+    assert [row[0].strip() for row in rows] == ["96x64", "640x480"]
+    small, large = rows
+    assert float(small[5]) == 0.0  # too small to reduce: the same pixels
+    assert float(large[5]) > 0.0  # reduced: close, not identical
+    assert float(large[5]) < 2.0
