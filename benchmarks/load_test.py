@@ -114,12 +114,20 @@ def process_tree_cpu_seconds(pid: int) -> float | None:
             # fields after the parenthesised command name; utime and stime are fields 14 and 15
             fields = stat[stat.rindex(")") + 2 :].split()
             total += (int(fields[11]) + int(fields[12])) / ticks
-            for task in Path(f"/proc/{current}/task").iterdir():
-                children = (task / "children").read_text().split()
-                pending.extend(int(child) for child in children)
         except (OSError, ValueError, IndexError):
             if current == pid:
                 return None
+            continue  # a descendant that ended meanwhile
+        try:
+            tasks = list(Path(f"/proc/{current}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                children = (task / "children").read_text().split()
+            except OSError:
+                continue  # a thread that ended meanwhile
+            pending.extend(int(child) for child in children)
     return total
 
 

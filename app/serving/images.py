@@ -27,6 +27,8 @@ class ImageDecodeError(ValueError):
 
 # EXIF orientations that turn the stored image by 90 degrees (width and height swap when upright).
 _QUARTER_TURNS = frozenset({5, 6, 7, 8})
+# Formats whose decoder can produce a reduced scale directly (MPO: the first frame is a JPEG).
+_SCALABLE_FORMATS = frozenset({"JPEG", "MPO"})
 
 
 @dataclass
@@ -105,12 +107,12 @@ def decode(
     try:
         if getattr(image, "n_frames", 1) > 1:
             image.seek(0)
-        upright = (width, height)
-        if min_size is not None and image.format == "JPEG":
-            upright = _draft(image, min_size)
+        reduced_from = None
+        if min_size is not None and image.format in _SCALABLE_FORMATS:
+            reduced_from = _draft(image, min_size)
         image.load()
         image = ImageOps.exif_transpose(image) or image
-        return DecodedImage(to_rgb(image), upright)
+        return DecodedImage(to_rgb(image), reduced_from or image.size)
     except ImageDecodeError:
         raise
     except Exception as exc:  # truncated or corrupted data surfaces here
@@ -119,18 +121,22 @@ def decode(
         ) from exc
 
 
-def _draft(image: Image.Image, min_size: Callable[[tuple[int, int]], tuple[int, int]]) -> tuple[int, int]:
-    """Ask the JPEG decoder for a reduced scale that keeps at least ``min_size``; returns the full
-    upright size. Must run before the pixels are loaded."""
+def _draft(
+    image: Image.Image, min_size: Callable[[tuple[int, int]], tuple[int, int]]
+) -> tuple[int, int] | None:
+    """Ask the JPEG decoder for a reduced scale that keeps at least ``min_size``. Must run before the
+    pixels are loaded. Returns the full upright size when the image will be decoded reduced, else
+    None."""
     width, height = image.size
     turned = image.getexif().get(0x0112) in _QUARTER_TURNS
     upright = (height, width) if turned else (width, height)
     need_w, need_h = min_size(upright)
     if turned:
         need_w, need_h = need_h, need_w
-    if width >= 2 * need_w and height >= 2 * need_h:
-        image.draft(image.mode, (max(1, need_w), max(1, need_h)))
-    return upright
+    if width < 2 * need_w or height < 2 * need_h:
+        return None
+    image.draft(image.mode, (max(1, need_w), max(1, need_h)))
+    return upright if image.size != (width, height) else None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -415,3 +415,25 @@ async def test_camera_sized_jpeg_is_decoded_reduced_and_answered_at_its_full_siz
                 assert logit == pytest.approx(float(reference.logits[class_id]), abs=1e-5)
             logits[reduced] = served
     assert logits[True] != logits[False]  # the two decodes gave (slightly) different inputs
+
+
+async def test_exif_rotated_image_is_answered_upright_with_an_overlay_on_the_original(client):
+    """Stored landscape, EXIF says portrait: sizes, the original-size map and the overlay on the
+    posted image are all upright (the overlay path keeps the original and decodes it whole)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored = Image.fromarray(np.random.default_rng(3).integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    stored.save(buffer, format="PNG", exif=exif)
+    response = await client.post(
+        "/v1/models/tiny/explain",
+        files={"files": ("turned.png", buffer.getvalue(), "image/png")},
+        data={"encodings": "overlay,json", "map_size": "original"},
+    )
+    assert response.status_code == 200, response.text
+    image = response.json()["images"][0]
+    assert (image["width"], image["height"]) == (40, 60)
+    explanation = image["explanations"][0]
+    assert explanation["size"] == [60, 40]
+    overlay = Image.open(io.BytesIO(base64.b64decode(explanation["overlay"])))
+    assert overlay.size == (40, 60)

@@ -83,6 +83,29 @@ def test_reduced_decode_only_for_jpeg_and_follows_exif_orientation():
     assert decoded.image.size == (150, 200)  # reduced, then turned upright
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_full_size_is_upright_whether_or_not_the_decode_is_reduced(fmt):
+    """A stored-landscape image shown portrait (EXIF 6): the reported full size is the upright one on
+    every path: whole decode, a format that is never reduced, and a JPEG too small to reduce."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = _encode(_detailed(640, 448), fmt, exif=exif)
+    for min_size in (None, lambda size: (300, 300)):  # 448 < 2 x 300: never reduced
+        decoded = decode(data, min_size=min_size)
+        assert decoded.image.size == (448, 640), (fmt, min_size)
+        assert decoded.original_size == (448, 640), (fmt, min_size)
+
+
+def test_mpo_first_frame_is_decoded_reduced():
+    first, second = _detailed(1600, 1200), _detailed(1600, 1200, seed=1)
+    buffer = io.BytesIO()
+    first.save(buffer, format="MPO", save_all=True, append_images=[second])
+    decoded = decode(buffer.getvalue(), min_size=lambda size: (200, 150))
+    assert decoded.original_size == (1600, 1200) and decoded.image.size == (200, 150)
+    reference = np.asarray(first.resize((200, 150), Image.Resampling.BOX), dtype=np.float64)
+    assert np.abs(np.asarray(decoded.image, dtype=np.float64) - reference).mean() < 4.0
+
+
 def test_rejections():
     with pytest.raises(ImageDecodeError) as empty:
         decode_image(b"")

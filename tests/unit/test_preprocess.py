@@ -103,3 +103,29 @@ def test_reduced_jpeg_decode_gives_the_same_geometry_and_nearly_the_same_pixels(
     kept = prepare_image(data, pre, reduced_jpeg_decode=True, **{**common, "keep_original": True})
     assert kept.original is not None and kept.original.shape[:2] == (height, width)
     assert np.array_equal(kept.input_pixels, full.input_pixels)
+
+
+def test_exif_rotated_jpeg_has_the_upright_geometry_on_every_decode_path():
+    """Stored landscape, shown portrait: full decode, reduced decode and a kept original all give the
+    geometry of the upright image, and the kept original has its shape."""
+    import io
+
+    from app.serving.pipeline import prepare_image
+
+    rng = np.random.default_rng(2)
+    coarse = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8))
+    stored = coarse.resize((2000, 1500), Image.Resampling.BICUBIC)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    stored.save(buffer, format="JPEG", quality=92, exif=exif)
+    data = buffer.getvalue()
+    pre = Preprocessor(CONFIGS[0])
+    common = {"max_pixels": 10**8, "allowed_formats": frozenset({"JPEG"})}
+    full = prepare_image(data, pre, reduced_jpeg_decode=False, keep_original=False, **common)
+    reduced = prepare_image(data, pre, reduced_jpeg_decode=True, keep_original=False, **common)
+    kept = prepare_image(data, pre, reduced_jpeg_decode=True, keep_original=True, **common)
+    expected = pre.geometry((1500, 2000))
+    assert full.geometry == reduced.geometry == kept.geometry == expected
+    assert kept.original is not None and kept.original.shape[:2] == (2000, 1500)
+    assert np.abs(reduced.input_pixels.astype(int) - full.input_pixels.astype(int)).mean() < 1.0
