@@ -5,7 +5,9 @@ batches of one image) the script starts ``python -m app serve`` in a subprocess 
 one model, drives it with ``--concurrency`` concurrent httpx clients per level, and prints
 requests/s, images/s and p50/p95/p99 latency. It then measures the engine alone
 (``ReciproCAM.explain`` on preprocessed batches, in this process, with the server stopped) and prints
-the ratio of HTTP throughput to engine-only throughput. With ``--url`` it drives a running server
+the ratio of HTTP throughput to engine-only throughput. ``--variant JSON`` adds a third server,
+batching on plus the given settings (for example ``{"reduced_jpeg_decode": false}``), measured in
+the same alternation, and prints its ratio to batching on. With ``--url`` it drives a running server
 instead (one configuration, no engine-only comparison unless ``--engine`` is given).
 
 Example (CPU, random weights, fp32):
@@ -141,21 +143,29 @@ class ServerProcess:
     """``python -m app serve`` with a JSON config holding one model."""
 
     def __init__(
-        self, model: dict[str, Any], batch: dict[str, Any], workdir: Path, name: str, workers: int = 1
+        self,
+        model: dict[str, Any],
+        batch: dict[str, Any],
+        workdir: Path,
+        name: str,
+        workers: int = 1,
+        settings: dict[str, Any] | None = None,
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = workdir / f"{name}.json"
-        config.write_text(
-            json.dumps(
-                {
-                    "models": [model],
-                    "batch": batch,
-                    "limits": {"max_images_per_request": 64},
-                    "log_level": "warning",
-                }
-            )
-        )
+        values: dict[str, Any] = {
+            "models": [model],
+            "batch": batch,
+            "limits": {"max_images_per_request": 64},
+            "log_level": "warning",
+        }
+        for key, value in (settings or {}).items():  # sections (batch, limits, ...) merge one level deep
+            if isinstance(value, dict) and isinstance(values.get(key), dict):
+                values[key] = {**values[key], **value}
+            else:
+                values[key] = value
+        config.write_text(json.dumps(values))
         env = {k: v for k, v in os.environ.items() if not k.startswith("RECIPROCAM_")}
         env["RECIPROCAM_CONFIG_FILE"] = str(config)
         self.log_path = workdir / f"{name}.log"
@@ -366,6 +376,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-name", default="bench", help="model name on a server given by --url")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--no-engine", action="store_true", help="skip the engine-only comparison")
+    parser.add_argument(
+        "--variant",
+        default=None,
+        help="JSON settings for a third server, 'variant': batching on plus these settings "
+        "(e.g. '{\"reduced_jpeg_decode\": false}'); the report gives variant / batching on",
+    )
     parser.add_argument("--engine", action="store_true", help="with --url: also measure the engine alone")
     parser.add_argument("--out", type=Path, default=None, help="also write the report (markdown) here")
     args = parser.parse_args(argv)
@@ -435,10 +451,13 @@ def main(argv: list[str] | None = None) -> int:
             "device": args.device,
             "model_kwargs": model_kwargs,
         }
-        configurations = {
-            "batching on": {"max_batch_images": args.max_batch, "max_wait_ms": args.max_wait_ms},
-            "batching off": {"max_batch_images": 1, "max_wait_ms": 0},
+        batching_on = {"max_batch_images": args.max_batch, "max_wait_ms": args.max_wait_ms}
+        configurations: dict[str, tuple[dict[str, Any], dict[str, Any] | None]] = {
+            "batching on": (batching_on, None),
+            "batching off": ({"max_batch_images": 1, "max_wait_ms": 0}, None),
         }
+        if args.variant:
+            configurations["variant"] = (batching_on, json.loads(args.variant))
         with tempfile.TemporaryDirectory() as workdir:
             servers = {
                 config: ServerProcess(
@@ -447,8 +466,9 @@ def main(argv: list[str] | None = None) -> int:
                     Path(workdir),
                     config.replace(" ", "_"),
                     args.workers,
+                    settings,
                 )
-                for config, batch in configurations.items()
+                for config, (batch, settings) in configurations.items()
             }
             try:
                 for server in servers.values():
@@ -501,6 +521,14 @@ def main(argv: list[str] | None = None) -> int:
             report.append(
                 f"- {endpoint}, concurrency {top}: batching on / off = "
                 f"{on.images_per_s:.2f} / {off.images_per_s:.2f} images/s = **{on.images_per_s / off.images_per_s:.2f}x**"
+            )
+        variant = by_key.get(("variant", endpoint, top))
+        if on and variant and on.images_per_s > 0:
+            report.append(
+                f"- {endpoint}, concurrency {top}: variant ({args.variant}) / batching on = "
+                f"{variant.images_per_s:.2f} / {on.images_per_s:.2f} images/s = "
+                f"**{variant.images_per_s / on.images_per_s:.2f}x**; server CPU per image "
+                f"{_ms(variant.server_cpu_ms_per_image)} / {_ms(on.server_cpu_ms_per_image)} ms"
             )
         best = on or by_key.get(("given server", endpoint, top))
         if best and endpoint in engine_rate:

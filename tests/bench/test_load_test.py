@@ -71,6 +71,7 @@ def test_a_tiny_load_test_reports_throughput_ratios_and_cpu(load_test, tmp_path,
             "--rounds=1",
             "--image-size=48",
             "--max-batch=4",
+            '--variant={"reduced_jpeg_decode": false}',
             "--out",
             str(out),
         ]
@@ -78,7 +79,9 @@ def test_a_tiny_load_test_reports_throughput_ratios_and_cpu(load_test, tmp_path,
     assert code == 0
     report = out.read_text()
     rows = [line for line in report.splitlines() if line.startswith("| batching")]
-    assert len(rows) == 2  # batching on and off
+    variant_rows = [line for line in report.splitlines() if line.startswith("| variant")]
+    assert len(rows) == 2 and len(variant_rows) == 1  # batching on and off, and the variant
+    rows += variant_rows
     for row in rows:
         cells = [cell.strip() for cell in row.strip("|").split("|")]
         assert cells[4] == "0"  # no errors
@@ -87,3 +90,4 @@ def test_a_tiny_load_test_reports_throughput_ratios_and_cpu(load_test, tmp_path,
         assert float(cells[12]) > 0  # client CPU ms per request
     assert "batching on / off" in report and "engine only" in report
     assert "ms per image outside the model" in report
+    assert 'variant ({"reduced_jpeg_decode": false}) / batching on' in report
