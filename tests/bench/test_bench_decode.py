@@ -2,20 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_decode.py"
+import torch
 
 
-def test_decode_benchmark_prints_a_row_per_size(capsys, monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_decode", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_decode", module)
-    spec.loader.exec_module(module)
-    import torch
+def test_decode_benchmark_prints_a_row_per_size(bench_decode, capsys):
+    module = bench_decode
 
     threads = torch.get_num_threads()
     try:

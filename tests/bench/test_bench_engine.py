@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_engine.py"
 
-
-def test_benchmark_prints_table(capsys, monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_engine", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_engine", module)
-    spec.loader.exec_module(module)
+def test_benchmark_prints_table(bench_engine, capsys, monkeypatch):
+    module = bench_engine
     # Keep the allocator settings of the test process: no peak-RSS measurement here.
     monkeypatch.setattr(module, "_configure_glibc", lambda: False)
     threads = torch.get_num_threads()

@@ -1,0 +1,51 @@
+"""The benchmark scripts, loaded as modules for their smoke tests."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@contextmanager
+def benchmark_module(name: str) -> Iterator[ModuleType]:
+    """``benchmarks/<name>.py`` as a module, registered in ``sys.modules`` while in use (dataclasses
+    and pickling look a module up there)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    previous = sys.modules.get(name)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        if previous is None:
+            sys.modules.pop(name, None)
+        else:
+            sys.modules[name] = previous
+
+
+@pytest.fixture
+def bench_engine() -> Iterator[ModuleType]:
+    with benchmark_module("bench_engine") as module:
+        yield module
+
+
+@pytest.fixture
+def bench_decode() -> Iterator[ModuleType]:
+    with benchmark_module("bench_decode") as module:
+        yield module
+
+
+@pytest.fixture(scope="module")
+def load_test() -> Iterator[ModuleType]:
+    with benchmark_module("load_test") as module:
+        yield module
