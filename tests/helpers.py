@@ -1,13 +1,17 @@
-"""Shared test helpers: tiny seeded timm ViTs and an independent, naive ViT-ReciproCAM."""
+"""Shared test helpers: tiny seeded timm ViTs, an independent, naive ViT-ReciproCAM, and photo-like
+test images."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import timm
 import torch
+from PIL import Image
 from torch import nn
 
 TINY = {"depth": 3, "embed_dim": 32, "num_heads": 2, "num_classes": 7}
@@ -123,3 +127,19 @@ def naive_reciprocam(
                     logits = logits.softmax(-1)
                 maps[:, i, j] = logits.double()
     return maps
+
+
+def photo_like(width: int, height: int, *, seed: int = 0, cell: int = 64, noise: int = 24) -> Image.Image:
+    """A photo-like RGB image with detail at two scales: random colours on a ``cell``-pixel grid,
+    smoothly interpolated, plus pixel noise of up to ``noise`` levels."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (height // cell, width // cell, 3), dtype=np.uint8))
+    fine = rng.integers(-noise, noise + 1, (height, width, 3))
+    base = np.asarray(coarse.resize((width, height), Image.Resampling.BICUBIC), dtype=np.int64)
+    return Image.fromarray(np.clip(base + fine, 0, 255).astype(np.uint8))
+
+
+def jpeg_bytes(image: Image.Image, quality: int = 90, **options: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality, **options)
+    return buffer.getvalue()

@@ -13,6 +13,7 @@ from PIL import Image
 from app.api.schemas import ExplainResponse, ModelInfo, PredictResponse
 from app.engine.reciprocam import CamOptions, normalize_maps
 from app.serving.pipeline import prepare_image
+from tests.helpers import jpeg_bytes, photo_like
 from tests.integration.conftest import (
     LABELS,
     assert_error,
@@ -368,20 +369,10 @@ def test_prepare_image_keeps_input_pixels():
     assert torch.isfinite(prepared.tensor).all()
 
 
-def _camera_jpeg(width: int, height: int) -> bytes:
-    rng = np.random.default_rng(7)
-    coarse = Image.fromarray(rng.integers(0, 256, (height // 40, width // 40, 3), dtype=np.uint8))
-    base = np.asarray(coarse.resize((width, height), Image.Resampling.BICUBIC), dtype=np.int64)
-    pixels = np.clip(base + rng.integers(-20, 21, (height, width, 3)), 0, 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
-
-
 async def test_camera_sized_jpeg_is_decoded_reduced_and_answered_at_its_full_size(tiny_weights):
     """With reduced JPEG decoding (the default) a large photo is explained from a reduced decode, yet
     sizes and maps refer to the full image; switched off, the full decode is used, as the reference."""
-    data = _camera_jpeg(1280, 960)
+    data = jpeg_bytes(photo_like(1280, 960, seed=7, cell=40, noise=20))
     logits = {}
     for reduced in (True, False):
         settings = tiny_settings(tiny_weights, reduced_jpeg_decode=reduced)

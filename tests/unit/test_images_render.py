@@ -6,6 +6,7 @@ from PIL import Image
 
 from app.serving.images import ImageDecodeError, decode, decode_image
 from app.serving.render import colormap_lut, heatmap_rgb, overlay_rgb, png_bytes
+from tests.helpers import photo_like
 
 
 def _encode(image, fmt, **kw):
@@ -32,17 +33,8 @@ def test_exif_orientation_applied():
     assert decoded.size == (2, 6)
 
 
-def _detailed(width, height, seed=0):
-    """A photo-like image with detail at several scales."""
-    rng = np.random.default_rng(seed)
-    coarse = Image.fromarray(rng.integers(0, 256, (height // 64, width // 64, 3), dtype=np.uint8))
-    fine = rng.integers(-24, 25, (height, width, 3))
-    base = np.asarray(coarse.resize((width, height), Image.Resampling.BICUBIC), dtype=np.int64)
-    return Image.fromarray(np.clip(base + fine, 0, 255).astype(np.uint8))
-
-
 def test_large_jpeg_is_decoded_at_a_reduced_scale_with_its_full_size_kept():
-    data = _encode(_detailed(1600, 1200), "JPEG", quality=90)
+    data = _encode(photo_like(1600, 1200), "JPEG", quality=90)
     asked = []
 
     def need(size):
@@ -66,11 +58,11 @@ def test_large_jpeg_is_decoded_at_a_reduced_scale_with_its_full_size_kept():
 
 
 def test_reduced_decode_only_for_jpeg_and_follows_exif_orientation():
-    png = _encode(_detailed(640, 480), "PNG")
+    png = _encode(photo_like(640, 480), "PNG")
     assert decode(png, min_size=lambda size: (40, 30)).image.size == (640, 480)
     exif = Image.Exif()
     exif[0x0112] = 6  # stored landscape, shown portrait
-    data = _encode(_detailed(1600, 1200), "JPEG", exif=exif)
+    data = _encode(photo_like(1600, 1200), "JPEG", exif=exif)
     asked = []
 
     def need(size):
@@ -89,7 +81,7 @@ def test_full_size_is_upright_whether_or_not_the_decode_is_reduced(fmt):
     every path: whole decode, a format that is never reduced, and a JPEG too small to reduce."""
     exif = Image.Exif()
     exif[0x0112] = 6
-    data = _encode(_detailed(640, 448), fmt, exif=exif)
+    data = _encode(photo_like(640, 448), fmt, exif=exif)
     for min_size in (None, lambda size: (300, 300)):  # 448 < 2 x 300: never reduced
         decoded = decode(data, min_size=min_size)
         assert decoded.image.size == (448, 640), (fmt, min_size)
@@ -97,7 +89,7 @@ def test_full_size_is_upright_whether_or_not_the_decode_is_reduced(fmt):
 
 
 def test_mpo_first_frame_is_decoded_reduced():
-    first, second = _detailed(1600, 1200), _detailed(1600, 1200, seed=1)
+    first, second = photo_like(1600, 1200), photo_like(1600, 1200, seed=1)
     buffer = io.BytesIO()
     first.save(buffer, format="MPO", save_all=True, append_images=[second])
     decoded = decode(buffer.getvalue(), min_size=lambda size: (200, 150))

@@ -5,6 +5,7 @@ from PIL import Image
 from timm.data import create_transform
 
 from app.engine.preprocess import DataConfig, Preprocessor, project_to_original
+from tests.helpers import jpeg_bytes, photo_like
 
 
 def _photo(width, height, seed=0):
@@ -78,18 +79,10 @@ def test_geometry_round_trip(size):
 def test_reduced_jpeg_decode_gives_the_same_geometry_and_nearly_the_same_pixels(size):
     """A camera-sized JPEG decoded at a reduced scale (at least twice the resize target) against the
     full decode: identical geometry, model inputs within a fraction of a grey level on average."""
-    import io
-
     from app.serving.pipeline import prepare_image
 
     width, height = size
-    rng = np.random.default_rng(1)
-    coarse = Image.fromarray(rng.integers(0, 256, (height // 48, width // 48, 3), dtype=np.uint8))
-    base = np.asarray(coarse.resize(size, Image.Resampling.BICUBIC), dtype=np.int64)
-    pixels = np.clip(base + rng.integers(-20, 21, (height, width, 3)), 0, 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=92)
-    data = buffer.getvalue()
+    data = jpeg_bytes(photo_like(width, height, seed=1, cell=48, noise=20), quality=92)
     pre = Preprocessor(CONFIGS[0])
     common = {"max_pixels": 10**8, "allowed_formats": frozenset({"JPEG"}), "keep_original": False}
     full = prepare_image(data, pre, reduced_jpeg_decode=False, **common)
