@@ -58,8 +58,12 @@ class LevelResult:
     client_cpu_s: float = 0.0  # CPU time of this (client) process during the level
 
     @property
+    def served_requests(self) -> int:
+        return self.requests - self.errors
+
+    @property
     def served_images(self) -> int:
-        return (self.requests - self.errors) * self.images_per_request
+        return self.served_requests * self.images_per_request
 
     @property
     def server_cpu_ms_per_image(self) -> float:
@@ -69,12 +73,12 @@ class LevelResult:
 
     @property
     def client_cpu_ms_per_request(self) -> float:
-        served = self.requests - self.errors
+        served = self.served_requests
         return 1000 * self.client_cpu_s / served if served else float("nan")
 
     @property
     def requests_per_s(self) -> float:
-        return (self.requests - self.errors) / self.seconds if self.seconds > 0 else 0.0
+        return self.served_requests / self.seconds if self.seconds > 0 else 0.0
 
     @property
     def images_per_s(self) -> float:
