@@ -41,7 +41,13 @@ def tiny_settings(weights: Path, **overrides: Any) -> Settings:
 
 @asynccontextmanager
 async def running_service(settings: Settings, *, wait_ready: bool = True) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings)
+    async with serving(create_app(settings), wait_ready=wait_ready) as client:
+        yield client
+
+
+@asynccontextmanager
+async def serving(app: Any, *, wait_ready: bool = True) -> AsyncIterator[httpx.AsyncClient]:
+    """One lifespan of ``app``, with a client that reaches it through httpx's ASGI transport."""
     async with LifespanManager(app, startup_timeout=60, shutdown_timeout=60) as manager:
         transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://service", timeout=60) as client:

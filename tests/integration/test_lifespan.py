@@ -3,26 +3,21 @@ answers; the first stop's drained state does not leak into the second run."""
 
 from __future__ import annotations
 
-import httpx
-from asgi_lifespan import LifespanManager
-
 from app.main import create_app
-from tests.integration.conftest import image_bytes, tiny_settings, wait_until_settled
+from tests.integration.conftest import image_bytes, serving, tiny_settings
 
 
 async def _explain_once(app) -> tuple[dict, object]:
-    async with LifespanManager(app, startup_timeout=60, shutdown_timeout=60) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://service", timeout=60) as client:
-            ready = await wait_until_settled(client)
-            assert ready.status_code == 200 and ready.json()["status"] == "ready"
-            response = await client.post(
-                "/v1/models/tiny/explain",
-                files={"files": ("a.png", image_bytes(5), "image/png")},
-                data={"encodings": "json"},
-            )
-            assert response.status_code == 200, response.text
-            return response.json(), app.state.service.registry
+    async with serving(app) as client:
+        ready = await client.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["status"] == "ready"
+        response = await client.post(
+            "/v1/models/tiny/explain",
+            files={"files": ("a.png", image_bytes(5), "image/png")},
+            data={"encodings": "json"},
+        )
+        assert response.status_code == 200, response.text
+        return response.json(), app.state.service.registry
 
 
 async def test_the_same_app_can_be_started_again_after_a_stop(tiny_weights):
