@@ -147,6 +147,11 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--target", choices=["label", "predicted"], default="label", help="class explained")
     parser.add_argument("--steps", type=int, default=32, help="insertion/deletion steps (0: skip them)")
     parser.add_argument("--tolerance", type=float, default=4.0, help="pointing-game tolerance in pixels")
+    parser.add_argument(
+        "--pointing-reference",
+        default="rollout",
+        help="method the others' pointing hits are paired against (wins, losses, exact McNemar p)",
+    )
     parser.add_argument("--batch-size", type=int, default=25)
     parser.add_argument("--figure-images", type=int, default=6, help="rows in the PNG grid")
     parser.add_argument("--device", default="auto")
@@ -178,6 +183,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         folder_batches,
         list_image_dir,
         markdown_table,
+        pointing_pairs_table,
         synthetic_batches,
         text_table,
     )
@@ -188,6 +194,9 @@ def _run_eval(args: argparse.Namespace) -> int:
     unknown = [name for name in methods if name not in METHODS]
     if unknown or not methods:
         print(f"error: unknown methods {unknown}; expected some of {', '.join(METHODS)}", file=sys.stderr)
+        return 2
+    if args.pointing_reference not in METHODS:
+        print(f"error: unknown --pointing-reference {args.pointing_reference!r}", file=sys.stderr)
         return 2
     try:
         loaded = _load(args)
@@ -233,11 +242,23 @@ def _run_eval(args: argparse.Namespace) -> int:
         f"{args.steps}; pointing tolerance: {args.tolerance:g} px. All values in percent."
     )
     table = markdown_table(report)
+    pairs = pointing_pairs_table(report, args.pointing_reference)
+    if pairs:
+        pairs = (
+            f"Pointing game, paired against {args.pointing_reference} on the same images (wins: only "
+            f"the method hits; losses: only {args.pointing_reference} hits; p: exact McNemar, "
+            f"two-sided; 'correct': the correctly classified images):\n\n{pairs}\n"
+        )
     (args.out / "results.csv").write_text(csv_text(report), encoding="utf-8")
-    (args.out / "results.md").write_text(f"{summary}\n\n{table}\n", encoding="utf-8")
+    (args.out / "results.md").write_text(
+        f"{summary}\n\n{table}\n" + (f"\n{pairs}" if pairs else ""), encoding="utf-8"
+    )
     if report.figure_pixels is not None:
         figure(report).save(args.out / "eval_grid.png", optimize=True)
     print(summary)
     print(text_table(report))
+    if pairs:
+        print()
+        print(pairs.rstrip())
     print(f"wrote {args.out / 'results.csv'}, {args.out / 'results.md'}, {args.out / 'eval_grid.png'}")
     return 0

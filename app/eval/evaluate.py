@@ -112,6 +112,32 @@ class EvalReport:
     def rows(self) -> list[dict[str, float | str]]:
         return [{"method": name, **self.scores[name].summary()} for name in self.methods]
 
+    def pointing_pairs(self, reference: str) -> list[dict[str, float | int | str]]:
+        """Every other method's pointing hits against ``reference``'s on the same images, over all
+        images and over the correctly classified ones: misses, wins (only the method hits), losses
+        (only the reference hits) and the exact McNemar p-value. Empty without pointing data."""
+        if reference not in self.scores or not self.scores[reference].pointing:
+            return []
+        base = self.scores[reference]
+        rows: list[dict[str, float | int | str]] = []
+        for name in self.methods:
+            if name == reference:
+                continue
+            row: dict[str, float | int | str] = {"method": name}
+            for suffix, hits, base_hits in (
+                ("", self.scores[name].pointing, base.pointing),
+                ("_correct", self.scores[name].pointing_correct, base.pointing_correct),
+            ):
+                wins, losses = metrics.paired_hits(hits, base_hits)
+                row[f"images{suffix}"] = len(hits)
+                row[f"misses{suffix}"] = len(hits) - round(sum(hits))
+                row[f"reference_misses{suffix}"] = len(base_hits) - round(sum(base_hits))
+                row[f"wins{suffix}"] = wins
+                row[f"losses{suffix}"] = losses
+                row[f"p{suffix}"] = metrics.exact_mcnemar(wins, losses)
+            rows.append(row)
+        return rows
+
 
 # ---------------------------------------------------------------------------------------------- data
 
@@ -336,6 +362,25 @@ def markdown_table(report: EvalReport) -> str:
     lines = [header, rule]
     for row in report.rows():
         lines.append(f"| {row['method']} | " + " | ".join(_cell(row[c]) for c in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def pointing_pairs_table(report: EvalReport, reference: str) -> str:
+    """Markdown: the paired pointing comparison against ``reference`` ('' without pointing data)."""
+    rows = report.pointing_pairs(reference)
+    if not rows:
+        return ""
+    lines = [
+        f"| Method | misses | {reference} misses | wins | losses | p | misses, correct | "
+        f"{reference} misses, correct | wins, correct | losses, correct | p, correct |",
+        "|---|" + "|".join("---:" for _ in range(10)) + "|",
+    ]
+    for row in rows:
+        cells = []
+        for suffix in ("", "_correct"):
+            cells += [str(row[f"{key}{suffix}"]) for key in ("misses", "reference_misses", "wins", "losses")]
+            cells.append(f"{float(row[f'p{suffix}']):.3g}")
+        lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -20,11 +20,19 @@ curve of the class's softmax probability against the fraction of pixels moved (t
 
 Pointing game (Zhang et al. 2016): a hit when the upsampled map's maximum (the first one in
 row-major order) lies within ``tolerance`` pixels (Euclidean) of a pixel of the object mask.
+
+Paired comparison of two methods' pointing hits on the same images: ``wins`` are the images only
+the first hits, ``losses`` those only the second hits. The exact McNemar test asks whether wins and
+losses could be a fair coin's split of the discordant images (two-sided p-value), and
+:func:`strict_win_probability` gives the chance that a sample of ``n`` images shows strictly more
+wins than losses at given per-image rates: when both methods are near the ceiling, small samples
+decide little.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -176,3 +184,46 @@ def pointing_hits(upsampled_maps: torch.Tensor, object_masks: torch.Tensor, tole
     distance_sq = (ys - peak_y.view(batch, 1, 1)) ** 2 + (xs - peak_x.view(batch, 1, 1)) ** 2
     near = distance_sq <= tolerance**2 + 1e-9
     return (near & object_masks.bool()).flatten(1).any(dim=1).float()
+
+
+def paired_hits(first: Sequence[float], second: Sequence[float]) -> tuple[int, int]:
+    """(wins, losses): images only ``first`` hits, images only ``second`` hits (hits are 0 or 1)."""
+    if len(first) != len(second):
+        raise ValueError(f"the methods scored {len(first)} and {len(second)} images")
+    wins = sum(1 for a, b in zip(first, second, strict=True) if a > 0.5 >= b)
+    losses = sum(1 for a, b in zip(first, second, strict=True) if b > 0.5 >= a)
+    return wins, losses
+
+
+def exact_mcnemar(wins: int, losses: int) -> float:
+    """Two-sided exact McNemar p-value: ``2 P(X <= min(wins, losses))`` for ``X ~ Binomial(wins +
+    losses, 1/2)``, at most 1 (and 1 when there is no discordant image)."""
+    if wins < 0 or losses < 0:
+        raise ValueError("counts must not be negative")
+    total = wins + losses
+    tail = sum(math.comb(total, k) for k in range(min(wins, losses) + 1)) / 2.0**total
+    return min(1.0, 2.0 * tail)
+
+
+def strict_win_probability(win_rate: float, loss_rate: float, images: int) -> float:
+    """Chance that ``images`` independent images give more wins than losses, where each image is a
+    win with probability ``win_rate``, a loss with ``loss_rate`` and a tie otherwise."""
+    tie_rate = 1.0 - win_rate - loss_rate
+    if min(win_rate, loss_rate, tie_rate) < 0:
+        raise ValueError("rates must be non-negative and sum to at most 1")
+    # distribution of (wins - losses), built image by image
+    offset = images
+    dist = [0.0] * (2 * images + 1)
+    dist[offset] = 1.0
+    for _ in range(images):
+        step = [0.0] * len(dist)
+        for index, mass in enumerate(dist):
+            if mass == 0.0:
+                continue
+            step[index] += mass * tie_rate
+            if index + 1 < len(step):
+                step[index + 1] += mass * win_rate
+            if index > 0:
+                step[index - 1] += mass * loss_rate
+        dist = step
+    return float(sum(dist[offset + 1 :]))

@@ -165,3 +165,50 @@ def test_labels_file_and_folder_listing(tmp_path):
     bad.write_text("x1.JPEG\n", encoding="utf-8")
     with pytest.raises(ValueError):
         read_labels_file(bad)
+
+
+def test_pointing_pairs_match_the_per_image_hits(tiny_weights, tmp_path, capsys):
+    """Wins, losses, misses and the McNemar p-value of the paired table are the per-image pointing
+    hits of the two methods, counted here independently; the CLI writes the table."""
+    from app.engine.models import load_model
+    from app.eval import metrics
+    from app.eval.evaluate import evaluate, pointing_pairs_table, synthetic_batches
+
+    loaded = load_model(None, tiny_weights)
+    methods = ["reciprocam", "gradcam", "rollout"]
+    report = evaluate(
+        loaded,
+        synthetic_batches(loaded, seed=3, limit=16, batch_size=6),
+        methods,
+        total=16,
+        steps=0,
+        progress=False,
+    )
+    reference = report.scores["rollout"].pointing
+    rows = report.pointing_pairs("rollout")
+    assert [row["method"] for row in rows] == ["reciprocam", "gradcam"]
+    discordant = 0
+    for row in rows:
+        hits = report.scores[str(row["method"])].pointing
+        wins = sum(1 for a, b in zip(hits, reference, strict=True) if a == 1.0 and b == 0.0)
+        losses = sum(1 for a, b in zip(hits, reference, strict=True) if a == 0.0 and b == 1.0)
+        discordant += wins + losses
+        assert (row["wins"], row["losses"]) == (wins, losses)
+        assert row["misses"] == hits.count(0.0) and row["reference_misses"] == reference.count(0.0)
+        assert row["p"] == metrics.exact_mcnemar(wins, losses)
+        assert row["images_correct"] == len(report.scores["rollout"].pointing_correct)
+    assert discordant > 0  # the random model's methods disagree somewhere, so the counts are tested
+    assert report.pointing_pairs("no-such-method") == []
+    table = pointing_pairs_table(report, "rollout")
+    assert table.splitlines()[2].startswith(
+        f"| reciprocam | {rows[0]['misses']} | {rows[0]['reference_misses']} |"
+    )
+
+    out = tmp_path / "out"
+    args = ["eval", "--model", str(tiny_weights), "--limit", "4", "--steps", "0", "--no-progress"]
+    assert main([*args, "--methods", "reciprocam,rollout", "--out", str(out)]) == 0
+    assert "paired against rollout" in (out / "results.md").read_text(encoding="utf-8")
+    assert "paired against rollout" in capsys.readouterr().out
+    assert main([*args, "--methods", "reciprocam", "--out", str(out)]) == 0
+    assert "paired against" not in (out / "results.md").read_text(encoding="utf-8")
+    assert main([*args, "--pointing-reference", "nope", "--out", str(out)]) == 2

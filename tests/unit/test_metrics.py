@@ -140,3 +140,42 @@ def test_mask_input_multiplies_every_channel():
     assert masked[0, :, 0, 0].tolist() == inputs[0, :, 0, 0].tolist()
     assert masked[0, :, 1, 0].tolist() == (inputs[0, :, 1, 0] * 0.5).tolist()
     assert masked[0, :, :, 1].abs().sum() == 0
+
+
+def test_paired_hits_counts_the_images_only_one_method_hits():
+    first = [1.0, 0.0, 1.0, 0.0, 1.0]
+    second = [1.0, 1.0, 0.0, 0.0, 0.0]
+    # only the first hits images 2 and 4; only the second hits image 1; images 0 and 3 tie
+    assert metrics.paired_hits(first, second) == (2, 1)
+    assert metrics.paired_hits(second, first) == (1, 2)
+    with pytest.raises(ValueError):
+        metrics.paired_hits([1.0], [1.0, 0.0])
+
+
+def test_exact_mcnemar_by_hand():
+    assert metrics.exact_mcnemar(0, 0) == 1.0
+    # 5 discordant images, all wins: 2 * (1/2)^5
+    assert metrics.exact_mcnemar(5, 0) == pytest.approx(0.0625)
+    assert metrics.exact_mcnemar(0, 5) == pytest.approx(0.0625)
+    # 1 of 6: 2 * (C(6,0) + C(6,1)) / 2^6 = 14 / 64
+    assert metrics.exact_mcnemar(1, 5) == pytest.approx(14 / 64)
+    # 2 of 4: 2 * (1 + 4 + 6) / 16 > 1, capped
+    assert metrics.exact_mcnemar(2, 2) == 1.0
+    assert metrics.exact_mcnemar(10, 0) == pytest.approx(2 / 1024)
+    with pytest.raises(ValueError):
+        metrics.exact_mcnemar(-1, 3)
+
+
+def test_strict_win_probability_by_hand():
+    # one image: a win with probability 0.3
+    assert metrics.strict_win_probability(0.3, 0.2, 1) == pytest.approx(0.3)
+    # two images (tie rate 0.5): win-win, or one win and one tie in either order
+    assert metrics.strict_win_probability(0.3, 0.2, 2) == pytest.approx(0.3**2 + 2 * 0.3 * 0.5)
+    # three images: W - L > 0 for WWW, WWT (3 orders), WTT (3), WWL (3)
+    w, lo, t = 0.2, 0.1, 0.7
+    expected = w**3 + 3 * w**2 * t + 3 * w * t**2 + 3 * w**2 * lo
+    assert metrics.strict_win_probability(w, lo, 3) == pytest.approx(expected)
+    assert metrics.strict_win_probability(0.0, 0.1, 5) == 0.0
+    assert metrics.strict_win_probability(1.0, 0.0, 3) == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        metrics.strict_win_probability(0.7, 0.5, 3)
