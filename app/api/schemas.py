@@ -127,7 +127,11 @@ class Explanation(BaseModel):
     score_range: list[float] = Field(description="[min, max] of the raw score map before normalisation")
     size: list[int] = Field(description="[height, width] of the returned map")
     png: str | None = Field(None, description="grayscale PNG, base64 (floor(255 * normalised))")
-    heatmap: str | None = Field(None, description="colour-mapped PNG, base64")
+    heatmap: str | None = Field(
+        None,
+        description="colour-mapped PNG, base64: a palette PNG whose indices are floor(255 * map) and whose "
+        "palette is the colour map",
+    )
     overlay: str | None = Field(None, description="heatmap blended on the image, PNG, base64")
     map_values: list[list[float]] | None = Field(
         None, alias="json", description="normalised map in [0, 1], rows of floats"

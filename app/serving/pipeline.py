@@ -16,7 +16,7 @@ import torch
 from app.engine.preprocess import Geometry, Preprocessor, project_to_original
 from app.engine.reciprocam import ImageExplanation, normalize_maps, upsample_maps
 from app.serving.images import decode
-from app.serving.render import heatmap_rgb, overlay_rgb, png_bytes, to_uint8
+from app.serving.render import heatmap_png, overlay_rgb, png_bytes, to_uint8
 
 ENCODINGS: tuple[str, ...] = ("png", "heatmap", "overlay", "json")
 MAP_SIZES: tuple[str, ...] = ("grid", "input", "original")
@@ -139,7 +139,7 @@ def render_result(
             if encoding == "png":
                 item["png"] = _b64_png(to_uint8(map_values))
             elif encoding == "heatmap":
-                item["heatmap"] = _b64_png(heatmap_rgb(map_values, render.colormap))
+                item["heatmap"] = base64.b64encode(heatmap_png(map_values, render.colormap)).decode("ascii")
             elif encoding == "overlay":
                 assert overlay_maps is not None and overlay_base is not None
                 item["overlay"] = _b64_png(

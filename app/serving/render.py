@@ -80,6 +80,29 @@ def overlay_rgb(
     return np.clip(np.round(blended), 0, 255).astype(np.uint8)
 
 
+@lru_cache(maxsize=8)
+def _palette(name: str) -> bytes:
+    return colormap_lut(name).tobytes()
+
+
+def heatmap_png(normalized: np.ndarray, colormap: str = "jet", *, compress_level: int = 1) -> bytes:
+    """The colour heatmap of an (H, W) map in [0, 1] as a palette PNG.
+
+    Decoded, its pixels equal :func:`heatmap_rgb`'s exactly: each pixel stores its 8-bit map value
+    and the PNG's palette is the colour map's lookup table. One byte per pixel instead of three makes
+    it several times faster to encode than the RGB image, and smaller.
+    """
+    indices = to_uint8(normalized)
+    if indices.ndim != 2:
+        raise ValueError(f"a heatmap needs an (H, W) map, got shape {indices.shape}")
+    height, width = indices.shape
+    image = Image.frombytes("P", (width, height), np.ascontiguousarray(indices).tobytes())
+    image.putpalette(_palette(colormap))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=compress_level)
+    return buffer.getvalue()
+
+
 def png_bytes(array: np.ndarray, *, compress_level: int = 1) -> bytes:
     """Encode an (H, W) uint8 grayscale or (H, W, 3) uint8 RGB array as PNG."""
     buffer = io.BytesIO()

@@ -13,6 +13,7 @@ from PIL import Image
 from app.api.schemas import ExplainResponse, ModelInfo, PredictResponse
 from app.engine.reciprocam import CamOptions, normalize_maps
 from app.serving.pipeline import prepare_image
+from app.serving.render import colormap_lut
 from tests.helpers import jpeg_bytes, photo_like
 from tests.integration.conftest import (
     LABELS,
@@ -114,7 +115,10 @@ async def test_explain_maps_match_the_engine_in_every_encoding(client):
         assert gray.shape == (4, 4) and gray.dtype == np.uint8
         assert int(gray.max()) == 255 and int(gray.min()) == 0
         heat = Image.open(io.BytesIO(base64.b64decode(explanation.heatmap)))
-        assert heat.mode == "RGB" and heat.size == (4, 4)
+        # a palette PNG: the indices are the grayscale map, the palette the colour map
+        assert heat.mode == "P" and heat.size == (4, 4)
+        np.testing.assert_array_equal(np.asarray(heat), gray)
+        np.testing.assert_array_equal(np.asarray(heat.convert("RGB")), colormap_lut("jet")[gray])
         overlay = Image.open(io.BytesIO(base64.b64decode(explanation.overlay)))
         assert overlay.mode == "RGB" and overlay.size == (32, 32)  # grid overlays are drawn on the input
 

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from app.serving.images import ImageDecodeError, decode, decode_image
-from app.serving.render import colormap_lut, heatmap_rgb, overlay_rgb, png_bytes
+from app.serving.render import colormap_lut, heatmap_png, heatmap_rgb, overlay_rgb, png_bytes
 from tests.helpers import photo_like
 
 
@@ -132,6 +132,23 @@ def test_colormaps_and_overlay():
         colormap_lut("rainbow")
     decoded = Image.open(io.BytesIO(png_bytes(heat)))
     assert decoded.size == (2, 1) and decoded.mode == "RGB"
+
+
+@pytest.mark.parametrize("colormap", ["jet", "viridis", "inferno", "gray"])
+def test_heatmap_png_decodes_to_the_rgb_heatmap(colormap):
+    rng = np.random.default_rng(4)
+    values = rng.random((37, 53))
+    values[0, 0], values[-1, -1] = 0.0, 1.0
+    data = heatmap_png(values, colormap)
+    decoded = Image.open(io.BytesIO(data))
+    assert decoded.format == "PNG" and decoded.mode == "P" and decoded.size == (53, 37)
+    # the indices are floor(255 * map); the colours are exactly the RGB heatmap's
+    np.testing.assert_array_equal(np.asarray(decoded), np.floor(values * 255).astype(np.uint8))
+    np.testing.assert_array_equal(np.asarray(decoded.convert("RGB")), heatmap_rgb(values, colormap))
+    # one byte per pixel: smaller than the RGB encoding of the same picture
+    assert len(data) < len(png_bytes(heatmap_rgb(values, colormap)))
+    with pytest.raises(ValueError):
+        heatmap_png(np.zeros((2, 2, 3)))
 
 
 def test_bad_input_corpus_is_rejected_with_the_right_status():
