@@ -45,6 +45,12 @@ def bench_decode() -> Iterator[ModuleType]:
         yield module
 
 
+@pytest.fixture
+def bench_render() -> Iterator[ModuleType]:
+    with benchmark_module("bench_render") as module:
+        yield module
+
+
 @pytest.fixture(scope="module")
 def load_test() -> Iterator[ModuleType]:
     with benchmark_module("load_test") as module:
