@@ -572,7 +572,7 @@ async def _images_from_bytes(
         prepared = await service.prepare_images(files, loaded.preprocessor)
     except ImageDecodeError as exc:
         raise OipError(exc.status, f"image {exc.index}: {exc}") from exc
-    return [image.tensor for image in prepared]
+    return [image.pixels for image in prepared]  # uint8: normalised with the batch
 
 
 def _split_bytes(raw: bytes, count: int) -> list[bytes]:

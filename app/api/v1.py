@@ -109,7 +109,7 @@ async def _serve(request: Request, service: Service, name: str, *, explain: bool
         prefix = f"image {exc.index}: " if len(images) > 1 else ""
         raise ServiceError(exc.status, exc.code, f"{prefix}{exc}") from exc
     items = [
-        BatchItem(image=image.tensor, options=cam_options, targets=targets, top_k=options.top_k)
+        BatchItem(image=image.pixels, options=cam_options, targets=targets, top_k=options.top_k)
         for image in prepared
     ]
     outcome = await batcher.submit(items, disconnected=request.is_disconnected)

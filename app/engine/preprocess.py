@@ -161,10 +161,16 @@ class Preprocessor:
         return np.array(canvas, dtype=np.uint8), geometry
 
     def normalize(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """uint8 (..., H, W, 3) pixels -> normalised float32 (..., 3, H, W)."""
+        """uint8 (..., H, W, 3) pixels -> normalised float32 (..., 3, H, W), on the pixels' device.
+
+        A batch gives exactly the values of its images normalised one by one (the arithmetic is
+        per element)."""
         tensor = torch.as_tensor(pixels).float().div_(255.0)
         tensor = tensor.movedim(-1, -3)
-        return (tensor - self._mean) / self._std
+        mean, std = self._mean, self._std
+        if tensor.device != mean.device:
+            mean, std = mean.to(tensor.device), std.to(tensor.device)
+        return (tensor - mean) / std
 
     def __call__(self, image: Image.Image) -> tuple[torch.Tensor, Geometry]:
         pixels, geometry = self.to_pixels(image)

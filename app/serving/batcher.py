@@ -43,11 +43,13 @@ DisconnectCheck = Callable[[], Awaitable[bool]]
 class BatchItem:
     """One preprocessed image and what to compute for it.
 
-    ``options`` None means prediction only. ``targets`` are explicit class ids to explain; otherwise
-    the ``top_k`` most probable classes are explained.
+    ``image`` is either the model input as uint8 pixels (H, W, 3), normalised with the batch on the
+    model's device, or an already normalised float tensor (3, H, W). ``options`` None means
+    prediction only. ``targets`` are explicit class ids to explain; otherwise the ``top_k`` most
+    probable classes are explained.
     """
 
-    image: torch.Tensor  # (3, H, W)
+    image: torch.Tensor  # (H, W, 3) uint8 pixels, or (3, H, W) normalised
     options: CamOptions | None = None
     targets: list[int] | None = None
     top_k: int = 1
@@ -63,9 +65,44 @@ class BatchOutcome:
     batch_images: int
 
 
-def run_engine_batch(engine: object, items: Sequence[BatchItem]) -> list[ImageExplanation]:
-    """One ``ReciproCAM.explain`` call for a batch of items (called on the device thread)."""
-    images = torch.stack([item.image for item in items])
+def batch_inputs(
+    items: Sequence[BatchItem],
+    normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """The batch's model inputs (B, 3, H, W) in item order, on ``device``.
+
+    uint8 pixels are stacked and moved as uint8 (a quarter of the bytes of float32), then
+    normalised in one call of ``normalize`` on the device; float items are taken as they are.
+    """
+    pixel_rows = [row for row, item in enumerate(items) if item.image.dtype == torch.uint8]
+    tensor_rows = [row for row, item in enumerate(items) if item.image.dtype != torch.uint8]
+    if not pixel_rows:
+        stacked = torch.stack([item.image for item in items])
+        return stacked if device is None else stacked.to(device)
+    if normalize is None:
+        raise ValueError("uint8 images need a normalize function")
+    pixels = torch.stack([items[row].image for row in pixel_rows])
+    normalized = normalize(pixels if device is None else pixels.to(device))
+    if not tensor_rows:
+        return normalized
+    inputs = torch.empty(
+        (len(items), *normalized.shape[1:]), dtype=normalized.dtype, device=normalized.device
+    )
+    inputs[pixel_rows] = normalized
+    inputs[tensor_rows] = torch.stack([items[row].image for row in tensor_rows]).to(inputs)
+    return inputs
+
+
+def run_engine_batch(
+    engine: object,
+    items: Sequence[BatchItem],
+    normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    device: torch.device | str | None = None,
+) -> list[ImageExplanation]:
+    """One ``ReciproCAM.explain`` call for a batch of items (called on the device thread); uint8
+    items are normalised here, with the batch, on ``device`` (see :func:`batch_inputs`)."""
+    images = batch_inputs(items, normalize, device)
     options = [item.options for item in items]
     targets = [item.targets for item in items] if any(item.targets is not None for item in items) else None
     top_ks = [item.top_k for item in items if item.options is not None and item.targets is None]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,12 +24,27 @@ MAP_SIZES: tuple[str, ...] = ("grid", "input", "original")
 
 @dataclass
 class PreparedImage:
-    """A decoded image ready for the model, with what rendering needs later."""
+    """A decoded image ready for the model, with what rendering needs later.
 
-    tensor: torch.Tensor  # (3, H, W) normalised model input
+    The model input stays uint8 (``pixels``) until the batch is computed: the compute thread
+    normalises a whole batch at once, on the model's device (see
+    :func:`app.serving.batcher.run_engine_batch`). ``tensor`` normalises this one image the same way.
+    """
+
     geometry: Geometry
     input_pixels: np.ndarray  # (H, W, 3) uint8: the model input before normalisation
     original: np.ndarray | None  # (H0, W0, 3) uint8, kept only when an overlay on it is wanted
+    preprocessor: Preprocessor = field(repr=False)
+
+    @property
+    def pixels(self) -> torch.Tensor:
+        """(H, W, 3) uint8 model input, sharing memory with ``input_pixels``."""
+        return torch.from_numpy(self.input_pixels)
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        """(3, H, W) normalised model input."""
+        return self.preprocessor.normalize(self.input_pixels)
 
     @property
     def original_size(self) -> tuple[int, int]:
@@ -68,9 +83,8 @@ def prepare_image(
     )
     image = decoded.image
     pixels, geometry = preprocessor.to_pixels(image, decoded.original_size)
-    tensor = preprocessor.normalize(pixels)
     original = np.asarray(image) if keep_original else None
-    return PreparedImage(tensor=tensor, geometry=geometry, input_pixels=pixels, original=original)
+    return PreparedImage(geometry=geometry, input_pixels=pixels, original=original, preprocessor=preprocessor)
 
 
 def predictions(logits: torch.Tensor, top_k: int, labels: Sequence[str]) -> list[dict[str, Any]]:

@@ -145,10 +145,10 @@ class ModelRegistry:
         if executor is None:
             executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"compute-{device_key}")
             self._device_threads[device_key] = executor
-        engine = loaded.engine
+        engine, normalize, device = loaded.engine, loaded.preprocessor.normalize, loaded.device
         batcher = Batcher(
             entry.name,
-            lambda items: run_engine_batch(engine, items),
+            lambda items: run_engine_batch(engine, items, normalize, device),
             executor,
             self.settings.batch,
             self.metrics,

@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from app.cli import main
 from app.serving import registry
@@ -29,9 +30,9 @@ def _delay_s(path: Path) -> float:
 
 
 def install_delay(path: Path) -> None:
-    def slowed(engine: object, items: Sequence[BatchItem]) -> list:  # type: ignore[type-arg]
+    def slowed(engine: object, items: Sequence[BatchItem], *args: Any) -> list:  # type: ignore[type-arg]
         time.sleep(_delay_s(path))
-        return run_engine_batch(engine, items)
+        return run_engine_batch(engine, items, *args)
 
     registry.run_engine_batch = slowed  # type: ignore[assignment]
 

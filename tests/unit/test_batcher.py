@@ -219,3 +219,41 @@ async def test_engine_batch_call_per_image_options_and_top_k():
     assert options == [None, CamOptions(), dirac]
     assert targets == [None, None, [1]]
     assert top_k == 2  # only explained images without explicit targets count
+
+
+def test_batch_inputs_normalise_uint8_pixels_with_the_batch():
+    """uint8 items are normalised in one call and equal their one-by-one normalisation exactly;
+    float items pass through; the rows keep the items' order."""
+    import numpy as np
+
+    from app.engine.preprocess import DataConfig, Preprocessor
+    from app.serving.batcher import batch_inputs
+
+    preprocessor = Preprocessor(DataConfig(input_size=(6, 5), mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3)))
+    rng = np.random.default_rng(0)
+    pixels = [rng.integers(0, 256, (6, 5, 3), dtype=np.uint8) for _ in range(3)]
+    calls: list[tuple[int, ...]] = []
+
+    def normalize(batch: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(batch.shape))
+        assert batch.dtype == torch.uint8  # moved to the device as uint8
+        return preprocessor.normalize(batch)
+
+    one_by_one = [preprocessor.normalize(p) for p in pixels]
+    items = [BatchItem(image=torch.from_numpy(p)) for p in pixels]
+    inputs = batch_inputs(items, normalize, "cpu")
+    assert calls == [(3, 6, 5, 3)]
+    assert inputs.shape == (3, 3, 6, 5) and inputs.dtype == torch.float32
+    assert torch.equal(inputs, torch.stack(one_by_one))
+
+    given = torch.randn(3, 6, 5)
+    mixed = [items[0], BatchItem(image=given), items[2]]
+    inputs = batch_inputs(mixed, normalize)
+    assert torch.equal(inputs[0], one_by_one[0])
+    assert torch.equal(inputs[1], given)
+    assert torch.equal(inputs[2], one_by_one[2])
+
+    floats = batch_inputs([BatchItem(image=given), BatchItem(image=given * 2)])
+    assert torch.equal(floats, torch.stack([given, given * 2]))
+    with pytest.raises(ValueError, match="normalize"):
+        batch_inputs(items)
