@@ -140,6 +140,13 @@ class Settings(BaseSettings):
         "it is resized to (much less CPU for camera photos; pixels within a few levels of a full decode); "
         "false: always decode whole, exactly as timm's PIL pipeline",
     )
+    two_step_resize: bool = Field(
+        True,
+        description="resize an image of four times the resize target or more in two steps: an integer "
+        "box-filter reduction to at least twice the target, then the model's filter (much less CPU for "
+        "large PNG, WebP and other images decoded whole; pixels within a few levels of a one-step "
+        "resize); false: one step, exactly as timm's PIL pipeline",
+    )
     hub_probe_timeout_s: float = Field(
         3.0, ge=0, description="quick reachability check of the model hub before a hub download (0 = off)"
     )

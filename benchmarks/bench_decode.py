@@ -1,14 +1,16 @@
-"""Decode + preprocess cost of posted JPEGs: full decode against reduced-scale JPEG decoding.
+"""Decode + preprocess cost of posted images: the exact path against the service's defaults.
 
-For each image size the script encodes one photo-like JPEG (smooth colour fields plus fine noise;
-``--noise`` sets how much texture, and so how many bytes, it has), then times ``prepare_image``
-(decode, EXIF, resize and crop to the model input, normalise) with ``reduced_jpeg_decode`` off and
-on, in this process on one thread, and prints the milliseconds per image, their ratio, and how far
-the reduced decode's model input is from the full decode's (mean and largest difference in 8-bit
-levels).
+For each format and image size the script encodes one photo-like image (smooth colour fields plus
+fine noise; ``--noise`` sets how much texture, and so how many bytes, it has), then times
+``prepare_image`` (decode, EXIF, resize and crop to the model input) in this process on one thread,
+**exact** (``reduced_jpeg_decode`` and ``two_step_resize`` off: a whole decode and one resize, as
+timm's PIL pipeline) and with the **defaults** (both on: large JPEGs decoded at a reduced scale,
+large images of the other formats resized in two steps), and prints the milliseconds per image,
+their ratio, and how far the defaults' model input is from the exact one (mean and largest
+difference in 8-bit levels).
 
 Example:
-    python benchmarks/bench_decode.py --sizes 320x320 1024x768 4032x3024 --input-size 224
+    python benchmarks/bench_decode.py --formats JPEG PNG --sizes 320x320 1024x768 4032x3024
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ from app.engine.preprocess import DataConfig, Preprocessor
 from app.serving.pipeline import prepare_image
 
 
-def photo_jpeg(width: int, height: int, noise: int, quality: int = 90, seed: int = 0) -> bytes:
+def photo_image(
+    width: int, height: int, noise: int, fmt: str = "JPEG", quality: int = 90, seed: int = 0
+) -> bytes:
+    """A photo-like image encoded as ``fmt`` (JPEG and WebP at ``quality``; PNG at Pillow's default level)."""
     rng = np.random.default_rng(seed)
     coarse = Image.fromarray(
         rng.integers(0, 256, (max(1, height // 48), max(1, width // 48), 3), dtype=np.uint8)
@@ -38,18 +43,18 @@ def photo_jpeg(width: int, height: int, noise: int, quality: int = 90, seed: int
     base = np.asarray(coarse.resize((width, height), Image.Resampling.BICUBIC), dtype=np.int64)
     pixels = np.clip(base + rng.integers(-noise, noise + 1, (height, width, 3)), 0, 255).astype(np.uint8)
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
+    Image.fromarray(pixels).save(buffer, format=fmt, quality=quality)
     return buffer.getvalue()
 
 
 def time_ms(
-    data: bytes, preprocessor: Preprocessor, reduced: bool, common: dict[str, Any], repeats: int
+    data: bytes, preprocessor: Preprocessor, defaults: bool, common: dict[str, Any], repeats: int
 ) -> float:
-    """Median milliseconds of one prepare_image call."""
+    """Median milliseconds of one prepare_image call, exact or with the service's defaults."""
     samples = []
     for index in range(repeats + 1):
         started = time.perf_counter()
-        prepare_image(data, preprocessor, reduced_jpeg_decode=reduced, **common)
+        prepare_image(data, preprocessor, reduced_jpeg_decode=defaults, two_step_resize=defaults, **common)
         if index == 0:
             continue  # warm-up
         samples.append((time.perf_counter() - started) * 1000)
@@ -59,6 +64,9 @@ def time_ms(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--formats", nargs="+", default=["JPEG", "PNG", "WEBP"], choices=["JPEG", "PNG", "WEBP"]
     )
     parser.add_argument("--sizes", nargs="+", default=["320x320", "1024x768", "2048x1536", "4032x3024"])
     parser.add_argument("--input-size", type=int, default=224, help="model input side (DeiT: 224)")
@@ -75,27 +83,30 @@ def main(argv: list[str] | None = None) -> int:
             input_size=(args.input_size, args.input_size), interpolation="bicubic", crop_pct=args.crop_pct
         )
     )
-    common = {"max_pixels": 10**9, "allowed_formats": frozenset({"JPEG"}), "keep_original": False}
+    common = {"max_pixels": 10**9, "allowed_formats": frozenset(args.formats), "keep_original": False}
     lines = [
         f"Model input {args.input_size}x{args.input_size} (bicubic, crop_pct {args.crop_pct}); one thread; "
         f"median of {args.repeats}; fine noise +-{args.noise} levels",
         "",
-        "| JPEG | bytes | full decode ms | reduced decode ms | full / reduced | mean diff | max diff |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| format | size | bytes | exact ms | defaults ms | exact / defaults | mean diff | max diff |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for size in args.sizes:
-        width, height = (int(v) for v in size.lower().split("x"))
-        data = photo_jpeg(width, height, args.noise)
-        full = prepare_image(data, preprocessor, reduced_jpeg_decode=False, **common)
-        reduced = prepare_image(data, preprocessor, reduced_jpeg_decode=True, **common)
-        difference = np.abs(full.input_pixels.astype(np.int64) - reduced.input_pixels.astype(np.int64))
-        full_ms = time_ms(data, preprocessor, False, common, args.repeats)
-        reduced_ms = time_ms(data, preprocessor, True, common, args.repeats)
-        lines.append(
-            f"| {width}x{height} | {len(data)} | {full_ms:.2f} | {reduced_ms:.2f} | {full_ms / reduced_ms:.2f}x | "
-            f"{difference.mean():.2f} | {int(difference.max())} |"
-        )
-        print(lines[-1], flush=True)
+    for fmt in args.formats:
+        for size in args.sizes:
+            width, height = (int(v) for v in size.lower().split("x"))
+            data = photo_image(width, height, args.noise, fmt)
+            exact = prepare_image(
+                data, preprocessor, reduced_jpeg_decode=False, two_step_resize=False, **common
+            )
+            fast = prepare_image(data, preprocessor, reduced_jpeg_decode=True, two_step_resize=True, **common)
+            difference = np.abs(exact.input_pixels.astype(np.int64) - fast.input_pixels.astype(np.int64))
+            exact_ms = time_ms(data, preprocessor, False, common, args.repeats)
+            fast_ms = time_ms(data, preprocessor, True, common, args.repeats)
+            lines.append(
+                f"| {fmt} | {width}x{height} | {len(data)} | {exact_ms:.2f} | {fast_ms:.2f} | "
+                f"{exact_ms / fast_ms:.2f}x | {difference.mean():.2f} | {int(difference.max())} |"
+            )
+            print(lines[-1], flush=True)
     print()
     print("\n".join(lines))
     return 0

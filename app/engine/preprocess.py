@@ -135,17 +135,27 @@ class Preprocessor:
         return 2 * width, 2 * height
 
     def to_pixels(
-        self, image: Image.Image, original_size: tuple[int, int] | None = None
+        self,
+        image: Image.Image,
+        original_size: tuple[int, int] | None = None,
+        *,
+        reducing_gap: float | None = None,
     ) -> tuple[np.ndarray, Geometry]:
         """Resized and cropped uint8 RGB pixels (H, W, 3), before normalisation.
 
         ``original_size``: the full image's (width, height) when ``image`` was decoded at a reduced
         scale; the geometry (resize and crop, and where the map goes back) follows the full image.
+        ``reducing_gap``: Pillow's two-step resize; an image at least ``2 * reducing_gap`` times the
+        resize target is first shrunk by an integer factor (box filter) to no less than
+        ``reducing_gap`` times the target, then resized with the model's filter. None: one step,
+        exactly timm's PIL transform.
         """
         if image.mode != "RGB":
             image = image.convert("RGB")
         geometry = self.geometry(original_size or image.size)
-        resized = image.resize(geometry.resized_size, _INTERPOLATIONS[self.config.interpolation])
+        resized = image.resize(
+            geometry.resized_size, _INTERPOLATIONS[self.config.interpolation], reducing_gap=reducing_gap
+        )
         target_h, target_w = geometry.input_size
         left, top = geometry.offset
         if left >= 0 and top >= 0 and left + target_w <= resized.width and top + target_h <= resized.height:

@@ -20,6 +20,9 @@ from app.serving.render import heatmap_png, overlay_rgb, png_bytes, to_uint8
 
 ENCODINGS: tuple[str, ...] = ("png", "heatmap", "overlay", "json")
 MAP_SIZES: tuple[str, ...] = ("grid", "input", "original")
+# Two-step resizing keeps at least twice the resize target before the model's filter, as the
+# reduced JPEG decode does.
+TWO_STEP_REDUCING_GAP = 2.0
 
 
 @dataclass
@@ -68,11 +71,14 @@ def prepare_image(
     allowed_formats: frozenset[str],
     keep_original: bool,
     reduced_jpeg_decode: bool = False,
+    two_step_resize: bool = False,
 ) -> PreparedImage:
     """Decode (safely) and preprocess one posted image. Raises ``ImageDecodeError``.
 
     ``reduced_jpeg_decode``: a large JPEG may be decoded at a reduced scale that keeps at least
     twice the size it is resized to (never when the original pixels are kept for an overlay).
+    ``two_step_resize``: an image decoded at four times the resize target or more is first shrunk
+    by an integer factor (box filter) to no less than twice the target, then resized as usual.
     """
     reduce = reduced_jpeg_decode and not keep_original
     decoded = decode(
@@ -82,7 +88,9 @@ def prepare_image(
         min_size=preprocessor.min_decode_size if reduce else None,
     )
     image = decoded.image
-    pixels, geometry = preprocessor.to_pixels(image, decoded.original_size)
+    pixels, geometry = preprocessor.to_pixels(
+        image, decoded.original_size, reducing_gap=TWO_STEP_REDUCING_GAP if two_step_resize else None
+    )
     original = np.asarray(image) if keep_original else None
     return PreparedImage(geometry=geometry, input_pixels=pixels, original=original, preprocessor=preprocessor)
 

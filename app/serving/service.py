@@ -63,6 +63,7 @@ class Service:
                     allowed_formats=self.allowed_formats,
                     keep_original=keep_original,
                     reduced_jpeg_decode=self.settings.reduced_jpeg_decode,
+                    two_step_resize=self.settings.two_step_resize,
                 )
                 for data in blobs
             ),

@@ -374,12 +374,13 @@ def test_prepare_image_keeps_input_pixels():
 
 
 async def test_camera_sized_jpeg_is_decoded_reduced_and_answered_at_its_full_size(tiny_weights):
-    """With reduced JPEG decoding (the default) a large photo is explained from a reduced decode, yet
-    sizes and maps refer to the full image; switched off, the full decode is used, as the reference."""
+    """With reduced JPEG decoding and two-step resizing (the defaults) a large photo is explained from
+    a reduced decode, yet sizes and maps refer to the full image; with either switched off, the
+    service follows that setting, as the in-process reference with the same flags shows."""
     data = jpeg_bytes(photo_like(1280, 960, seed=7, cell=40, noise=20))
     logits = {}
-    for reduced in (True, False):
-        settings = tiny_settings(tiny_weights, reduced_jpeg_decode=reduced)
+    for reduced, two_step in ((True, True), (False, False), (False, True)):
+        settings = tiny_settings(tiny_weights, reduced_jpeg_decode=reduced, two_step_resize=two_step)
         async with running_service(settings) as client:
             loaded = client.app.state.service.registry.entries["tiny"].loaded
             prepared = prepare_image(
@@ -389,6 +390,7 @@ async def test_camera_sized_jpeg_is_decoded_reduced_and_answered_at_its_full_siz
                 allowed_formats=frozenset({"JPEG"}),
                 keep_original=False,
                 reduced_jpeg_decode=reduced,
+                two_step_resize=two_step,
             )
             (reference,) = loaded.engine.explain(prepared.tensor[None], CamOptions(), targets=[[2]])
             response = await client.post(
@@ -408,8 +410,9 @@ async def test_camera_sized_jpeg_is_decoded_reduced_and_answered_at_its_full_siz
             served = {p["class_id"]: p["logit"] for p in image["predictions"]}
             for class_id, logit in served.items():
                 assert logit == pytest.approx(float(reference.logits[class_id]), abs=1e-5)
-            logits[reduced] = served
-    assert logits[True] != logits[False]  # the two decodes gave (slightly) different inputs
+            logits[reduced, two_step] = served
+    # each shortcut gives (slightly) different inputs from the exact decode and resize
+    assert logits[True, True] != logits[False, False] != logits[False, True]
 
 
 async def test_exif_rotated_image_is_answered_upright_with_an_overlay_on_the_original(client):
