@@ -33,6 +33,21 @@ def benchmark_module(name: str) -> Iterator[ModuleType]:
             sys.modules[name] = previous
 
 
+def run_table(module: ModuleType, args: list[str], capsys: pytest.CaptureFixture[str]) -> list[list[str]]:
+    """Run a benchmark's ``main(args)`` (restoring torch's thread count) and return the body rows of
+    the markdown table it prints last, each as a list of stripped cells."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        assert module.main(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+    table = capsys.readouterr().out.split("\n\n")[-1].splitlines()
+    body = [line for line in table if line.startswith("| ")][1:]  # past the header row
+    return [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in body]
+
+
 @pytest.fixture
 def bench_engine() -> Iterator[ModuleType]:
     with benchmark_module("bench_engine") as module:

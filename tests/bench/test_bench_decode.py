@@ -2,34 +2,13 @@
 
 from __future__ import annotations
 
-import torch
+from tests.bench.conftest import run_table
 
 
 def test_decode_benchmark_prints_a_row_per_format_and_size(bench_decode, capsys):
-    threads = torch.get_num_threads()
-    try:
-        args = [
-            "--formats",
-            "JPEG",
-            "PNG",
-            "--sizes",
-            "96x64",
-            "640x480",
-            "--input-size",
-            "32",
-            "--repeats",
-            "1",
-        ]
-        assert bench_decode.main(args) == 0
-    finally:
-        torch.set_num_threads(threads)
-    table = capsys.readouterr().out.split("\n\n")[-1]
-    rows = [
-        line.strip("|").split("|")
-        for line in table.splitlines()
-        if line.startswith("| JPEG") or line.startswith("| PNG")
-    ]
-    assert [(row[0].strip(), row[1].strip()) for row in rows] == [
+    args = ["--formats", "JPEG", "PNG", "--sizes", "96x64", "640x480", "--input-size", "32", "--repeats", "1"]
+    rows = run_table(bench_decode, args, capsys)
+    assert [(row[0], row[1]) for row in rows] == [
         ("JPEG", "96x64"),
         ("JPEG", "640x480"),
         ("PNG", "96x64"),
