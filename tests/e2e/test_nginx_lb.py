@@ -551,3 +551,34 @@ def test_sigkill_costs_no_request_thanks_to_retry(balancer: Nginx, running: list
     assert retried, "no request was retried on the other replica"
     assert all(outcome.upstreams[0] == victim.address for outcome in retried)
     assert all(outcome.served_by == survivor.address for outcome in retried)
+
+
+def test_no_reachable_replica_gets_a_json_503_with_retry_after(nginx_binary: str) -> None:
+    """With no replica to ask, nginx answers as an overloaded replica would: 503, Retry-After and
+    the service's error shape, under the caller's request id when the service would accept it and
+    under one of nginx's own otherwise (the body stays valid JSON)."""
+    prefix = Path(tempfile.mkdtemp(prefix="reciprocam-nginx-"))
+    nginx = Nginx(nginx_binary, prefix, _free_port())
+    try:
+        nginx.start([f"127.0.0.1:{_free_port()}"])  # nothing listens there
+        with httpx.Client(timeout=REQUEST_TIMEOUT_S) as client:
+            for supplied, kept in (("client-42.a:b", True), ('bad"id', False), ("", False)):
+                headers = {"content-type": "image/png", **({"x-request-id": supplied} if supplied else {})}
+                response = client.post(
+                    f"{nginx.url}/v1/models/{MODEL_NAME}/predict", content=_png(), headers=headers
+                )
+                assert response.status_code == 503, response.text
+                assert response.headers["content-type"].startswith("application/json")
+                assert response.headers["retry-after"] == "1"
+                error = response.json()["error"]
+                assert error["code"] == "no_replica_available" and "retry" in error["message"]
+                request_id = response.headers["x-request-id"]
+                assert error["request_id"] == request_id
+                if kept:
+                    assert request_id == supplied
+                else:
+                    assert request_id != supplied and len(request_id) == 32  # nginx's $request_id
+                    int(request_id, 16)
+    finally:
+        nginx.stop()
+        shutil.rmtree(prefix, ignore_errors=True)
