@@ -75,6 +75,13 @@ class LimitSettings(BaseModel):
     max_pixels: int = Field(40_000_000, ge=1, description="largest image, in pixels (413)")
     max_images_per_request: int = Field(16, ge=1, description="images in one request (413)")
     max_targets: int = Field(20, ge=1, description="classes explained per image (top_k or targets)")
+    max_map_pixels: int = Field(
+        50_000_000,
+        ge=1,
+        description="pixels of all the maps one explain request asks for (images x classes x map height "
+        "x width, for map_size input or original; 422 maps_too_large): bounds the memory and CPU that "
+        "rendering maps at the size of large photos can take",
+    )
     allowed_formats: list[str] = Field(
         default_factory=lambda: ["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"],
         description="accepted image formats (Pillow names)",

@@ -1,10 +1,13 @@
-"""Heatmap encoding cost: an RGB PNG of the colour-mapped map against the palette PNG the service sends.
+"""Encoding cost of maps: heatmap PNGs (RGB against palette) and maps as JSON numbers (json against orjson).
 
 For each map size the script builds a smooth map like the service's (a random patch-grid map
 upsampled bilinearly), then times, in this process on one thread, encoding its colour heatmap as an
 RGB PNG (``heatmap_rgb`` then ``png_bytes``) and as a palette PNG (``heatmap_png``, what the service
 returns), and prints the milliseconds per map, their ratio, the PNG sizes, and whether the two decode
-to the same pixels.
+to the same pixels. A second table times the ``json`` encoding of the same map (six decimals) in a
+response body: the standard library's ``json.dumps`` of the nested lists, as Starlette's
+``JSONResponse`` writes it, against the service's ``json_bytes`` (orjson, straight from the numpy
+array), and checks that both give the same numbers.
 
 Example:
     python benchmarks/bench_render.py --sizes 14x14 224x224 1024x768 4032x3024
@@ -25,6 +28,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from app.serving.pipeline import json_bytes
 from app.serving.render import heatmap_png, heatmap_rgb, png_bytes
 
 
@@ -38,6 +42,34 @@ def smooth_map(width: int, height: int, grid: int = 14, seed: int = 0) -> np.nda
     values = F.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)[0, 0]
     values = (values - values.min()) / (values.max() - values.min())
     return values.numpy().astype(np.float64)
+
+
+def json_table(sizes: list[str], repeats: int) -> list[str]:
+    import json
+
+    lines = [
+        "| map | json.dumps ms | json_bytes ms | json / json_bytes | bytes | same numbers |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for size in sizes:
+        width, height = (int(v) for v in size.lower().split("x"))
+        values = smooth_map(width, height).round(6)
+        rows = values.tolist()
+
+        def standard(rows: list[list[float]] = rows) -> bytes:
+            body = {"explanations": [{"json": rows}]}
+            return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+        def fast(values: np.ndarray = values) -> bytes:
+            return json_bytes({"explanations": [{"json": values}]})
+
+        same = json.loads(standard()) == json.loads(fast())
+        standard_ms, fast_ms = median_ms(standard, repeats), median_ms(fast, repeats)
+        lines.append(
+            f"| {width}x{height} | {standard_ms:.2f} | {fast_ms:.2f} | {standard_ms / fast_ms:.2f}x | "
+            f"{len(fast())} | {'yes' if same else 'NO'} |"
+        )
+    return lines
 
 
 def median_ms(function: Callable[[], bytes], repeats: int) -> float:
@@ -86,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         print(lines[-1], flush=True)
     print()
     print("\n".join(lines))
+    print()
+    print("\n".join(json_table(args.sizes, args.repeats)))
     return 0
 
 

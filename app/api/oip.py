@@ -48,6 +48,7 @@ from app.engine.reciprocam import CamOptions, ImageExplanation, normalize_maps, 
 from app.serving.batcher import BatchItem
 from app.serving.errors import ServiceError
 from app.serving.images import ImageDecodeError
+from app.serving.pipeline import json_bytes
 from app.serving.service import Service
 
 logger = logging.getLogger(__name__)
@@ -459,7 +460,7 @@ def _encode_response(
             entry["data"] = _json_data(array, datatype)
         tensors_out.append(entry)
     header["outputs"] = tensors_out
-    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    head = json_bytes(header)
     if not chunks:
         return Response(head, media_type="application/json")
     return Response(

@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 
 from app.api.deps import get_service, require_api_key
 from app.api.openapi import image_request_body
@@ -28,7 +28,7 @@ from app.engine.reciprocam import CamOptions
 from app.serving.batcher import BatchItem
 from app.serving.errors import ServiceError
 from app.serving.images import ImageDecodeError
-from app.serving.pipeline import RenderOptions, render_result
+from app.serving.pipeline import PreparedImage, RenderOptions, json_bytes, render_result
 from app.serving.service import Service
 
 router = APIRouter(prefix="/v1", tags=["v1"], dependencies=[Depends(require_api_key)])
@@ -62,7 +62,7 @@ async def get_model(name: str, service: Service = Depends(get_service)) -> dict[
     openapi_extra=image_request_body(PredictJsonRequest, PredictOptions),
     summary="Top-k class predictions for one or more images",
 )
-async def predict(name: str, request: Request, service: Service = Depends(get_service)) -> JSONResponse:
+async def predict(name: str, request: Request, service: Service = Depends(get_service)) -> Response:
     return await _serve(request, service, name, explain=False)
 
 
@@ -73,11 +73,11 @@ async def predict(name: str, request: Request, service: Service = Depends(get_se
     openapi_extra=image_request_body(ExplainJsonRequest, ExplainOptions),
     summary="Predictions and their ViT-ReciproCAM saliency maps, from one shared forward",
 )
-async def explain(name: str, request: Request, service: Service = Depends(get_service)) -> JSONResponse:
+async def explain(name: str, request: Request, service: Service = Depends(get_service)) -> Response:
     return await _serve(request, service, name, explain=True)
 
 
-async def _serve(request: Request, service: Service, name: str, *, explain: bool) -> JSONResponse:
+async def _serve(request: Request, service: Service, name: str, *, explain: bool) -> Response:
     loaded, batcher = service.registry.require_ready(name)
     request.state.model = name
     limits = service.settings.limits
@@ -108,6 +108,9 @@ async def _serve(request: Request, service: Service, name: str, *, explain: bool
     except ImageDecodeError as exc:
         prefix = f"image {exc.index}: " if len(images) > 1 else ""
         raise ServiceError(exc.status, exc.code, f"{prefix}{exc}") from exc
+    if render is not None:
+        classes = len(targets) if targets is not None else options.top_k
+        _check_map_pixels(prepared, render.map_size, classes, limits.max_map_pixels)
     items = [
         BatchItem(image=image.pixels, options=cam_options, targets=targets, top_k=options.top_k)
         for image in prepared
@@ -141,7 +144,30 @@ async def _serve(request: Request, service: Service, name: str, *, explain: bool
             "batch_images": outcome.batch_images,
         },
     }
-    return JSONResponse(body)
+    if render is not None and "json" in render.encodings:
+        # Maps as numbers can be large (50,000 floats per 224x224 map): encode them off the event loop.
+        content = await service.run_io(json_bytes, body)
+    else:
+        content = json_bytes(body)
+    return Response(content, media_type="application/json")
+
+
+def _check_map_pixels(prepared: list[PreparedImage], map_size: str, classes: int, limit: int) -> None:
+    """Refuse, before any compute, a request whose maps would hold more than ``limit`` pixels."""
+    if map_size == "grid":
+        return
+    sizes = [
+        image.original_size if map_size == "original" else image.geometry.input_size for image in prepared
+    ]
+    total = classes * sum(first * second for first, second in sizes)
+    if total > limit:
+        raise ServiceError(
+            422,
+            "maps_too_large",
+            f"{len(prepared)} image(s) x {classes} class(es) at map_size={map_size} would be {total} map "
+            f"pixels, more than the limit of {limit}; ask for map_size=input or grid, fewer classes or "
+            "fewer images per request",
+        )
 
 
 def _check_top_k(top_k: int, loaded: LoadedModel, max_targets: int | None) -> None:

@@ -33,9 +33,11 @@ def benchmark_module(name: str) -> Iterator[ModuleType]:
             sys.modules[name] = previous
 
 
-def run_table(module: ModuleType, args: list[str], capsys: pytest.CaptureFixture[str]) -> list[list[str]]:
+def run_tables(
+    module: ModuleType, args: list[str], capsys: pytest.CaptureFixture[str], count: int = 1
+) -> list[list[list[str]]]:
     """Run a benchmark's ``main(args)`` (restoring torch's thread count) and return the body rows of
-    the markdown table it prints last, each as a list of stripped cells."""
+    the last ``count`` markdown tables it prints, each row as a list of stripped cells."""
     import torch
 
     threads = torch.get_num_threads()
@@ -43,9 +45,16 @@ def run_table(module: ModuleType, args: list[str], capsys: pytest.CaptureFixture
         assert module.main(args) == 0
     finally:
         torch.set_num_threads(threads)
-    table = capsys.readouterr().out.split("\n\n")[-1].splitlines()
-    body = [line for line in table if line.startswith("| ")][1:]  # past the header row
-    return [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in body]
+    tables = []
+    for block in capsys.readouterr().out.split("\n\n")[-count:]:
+        body = [line for line in block.splitlines() if line.startswith("| ")][1:]  # past the header row
+        tables.append([[cell.strip() for cell in line.strip().strip("|").split("|")] for line in body])
+    return tables
+
+
+def run_table(module: ModuleType, args: list[str], capsys: pytest.CaptureFixture[str]) -> list[list[str]]:
+    """The body rows of the table a benchmark prints last (see :func:`run_tables`)."""
+    return run_tables(module, args, capsys)[0]
 
 
 @pytest.fixture

@@ -148,6 +148,7 @@ async def test_map_sizes_and_explicit_targets(client):
             values = np.asarray(explanation.map_values)
             assert values.shape == tuple(expected_size)
             assert values.min() >= 0.0 and values.max() <= 1.0
+            np.testing.assert_array_equal(values, values.round(6))  # six decimals at most
             overlay = Image.open(io.BytesIO(base64.b64decode(explanation.overlay)))
             assert overlay.size == (expected_size[1], expected_size[0])
             assert explanation.heatmap is None and explanation.png is None
@@ -435,3 +436,47 @@ async def test_exif_rotated_image_is_answered_upright_with_an_overlay_on_the_ori
     assert explanation["size"] == [60, 40]
     overlay = Image.open(io.BytesIO(base64.b64decode(explanation["overlay"])))
     assert overlay.size == (40, 60)
+
+
+async def test_maps_beyond_the_pixel_limit_are_refused_before_compute(tiny_weights):
+    """images x classes x map pixels above limits.max_map_pixels: 422 maps_too_large, nothing
+    computed; within the limit (or on the grid, or predictions) the same images are served."""
+    settings = tiny_settings(tiny_weights, limits={"max_map_pixels": 2000})
+    data = image_bytes(5, size=(60, 45))  # 2,700 pixels; the model input is 32x32 = 1,024
+    async with running_service(settings) as client:
+        metrics = client.app.state.service.metrics
+        cases = [
+            ({"map_size": "original"}, 422),  # 1 x 2,700
+            ({"map_size": "input", "top_k": "2"}, 422),  # 2 x 1,024
+            ({"map_size": "input", "targets": "1,2"}, 422),
+            ({"map_size": "input"}, 200),  # 1,024
+            ({"map_size": "grid", "top_k": "5"}, 200),  # grid maps are not counted
+        ]
+
+        def computed_images() -> float:
+            value = metrics.registry.get_sample_value("reciprocam_batch_size_images_sum", {"model": "tiny"})
+            return value or 0.0
+
+        for options, status in cases:
+            before = computed_images()
+            response = await client.post(
+                "/v1/models/tiny/explain",
+                files={"file": ("a.png", data, "image/png")},
+                data={"encodings": "json", **options},
+            )
+            assert response.status_code == status, (options, response.text)
+            if status == 422:
+                error = response.json()["error"]
+                assert error["code"] == "maps_too_large" and "more than the limit of 2000" in error["message"]
+                assert computed_images() == before  # refused before any batch
+            else:
+                assert computed_images() == before + 1
+        # two images at input size: 2 x 1,024
+        response = await client.post(
+            "/v1/models/tiny/explain",
+            files=[("files", ("a.png", data, "image/png")), ("files", ("b.png", data, "image/png"))],
+            data={"map_size": "input"},
+        )
+        assert response.status_code == 422 and response.json()["error"]["code"] == "maps_too_large"
+        predicted = await client.post("/v1/models/tiny/predict", files={"file": ("a.png", data, "image/png")})
+        assert predicted.status_code == 200

@@ -208,3 +208,20 @@ def test_palette_transparency_and_animated_gif_first_frame():
     first = decode_image(buffer.getvalue())
     red, green, blue = first.getpixel((3, 3))
     assert red > 200 and green < 50 and blue < 50
+
+
+def test_json_bytes_writes_numpy_maps_as_nested_rows():
+    import json
+
+    from app.serving.pipeline import json_bytes
+
+    values = np.random.default_rng(5).random((3, 4)).round(6)
+    body = {"map": values, "label": "café", "numbers": [1, 2.5, None], "nested": {"ok": True}}
+    decoded = json.loads(json_bytes(body))
+    assert decoded == {
+        "map": values.tolist(),
+        "label": "café",
+        "numbers": [1, 2.5, None],
+        "nested": {"ok": True},
+    }
+    assert json_bytes({"a": 1}) == b'{"a":1}'  # compact
