@@ -27,8 +27,8 @@ from app.engine.models import LoadedModel
 from app.engine.reciprocam import CamOptions
 from app.serving.batcher import BatchItem
 from app.serving.errors import ServiceError
-from app.serving.images import ImageDecodeError
-from app.serving.pipeline import PreparedImage, RenderOptions, json_bytes, render_result
+from app.serving.images import ImageDecodeError, upright_size
+from app.serving.pipeline import RenderOptions, json_bytes, render_result
 from app.serving.service import Service
 
 router = APIRouter(prefix="/v1", tags=["v1"], dependencies=[Depends(require_api_key)])
@@ -102,15 +102,20 @@ async def _serve(request: Request, service: Service, name: str, *, explain: bool
             colormap=options.colormap,
             opacity=options.opacity,
         )
+    if render is not None and render.map_size != "grid":
+        classes = len(targets) if targets is not None else options.top_k
+        if render.map_size == "original":  # sizes from the headers, before any pixel is decoded
+            sizes = [size or (0, 0) for size in await service.run_io(_upright_sizes, images)]
+        else:
+            height, width = loaded.preprocessor.config.input_size
+            sizes = [(width, height)] * len(images)
+        _check_map_pixels(sizes, render.map_size, classes, limits.max_map_pixels)
     keep_original = render is not None and render.map_size == "original" and "overlay" in render.encodings
     try:
         prepared = await service.prepare_images(images, loaded.preprocessor, keep_original=keep_original)
     except ImageDecodeError as exc:
         prefix = f"image {exc.index}: " if len(images) > 1 else ""
         raise ServiceError(exc.status, exc.code, f"{prefix}{exc}") from exc
-    if render is not None:
-        classes = len(targets) if targets is not None else options.top_k
-        _check_map_pixels(prepared, render.map_size, classes, limits.max_map_pixels)
     items = [
         BatchItem(image=image.pixels, options=cam_options, targets=targets, top_k=options.top_k)
         for image in prepared
@@ -152,19 +157,20 @@ async def _serve(request: Request, service: Service, name: str, *, explain: bool
     return Response(content, media_type="application/json")
 
 
-def _check_map_pixels(prepared: list[PreparedImage], map_size: str, classes: int, limit: int) -> None:
-    """Refuse, before any compute, a request whose maps would hold more than ``limit`` pixels."""
-    if map_size == "grid":
-        return
-    sizes = [
-        image.original_size if map_size == "original" else image.geometry.input_size for image in prepared
-    ]
-    total = classes * sum(first * second for first, second in sizes)
+def _upright_sizes(images: list[bytes]) -> list[tuple[int, int] | None]:
+    return [upright_size(data) for data in images]
+
+
+def _check_map_pixels(sizes: list[tuple[int, int]], map_size: str, classes: int, limit: int) -> None:
+    """Refuse, before decoding and compute, a request whose maps would hold more than ``limit``
+    pixels (``sizes``: each image's map (width, height); unreadable headers count as 0, and their
+    decoding then reports the error)."""
+    total = classes * sum(width * height for width, height in sizes)
     if total > limit:
         raise ServiceError(
             422,
             "maps_too_large",
-            f"{len(prepared)} image(s) x {classes} class(es) at map_size={map_size} would be {total} map "
+            f"{len(sizes)} image(s) x {classes} class(es) at map_size={map_size} would be {total} map "
             f"pixels, more than the limit of {limit}; ask for map_size=input or grid, fewer classes or "
             "fewer images per request",
         )

@@ -52,6 +52,20 @@ def decode_image(
     return decode(data, max_pixels=max_pixels, allowed_formats=allowed_formats).image
 
 
+def upright_size(data: bytes) -> tuple[int, int] | None:
+    """The (width, height) an image will have once decoded and turned upright, read from its header
+    alone; None when the header cannot be read (decoding then reports why)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            turned = image.getexif().get(0x0112) in _QUARTER_TURNS
+    except Exception:
+        return None
+    return (height, width) if turned else (width, height)
+
+
 def decode(
     data: bytes,
     *,

@@ -480,3 +480,42 @@ async def test_maps_beyond_the_pixel_limit_are_refused_before_compute(tiny_weigh
         assert response.status_code == 422 and response.json()["error"]["code"] == "maps_too_large"
         predicted = await client.post("/v1/models/tiny/predict", files={"file": ("a.png", data, "image/png")})
         assert predicted.status_code == 200
+
+
+async def test_original_size_maps_are_counted_from_the_headers_before_decoding(tiny_weights, monkeypatch):
+    """A small file that decodes to a large image (here 3000x3000, a few kB) asks for original-size
+    maps over the limit: refused from its header, without decoding it; the limit counts the upright
+    size of an EXIF-rotated image."""
+    import app.serving.service as service_module
+
+    decoded: list[int] = []
+    real_prepare = service_module.prepare_image
+
+    def counting_prepare(data, *args, **kwargs):
+        decoded.append(len(data))
+        return real_prepare(data, *args, **kwargs)
+
+    monkeypatch.setattr(service_module, "prepare_image", counting_prepare)
+    buffer = io.BytesIO()
+    Image.new("RGB", (3000, 3000), (90, 140, 200)).save(buffer, format="PNG")
+    large = buffer.getvalue()
+    assert len(large) < 100_000
+    settings = tiny_settings(tiny_weights, limits={"max_map_pixels": 20_000_000, "max_pixels": 10**8})
+    async with running_service(settings) as client:
+        response = await client.post(
+            "/v1/models/tiny/explain",
+            files={"file": ("large.png", large, "image/png")},
+            data={"map_size": "original", "top_k": "3", "encodings": "png"},
+        )
+        assert response.status_code == 422 and response.json()["error"]["code"] == "maps_too_large"
+        assert "27000000 map pixels" in response.json()["error"]["message"]
+        assert decoded == []
+        # 2 classes: 18 M map pixels, within the limit: decoded and answered at the original size
+        response = await client.post(
+            "/v1/models/tiny/explain",
+            files={"file": ("large.png", large, "image/png")},
+            data={"map_size": "original", "top_k": "2", "encodings": "png"},
+        )
+        assert response.status_code == 200, response.text
+        assert decoded == [len(large)]
+        assert response.json()["images"][0]["explanations"][0]["size"] == [3000, 3000]

@@ -225,3 +225,18 @@ def test_json_bytes_writes_numpy_maps_as_nested_rows():
         "nested": {"ok": True},
     }
     assert json_bytes({"a": 1}) == b'{"a":1}'  # compact
+
+
+def test_upright_size_reads_the_header_and_the_orientation():
+    from app.serving.images import upright_size
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown portrait
+    turned = io.BytesIO()
+    Image.new("RGB", (40, 30)).save(turned, format="JPEG", exif=exif)
+    plain = io.BytesIO()
+    Image.new("RGB", (40, 30)).save(plain, format="PNG")
+    assert upright_size(turned.getvalue()) == (30, 40)
+    assert upright_size(plain.getvalue()) == (40, 30)
+    assert upright_size(b"not an image") is None
+    assert upright_size(b"") is None
