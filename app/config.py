@@ -82,6 +82,13 @@ class LimitSettings(BaseModel):
         "x width, for map_size input or original; 422 maps_too_large): bounds the memory and CPU that "
         "rendering maps at the size of large photos can take",
     )
+    max_original_pixels_in_flight: int = Field(
+        200_000_000,
+        ge=1,
+        description="pixels of posted images kept whole for overlays on the original, over all requests "
+        "in flight per worker process (3 bytes each); a request that would exceed it gets 503 overloaded "
+        "with Retry-After (one is always taken when none is held)",
+    )
     allowed_formats: list[str] = Field(
         default_factory=lambda: ["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"],
         description="accepted image formats (Pillow names)",

@@ -102,6 +102,7 @@ async def _serve(request: Request, service: Service, name: str, *, explain: bool
             colormap=options.colormap,
             opacity=options.opacity,
         )
+    sizes: list[tuple[int, int]] = []
     if render is not None and render.map_size != "grid":
         classes = len(targets) if targets is not None else options.top_k
         if render.map_size == "original":  # sizes from the headers, before any pixel is decoded
@@ -111,50 +112,54 @@ async def _serve(request: Request, service: Service, name: str, *, explain: bool
             sizes = [(width, height)] * len(images)
         _check_map_pixels(sizes, render.map_size, classes, limits.max_map_pixels)
     keep_original = render is not None and render.map_size == "original" and "overlay" in render.encodings
-    try:
-        prepared = await service.prepare_images(images, loaded.preprocessor, keep_original=keep_original)
-    except ImageDecodeError as exc:
-        prefix = f"image {exc.index}: " if len(images) > 1 else ""
-        raise ServiceError(exc.status, exc.code, f"{prefix}{exc}") from exc
-    items = [
-        BatchItem(image=image.pixels, options=cam_options, targets=targets, top_k=options.top_k)
-        for image in prepared
-    ]
-    outcome = await batcher.submit(items, disconnected=request.is_disconnected)
-    rendered = await asyncio.gather(
-        *(
-            service.run_io(
-                render_result,
-                result,
-                image,
-                index=index,
-                labels=loaded.labels,
-                top_k=options.top_k,
-                explain_count=None if targets is not None else options.top_k,
-                render=render,
+    # Originals kept for overlays on the posted image stay in memory until the answer is written:
+    # their pixels count against a budget shared by all requests in flight.
+    held = sum(width * height for width, height in sizes) if keep_original else 0
+    with service.hold_original_pixels(held, name):
+        try:
+            prepared = await service.prepare_images(images, loaded.preprocessor, keep_original=keep_original)
+        except ImageDecodeError as exc:
+            prefix = f"image {exc.index}: " if len(images) > 1 else ""
+            raise ServiceError(exc.status, exc.code, f"{prefix}{exc}") from exc
+        items = [
+            BatchItem(image=image.pixels, options=cam_options, targets=targets, top_k=options.top_k)
+            for image in prepared
+        ]
+        outcome = await batcher.submit(items, disconnected=request.is_disconnected)
+        rendered = await asyncio.gather(
+            *(
+                service.run_io(
+                    render_result,
+                    result,
+                    image,
+                    index=index,
+                    labels=loaded.labels,
+                    top_k=options.top_k,
+                    explain_count=None if targets is not None else options.top_k,
+                    render=render,
+                )
+                for index, (result, image) in enumerate(zip(outcome.results, prepared, strict=True))
             )
-            for index, (result, image) in enumerate(zip(outcome.results, prepared, strict=True))
         )
-    )
-    service.metrics.images.labels(name, "explain" if explain else "predict").inc(len(items))
-    started = getattr(request.state, "started", None) or time.perf_counter()
-    body = {
-        "model": name,
-        "request_id": request.state.request_id,
-        "images": rendered,
-        "timing": {
-            "queue_ms": round(outcome.queue_ms, 3),
-            "compute_ms": round(outcome.compute_ms, 3),
-            "total_ms": round((time.perf_counter() - started) * 1000.0, 3),
-            "batch_images": outcome.batch_images,
-        },
-    }
-    if render is not None and "json" in render.encodings:
-        # Maps as numbers can be large (50,000 floats per 224x224 map): encode them off the event loop.
-        content = await service.run_io(json_bytes, body)
-    else:
-        content = json_bytes(body)
-    return Response(content, media_type="application/json")
+        service.metrics.images.labels(name, "explain" if explain else "predict").inc(len(items))
+        started = getattr(request.state, "started", None) or time.perf_counter()
+        body = {
+            "model": name,
+            "request_id": request.state.request_id,
+            "images": rendered,
+            "timing": {
+                "queue_ms": round(outcome.queue_ms, 3),
+                "compute_ms": round(outcome.compute_ms, 3),
+                "total_ms": round((time.perf_counter() - started) * 1000.0, 3),
+                "batch_images": outcome.batch_images,
+            },
+        }
+        if render is not None and "json" in render.encodings:
+            # Maps as numbers can be large (50,000 floats per 224x224 map): encode them off the event loop.
+            content = await service.run_io(json_bytes, body)
+        else:
+            content = json_bytes(body)
+        return Response(content, media_type="application/json")
 
 
 def _upright_sizes(images: list[bytes]) -> list[tuple[int, int] | None]:

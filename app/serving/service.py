@@ -9,13 +9,14 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import FrameType
 from typing import Any, TypeVar
 
 from app.config import Settings
 from app.engine.preprocess import Preprocessor
+from app.serving.errors import ServiceError
 from app.serving.images import ImageDecodeError
 from app.serving.metrics import ServiceMetrics
 from app.serving.pipeline import PreparedImage, prepare_image
@@ -36,9 +37,37 @@ class Service:
         self._drain_started = time.monotonic()
         self.allowed_formats = frozenset(fmt.upper() for fmt in settings.limits.allowed_formats)
         self._previous_sigterm: Any = None
+        self.original_pixels_held = 0  # pixels of originals kept for overlays, over requests in flight
 
     def _new_io_pool(self) -> ThreadPoolExecutor:
         return ThreadPoolExecutor(max_workers=self.settings.io_workers, thread_name_prefix="io")
+
+    @contextlib.contextmanager
+    def hold_original_pixels(self, pixels: int, model: str) -> Iterator[None]:
+        """Reserve ``pixels`` of decoded originals (kept for overlays on the posted image) for the
+        duration of a request, or refuse it with 503 ``overloaded`` (Retry-After) when that would
+        exceed ``limits.max_original_pixels_in_flight``. A request is always taken when no other
+        holds any, so that one larger than the budget can still be served alone. Runs on the event
+        loop only, so no lock is needed."""
+        if pixels <= 0:
+            yield
+            return
+        limit = self.settings.limits.max_original_pixels_in_flight
+        if self.original_pixels_held > 0 and self.original_pixels_held + pixels > limit:
+            self.metrics.rejections.labels(model, "originals_in_flight").inc()
+            retry_after = self.settings.batch.retry_after_s
+            raise ServiceError(
+                503,
+                "overloaded",
+                f"too many posted images are held for overlays on the original right now ({pixels} more "
+                f"pixels would exceed {limit}); retry after {retry_after} s",
+                headers={"Retry-After": str(retry_after)},
+            )
+        self.original_pixels_held += pixels
+        try:
+            yield
+        finally:
+            self.original_pixels_held -= pixels
 
     async def run_io(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking decode/encode step in the I/O pool."""

@@ -519,3 +519,58 @@ async def test_original_size_maps_are_counted_from_the_headers_before_decoding(t
         assert response.status_code == 200, response.text
         assert decoded == [len(large)]
         assert response.json()["images"][0]["explanations"][0]["size"] == [3000, 3000]
+
+
+async def test_originals_kept_for_overlays_share_a_budget_over_requests_in_flight(tiny_weights, monkeypatch):
+    """While one request holds its decoded original for an overlay, another that would push the
+    pixels held past limits.max_original_pixels_in_flight gets 503 overloaded with Retry-After;
+    requests without such overlays are not affected; the budget is released when a request ends,
+    also when it fails."""
+    import asyncio
+    import threading
+
+    import app.serving.registry as registry_module
+
+    gate, entered = threading.Event(), threading.Event()
+    real_run = registry_module.run_engine_batch
+
+    def gated(*args, **kwargs):
+        entered.set()
+        gate.wait(timeout=30)
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(registry_module, "run_engine_batch", gated)
+    settings = tiny_settings(tiny_weights, limits={"max_original_pixels_in_flight": 100_000})
+    data = image_bytes(6, size=(300, 300))  # 90,000 pixels
+    overlay = {"map_size": "original", "encodings": "overlay"}
+
+    async with running_service(settings) as client:
+        service = client.app.state.service
+
+        async def post(options, payload=data):
+            return await client.post(
+                "/v1/models/tiny/explain", files={"file": ("a.png", payload, "image/png")}, data=options
+            )
+
+        first = asyncio.create_task(post(overlay))
+        while not entered.is_set():
+            await asyncio.sleep(0.01)
+        assert service.original_pixels_held == 90_000
+        refused = await post(overlay)
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert (
+            refused.json()["error"]["code"] == "overloaded"
+            and "overlays" in refused.json()["error"]["message"]
+        )
+        other = asyncio.create_task(post({"map_size": "original", "encodings": "png"}))  # keeps no original
+        await asyncio.sleep(0.05)
+        gate.set()
+        assert (await first).status_code == 200
+        assert (await other).status_code == 200
+        assert service.original_pixels_held == 0
+        assert (await post(overlay)).status_code == 200
+        truncated = data[: len(data) // 2]  # the header reads, the pixels do not
+        assert (await post(overlay, truncated)).status_code == 400
+        assert service.original_pixels_held == 0
+        rejected = service.metrics.rejections.labels("tiny", "originals_in_flight")._value.get()
+        assert rejected == 1
