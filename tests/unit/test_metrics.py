@@ -162,6 +162,11 @@ def test_exact_mcnemar_by_hand():
     # 2 of 4: 2 * (1 + 4 + 6) / 16 > 1, capped
     assert metrics.exact_mcnemar(2, 2) == 1.0
     assert metrics.exact_mcnemar(10, 0) == pytest.approx(2 / 1024)
+    # thousands of discordant images (a float 2.0**n overflows from n = 1024): still exact
+    assert metrics.exact_mcnemar(600, 600) == 1.0
+    assert 0.0 < metrics.exact_mcnemar(600, 500) < 0.01
+    assert metrics.exact_mcnemar(600, 500) == pytest.approx(metrics.exact_mcnemar(500, 600))
+    assert 0.0 < metrics.exact_mcnemar(1000, 30) < 1e-200
     with pytest.raises(ValueError):
         metrics.exact_mcnemar(-1, 3)
 
