@@ -107,6 +107,7 @@ async def _serve(request: Request, service: Service, name: str, *, explain: bool
         classes = len(targets) if targets is not None else options.top_k
         if render.map_size == "original":  # sizes from the headers, before any pixel is decoded
             sizes = [size or (0, 0) for size in await service.run_io(_upright_sizes, images)]
+            _check_pixels(sizes, limits.max_pixels)
         else:
             height, width = loaded.preprocessor.config.input_size
             sizes = [(width, height)] * len(images)
@@ -164,6 +165,19 @@ async def _serve(request: Request, service: Service, name: str, *, explain: bool
 
 def _upright_sizes(images: list[bytes]) -> list[tuple[int, int] | None]:
     return [upright_size(data) for data in images]
+
+
+def _check_pixels(sizes: list[tuple[int, int]], max_pixels: int) -> None:
+    """The per-image pixel limit, from the headers: an image over it is a 413 whatever its maps."""
+    for index, (width, height) in enumerate(sizes):
+        if width * height > max_pixels:
+            prefix = f"image {index}: " if len(sizes) > 1 else ""
+            raise ServiceError(
+                413,
+                "too_many_pixels",
+                f"{prefix}the image has {width}x{height} = {width * height} pixels, more than the limit of "
+                f"{max_pixels}",
+            )
 
 
 def _check_map_pixels(sizes: list[tuple[int, int]], map_size: str, classes: int, limit: int) -> None:

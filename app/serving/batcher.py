@@ -106,7 +106,26 @@ def run_engine_batch(
     options = [item.options for item in items]
     targets = [item.targets for item in items] if any(item.targets is not None for item in items) else None
     top_ks = [item.top_k for item in items if item.options is not None and item.targets is None]
-    return engine.explain(images, options, targets=targets, top_k=max(top_ks, default=1))  # type: ignore[attr-defined]
+    results: list[ImageExplanation] = engine.explain(  # type: ignore[attr-defined]
+        images, options, targets=targets, top_k=max(top_ks, default=1)
+    )
+    for result in results:
+        # A NaN or an infinity (an fp16 overflow, broken weights) would reach clients as null where
+        # a number is promised: fail the batch, so that splitting isolates the image it came from.
+        if not _finite(result.logits) or (result.score_maps is not None and not _finite(result.score_maps)):
+            raise NonFiniteOutputError(
+                "the model produced non-finite values (NaN or infinity) for this image; with fp16 or bf16 "
+                "weights this can be an overflow"
+            )
+    return results
+
+
+class NonFiniteOutputError(ValueError):
+    """The model's logits or score maps for an image hold NaN or infinity."""
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    return bool(torch.isfinite(tensor).all())
 
 
 @dataclass(eq=False)

@@ -484,8 +484,8 @@ async def test_maps_beyond_the_pixel_limit_are_refused_before_compute(tiny_weigh
 
 async def test_original_size_maps_are_counted_from_the_headers_before_decoding(tiny_weights, monkeypatch):
     """A small file that decodes to a large image (here 3000x3000, a few kB) asks for original-size
-    maps over the limit: refused from its header, without decoding it; the limit counts the upright
-    size of an EXIF-rotated image."""
+    maps over the limit: refused from its header, without decoding it; an image over the per-image
+    pixel limit stays a 413."""
     import app.serving.service as service_module
 
     decoded: list[int] = []
@@ -519,6 +519,17 @@ async def test_original_size_maps_are_counted_from_the_headers_before_decoding(t
         assert response.status_code == 200, response.text
         assert decoded == [len(large)]
         assert response.json()["images"][0]["explanations"][0]["size"] == [3000, 3000]
+    # an image over limits.max_pixels is a 413 whatever map size is asked for, never maps_too_large
+    settings = tiny_settings(tiny_weights, limits={"max_map_pixels": 1_000_000, "max_pixels": 5_000_000})
+    async with running_service(settings) as client:
+        for map_size in ("original", "input"):
+            response = await client.post(
+                "/v1/models/tiny/explain",
+                files={"file": ("large.png", large, "image/png")},
+                data={"map_size": map_size, "encodings": "png"},
+            )
+            assert response.status_code == 413, (map_size, response.text)
+            assert response.json()["error"]["code"] == "too_many_pixels"
 
 
 async def test_originals_kept_for_overlays_share_a_budget_over_requests_in_flight(tiny_weights, monkeypatch):
@@ -574,3 +585,25 @@ async def test_originals_kept_for_overlays_share_a_budget_over_requests_in_fligh
         assert service.original_pixels_held == 0
         rejected = service.metrics.rejections.labels("tiny", "originals_in_flight")._value.get()
         assert rejected == 1
+
+
+async def test_non_finite_model_output_is_an_error_not_null(client, monkeypatch):
+    """A model that returns NaN (an fp16 overflow, broken weights) gets a 500 compute error for that
+    image, never a 200 with null where the schema promises numbers."""
+    engine = client.app.state.service.registry.entries["tiny"].loaded.engine
+    real_explain = engine.explain
+
+    def poisoned(*args, **kwargs):
+        results = real_explain(*args, **kwargs)
+        for result in results:
+            result.logits = result.logits.clone()
+            result.logits[0] = float("nan")
+        return results
+
+    monkeypatch.setattr(engine, "explain", poisoned)
+    response = await client.post(
+        "/v1/models/tiny/predict", files={"file": ("a.png", image_bytes(8), "image/png")}
+    )
+    assert response.status_code == 500, response.text
+    error = response.json()["error"]
+    assert error["code"] == "compute_failed" and "non-finite" in error["message"]

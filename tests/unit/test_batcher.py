@@ -257,3 +257,27 @@ def test_batch_inputs_normalise_uint8_pixels_with_the_batch():
     assert torch.equal(floats, torch.stack([given, given * 2]))
     with pytest.raises(ValueError, match="normalize"):
         batch_inputs(items)
+
+
+def test_run_engine_batch_refuses_non_finite_results():
+    """NaN or infinite logits or maps fail the batch (the batcher then isolates the image) instead
+    of reaching the response as null."""
+    from app.serving.batcher import NonFiniteOutputError, run_engine_batch
+
+    class Engine:
+        def __init__(self, logits: torch.Tensor, maps: torch.Tensor | None) -> None:
+            self.logits, self.maps = logits, maps
+
+        def explain(self, images, options, targets=None, top_k=1):
+            return [ImageExplanation(logits=self.logits, score_maps=self.maps) for _ in range(len(images))]
+
+    items = [BatchItem(image=torch.zeros(3, 2, 2))]
+    good = torch.tensor([0.5, -1.0])
+    assert run_engine_batch(Engine(good, torch.zeros(1, 2, 2)), items)[0].logits is good
+    for logits, maps in (
+        (torch.tensor([float("nan"), 1.0]), None),
+        (torch.tensor([float("inf"), 1.0]), None),
+        (good, torch.tensor([[[0.0, float("nan")], [0.0, 0.0]]])),
+    ):
+        with pytest.raises(NonFiniteOutputError, match="non-finite"):
+            run_engine_batch(Engine(logits, maps), items)
