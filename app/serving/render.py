@@ -57,9 +57,25 @@ def colormap_lut(name: str) -> np.ndarray:
     return lut
 
 
+# Large maps (original-size maps of big photos) are converted in blocks of rows of about this many
+# pixels, so that the float temporaries stay a few MB whatever the image size.
+_BLOCK_PIXELS = 1 << 20
+
+
+def _row_blocks(height: int, width: int) -> range:
+    return range(0, height, max(1, _BLOCK_PIXELS // max(1, width)))
+
+
 def to_uint8(normalized: np.ndarray) -> np.ndarray:
     """floor(255 * x) for x in [0, 1]."""
-    return np.floor(np.clip(normalized, 0.0, 1.0) * 255).astype(np.uint8)
+    if normalized.ndim != 2 or normalized.size <= _BLOCK_PIXELS:
+        return np.floor(np.clip(normalized, 0.0, 1.0) * 255).astype(np.uint8)
+    height, width = normalized.shape
+    out = np.empty((height, width), dtype=np.uint8)
+    step = _row_blocks(height, width).step
+    for top in _row_blocks(height, width):
+        out[top : top + step] = np.floor(np.clip(normalized[top : top + step], 0.0, 1.0) * 255)
+    return out
 
 
 def heatmap_rgb(normalized: np.ndarray, colormap: str = "jet") -> np.ndarray:
@@ -75,9 +91,15 @@ def overlay_rgb(
         raise ValueError(f"image {image_rgb.shape[:2]} and map {normalized.shape} differ in size")
     if not 0.0 <= opacity <= 1.0:
         raise ValueError("opacity must be in [0, 1]")
-    colours = heatmap_rgb(normalized, colormap).astype(np.float32)
-    blended = (1.0 - opacity) * image_rgb.astype(np.float32) + opacity * colours
-    return np.clip(np.round(blended), 0, 255).astype(np.uint8)
+    height, width = normalized.shape
+    out = np.empty((height, width, 3), dtype=np.uint8)
+    step = _row_blocks(height, width).step
+    for top in _row_blocks(height, width):  # in blocks of rows: float temporaries stay small
+        rows = slice(top, top + step)
+        colours = heatmap_rgb(normalized[rows], colormap).astype(np.float32)
+        blended = (1.0 - opacity) * image_rgb[rows].astype(np.float32) + opacity * colours
+        out[rows] = np.clip(np.round(blended), 0, 255)
+    return out
 
 
 @lru_cache(maxsize=8)

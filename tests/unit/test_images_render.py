@@ -240,3 +240,24 @@ def test_upright_size_reads_the_header_and_the_orientation():
     assert upright_size(plain.getvalue()) == (40, 30)
     assert upright_size(b"not an image") is None
     assert upright_size(b"") is None
+
+
+def test_overlay_and_uint8_maps_in_row_blocks_equal_the_whole_array_formula(monkeypatch):
+    """Large maps are converted in blocks of rows (small float temporaries): the result equals the
+    formula applied to the whole array, for block boundaries that do not divide the height."""
+    from app.serving import render
+
+    monkeypatch.setattr(render, "_BLOCK_PIXELS", 50)  # blocks of 3 rows for a width of 17
+    rng = np.random.default_rng(9)
+    image = rng.integers(0, 256, (23, 17, 3), dtype=np.uint8)
+    values = rng.random((23, 17)).astype(np.float32)
+    values[0, 0], values[-1, -1] = -0.5, 1.5  # clipped
+    expected_uint8 = np.floor(np.clip(values, 0.0, 1.0) * 255).astype(np.uint8)
+    np.testing.assert_array_equal(render.to_uint8(values), expected_uint8)
+    for opacity in (0.0, 0.3, 1.0):
+        colours = render.colormap_lut("viridis")[expected_uint8].astype(np.float32)
+        blended = (1.0 - opacity) * image.astype(np.float32) + opacity * colours
+        expected = np.clip(np.round(blended), 0, 255).astype(np.uint8)
+        np.testing.assert_array_equal(
+            render.overlay_rgb(image, values, colormap="viridis", opacity=opacity), expected
+        )
