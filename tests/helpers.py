@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -143,3 +144,20 @@ def jpeg_bytes(image: Image.Image, quality: int = 90, **options: Any) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=quality, **options)
     return buffer.getvalue()
+
+
+_PORTS_HANDED_OUT: set[int] = set()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now and that this process has not handed out
+    before: the OS may offer the same free port to two calls in a row, and two servers of one test
+    must not get the same one."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _PORTS_HANDED_OUT:
+            _PORTS_HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("no fresh free port found")

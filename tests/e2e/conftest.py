@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ import psutil
 import pytest
 
 from tests.e2e.readiness import wait_until_ready
-from tests.helpers import save_self_describing
+from tests.helpers import free_port, save_self_describing
 
 ROOT = Path(__file__).resolve().parents[2]
 LABELS = [f"class_{i}" for i in range(7)]
@@ -28,12 +27,6 @@ LABELS = [f"class_{i}" for i in range(7)]
 def e2e_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("e2e-weights") / "tiny.safetensors"
     return save_self_describing(path, "deit_tiny", seed=3, labels=LABELS)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class ServerProcess:

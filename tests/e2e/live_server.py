@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ import pytest
 from PIL import Image
 
 from tests.e2e.readiness import wait_until_ready
-from tests.helpers import save_self_describing
+from tests.helpers import free_port, save_self_describing
 
 ROOT = Path(__file__).resolve().parents[2]
 LABELS = [
@@ -37,12 +36,6 @@ class LiveServer:
     url: str
     weights: Path
     log: Path
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def colourful_png(width: int = 320, height: int = 240, seed: int = 0) -> bytes:

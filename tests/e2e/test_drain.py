@@ -15,7 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.test_uvicorn import ROOT, free_port
+from tests.e2e.test_uvicorn import ROOT
+from tests.helpers import free_port
 from tests.integration.conftest import image_bytes
 
 pytestmark = pytest.mark.slow

@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,7 +33,7 @@ from types import ModuleType
 import httpx
 import pytest
 
-from tests.helpers import save_self_describing
+from tests.helpers import free_port, save_self_describing
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_NAME = "tiny"
@@ -107,12 +106,6 @@ def _load_renderer() -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _tail(path: Path, limit: int = 4000) -> str:
@@ -297,7 +290,7 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Replica]
     workdir = tmp_path_factory.mktemp("replicas")
     weights = save_self_describing(workdir / "tiny.safetensors", "deit_tiny", seed=3)
     env = _replica_env(weights, workdir)
-    pool = [Replica(name, _free_port(), env, workdir / f"replica-{name}.log") for name in ("a", "b")]
+    pool = [Replica(name, free_port(), env, workdir / f"replica-{name}.log") for name in ("a", "b")]
     try:
         yield pool
     finally:
@@ -319,7 +312,7 @@ def running(replicas: list[Replica]) -> list[Replica]:
 @pytest.fixture
 def balancer(nginx_binary: str, running: list[Replica]) -> Iterator[Nginx]:
     prefix = Path(tempfile.mkdtemp(prefix="reciprocam-nginx-"))
-    nginx = Nginx(nginx_binary, prefix, _free_port())
+    nginx = Nginx(nginx_binary, prefix, free_port())
     try:
         nginx.start([replica.address for replica in running])
         yield nginx
@@ -479,7 +472,7 @@ def test_container_health_checks_pass_against_a_replica(running: list[Replica]) 
         result = subprocess.run(argv, capture_output=True, text=True, timeout=30)
         assert result.returncode == 0, f"{origin} health check failed: {result.stderr}"
     # And it fails when nothing answers: it can tell a dead replica from a live one.
-    dead = f"127.0.0.1:{_free_port()}"
+    dead = f"127.0.0.1:{free_port()}"
     command = _health_commands()["Dockerfile"]
     argv = [sys.executable, *[part.replace("127.0.0.1:8000", dead) for part in command[1:]]]
     assert subprocess.run(argv, capture_output=True, text=True, timeout=30).returncode != 0
@@ -558,9 +551,9 @@ def test_no_reachable_replica_gets_a_json_503_with_retry_after(nginx_binary: str
     the service's error shape, under the caller's request id when the service would accept it and
     under one of nginx's own otherwise (the body stays valid JSON)."""
     prefix = Path(tempfile.mkdtemp(prefix="reciprocam-nginx-"))
-    nginx = Nginx(nginx_binary, prefix, _free_port())
+    nginx = Nginx(nginx_binary, prefix, free_port())
     try:
-        nginx.start([f"127.0.0.1:{_free_port()}"])  # nothing listens there
+        nginx.start([f"127.0.0.1:{free_port()}"])  # nothing listens there
         with httpx.Client(timeout=REQUEST_TIMEOUT_S) as client:
             for supplied, kept in (("client-42.a:b", True), ('bad"id', False), ("", False)):
                 headers = {"content-type": "image/png", **({"x-request-id": supplied} if supplied else {})}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 
 from tests.e2e.readiness import wait_until_ready
-from tests.helpers import save_self_describing
+from tests.helpers import free_port, save_self_describing
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -25,12 +24,6 @@ def _read_all(log: IO[str]) -> str:
     """What the server wrote to its log file so far (read before failing a test)."""
     log.seek(0)
     return log.read()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture
