@@ -97,6 +97,7 @@ class Preprocessor:
         self.config = config
         self._mean = torch.tensor(config.mean, dtype=torch.float32).view(3, 1, 1)
         self._std = torch.tensor(config.std, dtype=torch.float32).view(3, 1, 1)
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # mean, std per device
 
     def geometry(self, original_size: tuple[int, int]) -> Geometry:
         """The resize and crop timm's eval transform applies to an image of (width, height)."""
@@ -179,7 +180,10 @@ class Preprocessor:
         tensor = tensor.movedim(-1, -3)
         mean, std = self._mean, self._std
         if tensor.device != mean.device:
-            mean, std = mean.to(tensor.device), std.to(tensor.device)
+            cached = self._on_device.get(tensor.device)
+            if cached is None:
+                cached = self._on_device[tensor.device] = (mean.to(tensor.device), std.to(tensor.device))
+            mean, std = cached
         return (tensor - mean) / std
 
     def __call__(self, image: Image.Image) -> tuple[torch.Tensor, Geometry]:

@@ -148,3 +148,16 @@ def test_exif_rotated_jpeg_has_the_upright_geometry_on_every_decode_path():
     assert full.geometry == reduced.geometry == kept.geometry == expected
     assert kept.original is not None and kept.original.shape[:2] == (2000, 1500)
     assert np.abs(reduced.input_pixels.astype(int) - full.input_pixels.astype(int)).mean() < 1.0
+
+
+def test_normalize_runs_on_the_pixels_device_with_mean_and_std_copied_once():
+    """A batch on another device (the meta device stands in for an accelerator here) is normalised
+    there; the mean and std are copied to that device once, not per batch."""
+    pre = Preprocessor(CONFIGS[1])
+    pixels = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
+    on_cpu = pre.normalize(pixels)
+    assert on_cpu.shape == (2, 3, 64, 64) and on_cpu.device.type == "cpu"
+    for _ in range(2):
+        elsewhere = pre.normalize(pixels.to("meta"))
+        assert elsewhere.device.type == "meta" and elsewhere.shape == on_cpu.shape
+    assert list(pre._on_device) == [torch.device("meta")]
