@@ -14,7 +14,9 @@ bearer_scheme = HTTPBearer(auto_error=False, description="Authorization: Bearer 
 api_key_scheme = APIKeyHeader(name="X-API-Key", auto_error=False, description="X-API-Key: <API key>")
 
 
-def get_service(request: Request) -> Service:
+async def get_service(request: Request) -> Service:
+    """The running service. A coroutine, so that FastAPI resolves it on the event loop instead of
+    sending every request through a worker thread for it."""
     return request.app.state.service  # type: ignore[no-any-return]
 
 
