@@ -183,6 +183,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         folder_batches,
         list_image_dir,
         markdown_table,
+        pointing_pairs_csv,
         pointing_pairs_table,
         synthetic_batches,
         text_table,
@@ -250,6 +251,9 @@ def _run_eval(args: argparse.Namespace) -> int:
             f"two-sided; 'correct': the correctly classified images):\n\n{pairs}\n"
         )
     (args.out / "results.csv").write_text(csv_text(report), encoding="utf-8")
+    pairs_csv = pointing_pairs_csv(report, args.pointing_reference)
+    if pairs_csv:
+        (args.out / "pointing_pairs.csv").write_text(pairs_csv, encoding="utf-8")
     (args.out / "results.md").write_text(
         f"{summary}\n\n{table}\n" + (f"\n{pairs}" if pairs else ""), encoding="utf-8"
     )

@@ -405,6 +405,26 @@ def csv_text(report: EvalReport) -> str:
     return buffer.getvalue()
 
 
+PAIR_COLUMNS: tuple[str, ...] = tuple(
+    f"{key}{suffix}"
+    for suffix in ("", "_correct")
+    for key in ("images", "misses", "reference_misses", "wins", "losses", "p")
+)
+
+
+def pointing_pairs_csv(report: EvalReport, reference: str) -> str:
+    """The paired pointing comparison against ``reference`` as CSV ('' without pointing data)."""
+    rows = report.pointing_pairs(reference)
+    if not rows:
+        return ""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["method", "reference", *PAIR_COLUMNS])
+    for row in rows:
+        writer.writerow([row["method"], reference, *(row[column] for column in PAIR_COLUMNS)])
+    return buffer.getvalue()
+
+
 def figure(report: EvalReport, tile: int = 112, labels: Sequence[str] | None = None) -> Image.Image:
     """Rows of images: the input, then each method's map over it (jet colour map)."""
     if report.figure_pixels is None:

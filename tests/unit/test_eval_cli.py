@@ -209,6 +209,12 @@ def test_pointing_pairs_match_the_per_image_hits(tiny_weights, tmp_path, capsys)
     assert main([*args, "--methods", "reciprocam,rollout", "--out", str(out)]) == 0
     assert "paired against rollout" in (out / "results.md").read_text(encoding="utf-8")
     assert "paired against rollout" in capsys.readouterr().out
+    (pair,) = _rows(out / "pointing_pairs.csv")
+    assert pair["method"] == "reciprocam" and pair["reference"] == "rollout"
+    assert int(pair["images"]) == 4 and 0.0 <= float(pair["p"]) <= 1.0
+    assert int(pair["wins"]) + int(pair["losses"]) <= 4
+    (out / "pointing_pairs.csv").unlink()
     assert main([*args, "--methods", "reciprocam", "--out", str(out)]) == 0
     assert "paired against" not in (out / "results.md").read_text(encoding="utf-8")
+    assert not (out / "pointing_pairs.csv").exists()
     assert main([*args, "--pointing-reference", "nope", "--out", str(out)]) == 2
