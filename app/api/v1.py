@@ -27,7 +27,7 @@ from app.engine.models import LoadedModel
 from app.engine.reciprocam import CamOptions
 from app.serving.batcher import BatchItem
 from app.serving.errors import ServiceError
-from app.serving.images import ImageDecodeError, upright_size
+from app.serving.images import ImageDecodeError, check_pixel_count, upright_size
 from app.serving.pipeline import RenderOptions, json_bytes, render_result
 from app.serving.service import Service
 
@@ -106,8 +106,10 @@ async def _serve(request: Request, service: Service, name: str, *, explain: bool
     if render is not None and render.map_size != "grid":
         classes = len(targets) if targets is not None else options.top_k
         if render.map_size == "original":  # sizes from the headers, before any pixel is decoded
-            sizes = [size or (0, 0) for size in await service.run_io(_upright_sizes, images)]
-            _check_pixels(sizes, limits.max_pixels)
+            try:
+                sizes = await service.run_io(_upright_sizes, images, limits.max_pixels)
+            except ImageDecodeError as exc:
+                raise _decode_error(exc, len(images)) from exc
         else:
             height, width = loaded.preprocessor.config.input_size
             sizes = [(width, height)] * len(images)
@@ -120,8 +122,7 @@ async def _serve(request: Request, service: Service, name: str, *, explain: bool
         try:
             prepared = await service.prepare_images(images, loaded.preprocessor, keep_original=keep_original)
         except ImageDecodeError as exc:
-            prefix = f"image {exc.index}: " if len(images) > 1 else ""
-            raise ServiceError(exc.status, exc.code, f"{prefix}{exc}") from exc
+            raise _decode_error(exc, len(images)) from exc
         items = [
             BatchItem(image=image.pixels, options=cam_options, targets=targets, top_k=options.top_k)
             for image in prepared
@@ -163,21 +164,25 @@ async def _serve(request: Request, service: Service, name: str, *, explain: bool
         return Response(content, media_type="application/json")
 
 
-def _upright_sizes(images: list[bytes]) -> list[tuple[int, int] | None]:
-    return [upright_size(data) for data in images]
+def _upright_sizes(images: list[bytes], max_pixels: int) -> list[tuple[int, int]]:
+    """Each image's upright (width, height) from its header, checked against the per-image pixel
+    limit (413 whatever the maps); an unreadable header counts as (0, 0), its decoding reports why."""
+    sizes = []
+    for index, data in enumerate(images):
+        size = upright_size(data) or (0, 0)
+        try:
+            check_pixel_count(size, max_pixels)
+        except ImageDecodeError as exc:
+            exc.index = index
+            raise
+        sizes.append(size)
+    return sizes
 
 
-def _check_pixels(sizes: list[tuple[int, int]], max_pixels: int) -> None:
-    """The per-image pixel limit, from the headers: an image over it is a 413 whatever its maps."""
-    for index, (width, height) in enumerate(sizes):
-        if width * height > max_pixels:
-            prefix = f"image {index}: " if len(sizes) > 1 else ""
-            raise ServiceError(
-                413,
-                "too_many_pixels",
-                f"{prefix}the image has {width}x{height} = {width * height} pixels, more than the limit of "
-                f"{max_pixels}",
-            )
+def _decode_error(exc: ImageDecodeError, count: int) -> ServiceError:
+    """The API error of an image that cannot be used, naming it when the request holds several."""
+    prefix = f"image {exc.index}: " if count > 1 else ""
+    return ServiceError(exc.status, exc.code, f"{prefix}{exc}")
 
 
 def _check_map_pixels(sizes: list[tuple[int, int]], map_size: str, classes: int, limit: int) -> None:

@@ -52,18 +52,32 @@ def decode_image(
     return decode(data, max_pixels=max_pixels, allowed_formats=allowed_formats).image
 
 
+def check_pixel_count(size: tuple[int, int], max_pixels: int) -> None:
+    """413 ``too_many_pixels`` for an image of (width, height) over ``max_pixels``."""
+    width, height = size
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            f"the image has {width}x{height} = {width * height} pixels, more than the limit of {max_pixels}",
+            code="too_many_pixels",
+            status=413,
+        )
+
+
 def upright_size(data: bytes) -> tuple[int, int] | None:
     """The (width, height) an image will have once decoded and turned upright, read from its header
     alone; None when the header cannot be read (decoding then reports why)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            turned = image.getexif().get(0x0112) in _QUARTER_TURNS
+            return _upright(Image.open(io.BytesIO(data)))
     except Exception:
         return None
-    return (height, width) if turned else (width, height)
+
+
+def _upright(image: Image.Image) -> tuple[int, int]:
+    """The opened image's (width, height) once its EXIF orientation is applied."""
+    width, height = image.size
+    return (height, width) if image.getexif().get(0x0112) in _QUARTER_TURNS else (width, height)
 
 
 def decode(
@@ -112,12 +126,7 @@ def decode(
     width, height = image.size
     if width < 1 or height < 1:
         raise ImageDecodeError("the image has no pixels", code="invalid_image")
-    if width * height > max_pixels:
-        raise ImageDecodeError(
-            f"the image has {width}x{height} = {width * height} pixels, more than the limit of {max_pixels}",
-            code="too_many_pixels",
-            status=413,
-        )
+    check_pixel_count((width, height), max_pixels)
     try:
         if getattr(image, "n_frames", 1) > 1:
             image.seek(0)
@@ -142,8 +151,8 @@ def _draft(
     pixels are loaded. Returns the full upright size when the image will be decoded reduced, else
     None."""
     width, height = image.size
-    turned = image.getexif().get(0x0112) in _QUARTER_TURNS
-    upright = (height, width) if turned else (width, height)
+    upright = _upright(image)
+    turned = upright != (width, height)
     need_w, need_h = min_size(upright)
     if turned:
         need_w, need_h = need_h, need_w
