@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from functools import lru_cache
 
 import numpy as np
@@ -62,19 +63,19 @@ def colormap_lut(name: str) -> np.ndarray:
 _BLOCK_PIXELS = 1 << 20
 
 
-def _row_blocks(height: int, width: int) -> range:
-    return range(0, height, max(1, _BLOCK_PIXELS // max(1, width)))
+def _row_blocks(height: int, width: int) -> Iterator[slice]:
+    """Slices of consecutive rows, each of about ``_BLOCK_PIXELS`` pixels, covering ``height`` rows."""
+    step = max(1, _BLOCK_PIXELS // max(1, width))
+    return (slice(top, top + step) for top in range(0, height, step))
 
 
 def to_uint8(normalized: np.ndarray) -> np.ndarray:
     """floor(255 * x) for x in [0, 1]."""
     if normalized.ndim != 2 or normalized.size <= _BLOCK_PIXELS:
         return np.floor(np.clip(normalized, 0.0, 1.0) * 255).astype(np.uint8)
-    height, width = normalized.shape
-    out = np.empty((height, width), dtype=np.uint8)
-    step = _row_blocks(height, width).step
-    for top in _row_blocks(height, width):
-        out[top : top + step] = np.floor(np.clip(normalized[top : top + step], 0.0, 1.0) * 255)
+    out = np.empty(normalized.shape, dtype=np.uint8)
+    for rows in _row_blocks(*normalized.shape):
+        out[rows] = np.floor(np.clip(normalized[rows], 0.0, 1.0) * 255)
     return out
 
 
@@ -91,11 +92,8 @@ def overlay_rgb(
         raise ValueError(f"image {image_rgb.shape[:2]} and map {normalized.shape} differ in size")
     if not 0.0 <= opacity <= 1.0:
         raise ValueError("opacity must be in [0, 1]")
-    height, width = normalized.shape
-    out = np.empty((height, width, 3), dtype=np.uint8)
-    step = _row_blocks(height, width).step
-    for top in _row_blocks(height, width):  # in blocks of rows: float temporaries stay small
-        rows = slice(top, top + step)
+    out = np.empty((*normalized.shape, 3), dtype=np.uint8)
+    for rows in _row_blocks(*normalized.shape):  # in blocks of rows: float temporaries stay small
         colours = heatmap_rgb(normalized[rows], colormap).astype(np.float32)
         blended = (1.0 - opacity) * image_rgb[rows].astype(np.float32) + opacity * colours
         out[rows] = np.clip(np.round(blended), 0, 255)
