@@ -26,7 +26,16 @@ def test_metrics_sum_over_all_workers(start_server):
     assert len(workers) == 2, [w.cmdline() for w in workers]
     directory = workers[0].environ()["PROMETHEUS_MULTIPROC_DIR"]
     assert os.path.isdir(directory)
-    # /readyz passes as soon as one worker serves; model_ready is the minimum over live workers
+    # /readyz passes as soon as one worker serves; model_ready is the minimum over the live workers
+    # that have written it, so first wait until both have (a worker still importing has no file)
+    _wait_for(
+        lambda: all(
+            os.path.exists(os.path.join(directory, f"gauge_livemin_{worker.pid}.db")) for worker in workers
+        ),
+        "both workers reporting model_ready",
+        server,
+        timeout_s=60,
+    )
     _wait_for(
         lambda: server.metric("reciprocam_model_ready", model="tiny") == 1,
         "every worker serving the model",
