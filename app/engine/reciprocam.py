@@ -8,7 +8,9 @@ network runs on every masked copy, and the class scores of copy ``k`` form cell 
 :class:`ReciproCAM` runs one shared trunk per batch: blocks ``0..b-1`` once for every image, then
 the ordinary forward to the logits (the prediction) and the masked passes (the explanation) from
 the same block input. ``reference_masked_logits`` is the literal per-mask evaluation; the exact
-reduced evaluation in :mod:`app.engine.reduced` is used instead wherever the model allows it.
+reduced evaluation in :mod:`app.engine.reduced` is used instead wherever the model allows it. Where
+the head reads prefix tokens only, the reduced path also runs the ordinary forward's last block on
+those rows alone, from the per-image projections its masked copies use.
 """
 
 from __future__ import annotations
@@ -17,12 +19,15 @@ import logging
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
 
 from app.engine.masks import KERNELS, mask_matrix
+
+if TYPE_CHECKING:  # reduced imports this module
+    from app.engine.reduced import LastBlockState, ReducedEvaluator
 
 logger = logging.getLogger(__name__)
 
@@ -253,7 +258,7 @@ class ReciproCAM:
         self.requested_path = path
         self.path, self.path_reason, self._reduced = self._choose_path(path)
 
-    def _choose_path(self, path: PathChoice) -> tuple[str, str, object | None]:
+    def _choose_path(self, path: PathChoice) -> tuple[str, str, ReducedEvaluator | None]:
         if path == "reference":
             return "reference", "reference path forced by configuration", None
         try:
@@ -282,11 +287,17 @@ class ReciproCAM:
         return resolved
 
     def masked_logits(
-        self, block_index: int, block_input: torch.Tensor, kernel: str, keep_prefix: bool
+        self,
+        block_index: int,
+        block_input: torch.Tensor,
+        kernel: str,
+        keep_prefix: bool,
+        *,
+        state: LastBlockState | None = None,
     ) -> torch.Tensor:
-        """(B, n, C) logits of every masked copy, on the chosen path."""
+        """(B, n, C) logits of every masked copy, on the chosen path (``state``: reduced path only)."""
         if self._reduced is not None:
-            return self._reduced.masked_logits(block_index, block_input, kernel, keep_prefix)  # type: ignore[attr-defined]
+            return self._reduced.masked_logits(block_index, block_input, kernel, keep_prefix, state=state)
         return reference_masked_logits(
             self.model,
             block_index,
@@ -338,26 +349,46 @@ class ReciproCAM:
         x = model.patch_drop(x)
         x = model.norm_pre(x)
 
+        blocks = list(model.blocks)
+        last = len(blocks) - 1
+        # Where the head reads prefix tokens only, the last block runs on those rows alone, from
+        # per-image projections that the masked copies of the last block share (reduced path).
+        reduced = self._reduced
+        fused = reduced is not None and reduced.fuses_last_block
+        state = None
         stops = sorted({item.block for item in items})
         masked: dict[int, torch.Tensor] = {}
         done = 0
         for stop in stops:
-            for block in list(model.blocks)[done:stop]:
+            for block in blocks[done:stop]:
                 x = block(x)
             done = stop
-            group = [item for item in items if item.block == stop]
-            for (kernel, keep_prefix), members in _group_by(group).items():
+            groups = _group_by([item for item in items if item.block == stop])
+            if fused and stop == last:
+                zero_query = any(not keep_prefix for _, keep_prefix in groups)
+                state = reduced.last_block_state(x, zero_query=zero_query)
+            for (kernel, keep_prefix), members in groups.items():
                 indices = [item.index for item in members]
+                group_state = state
                 if indices == list(range(batch)):
                     group_input = x  # every image: no copy of the block input
                 else:
-                    group_input = x.index_select(0, torch.tensor(indices, device=x.device))
-                result = self.masked_logits(stop, group_input, kernel, keep_prefix)
+                    selected = torch.tensor(indices, device=x.device)
+                    group_input = x.index_select(0, selected)
+                    group_state = None if state is None else state.select(selected)
+                result = self.masked_logits(stop, group_input, kernel, keep_prefix, state=group_state)
                 for position, item in enumerate(members):
                     masked[item.index] = result[position]
-        for block in list(model.blocks)[done:]:
-            x = block(x)
-        logits = head_logits(model, x).float()
+        if fused:
+            for block in blocks[done:last]:
+                x = block(x)
+            if state is None:
+                state = reduced.last_block_state(x)
+            logits = reduced.unmasked_logits(state).float()
+        else:
+            for block in blocks[done:]:
+                x = block(x)
+            logits = head_logits(model, x).float()
 
         grid_h, grid_w = grid_for_tokens(model, x.shape[1] - self.anatomy.num_prefix_tokens)
         results = [ImageExplanation(logits=logits[i].cpu()) for i in range(batch)]

@@ -16,6 +16,8 @@ reads only prefix tokens (token pooling, distilled heads) the last block needs o
 query rows; if it is also the target block and has no key normalisation, its attention scores and
 outputs are gathered from per-image quantities (scores of the prefix queries against every token,
 and one dense ``(masks x tokens) @ values`` product), so no per-mask key or value rows exist at all.
+The same per-image quantities give the ordinary (unmasked) forward's last block on the prefix rows
+(:meth:`ReducedEvaluator.unmasked_logits`), so that block never runs on all tokens.
 Average / max pooling use each distinct row with its multiplicity among the pooled tokens.
 
 All masks of all images are evaluated in batched tensor operations (no Python loop over masks);
@@ -239,6 +241,37 @@ def _block_on_rows(
     return _finish_block(block, attended, gate, yq)
 
 
+@dataclass(frozen=True)
+class LastBlockState:
+    """Per-image quantities of the last block (see :meth:`ReducedEvaluator.last_block_state`).
+
+    ``tensors`` all have the images first: ``values`` (B, H, T, hd) and, per query kind (``prefix``:
+    the prefix rows the head reads; ``zero``: the representative zero row), ``{kind}_scores``
+    (B, H, nq, T) float32, ``{kind}_offset`` (B, H, nq), ``{kind}_residual`` (B, nq, D) and, for gated
+    attention, ``{kind}_gate`` (B, nq, A). ``bias_v`` is the value projection's bias (A,).
+    """
+
+    tensors: dict[str, torch.Tensor]
+    bias_v: torch.Tensor
+
+    def select(self, indices: torch.Tensor) -> LastBlockState:
+        """The state of a subset of the images (``indices`` into the batch)."""
+        picked = {name: t.index_select(0, indices.to(t.device)) for name, t in self.tensors.items()}
+        return LastBlockState(picked, self.bias_v)
+
+    def query(self, kind: str) -> dict[str, torch.Tensor]:
+        """The per-image inputs of the masked attention for one query kind."""
+        t = self.tensors
+        return {
+            "scores": t[f"{kind}_scores"],
+            "offset": t[f"{kind}_offset"],
+            "values": t["values"],
+            "bv": self.bias_v,
+            "residual": t[f"{kind}_residual"],
+            "gate": t.get(f"{kind}_gate", torch.empty(0)),
+        }
+
+
 class ReducedEvaluator:
     """Masked-pass logits of a timm ViT, computed on the distinct rows of each masked sequence.
 
@@ -295,10 +328,14 @@ class ReducedEvaluator:
         keep_prefix: bool,
         *,
         max_sequences: int | None = None,
+        state: LastBlockState | None = None,
     ) -> torch.Tensor:
         """(B, n, C) logits of every masked copy of ``block_input`` (B, p + n, D) at ``block_index``.
 
         Equals :func:`app.engine.reciprocam.reference_masked_logits` up to float rounding.
+        ``state``: :meth:`last_block_state` of the same ``block_input`` (used only when the target is
+        the last block and :attr:`fuses_last_block`), so that the per-image projections of the last
+        block are shared with :meth:`unmasked_logits` and with other option groups.
         """
         model = self.model
         blocks = list(model.blocks)
@@ -317,16 +354,18 @@ class ReducedEvaluator:
         head_rows = list(dict.fromkeys(layout.prefix_rows[: self.head_tokens])) if prefix_head else None
         target = blocks[block_index]
         attn = target.attn
-        fast = last and prefix_head and isinstance(attn.k_norm, nn.Identity)
+        fast = last and self.fuses_last_block
 
-        z = target.norm1(block_input)
         projected = gate_lin = per_image = None
         if fast:
-            per_image = self._fast_precompute(target, block_input, z, head_rows, keep_prefix)
+            if state is None or (not keep_prefix and "zero_scores" not in state.tensors):
+                state = self.last_block_state(block_input, zero_query=not keep_prefix)
+            per_image = state.query("prefix" if keep_prefix else "zero")
         else:
+            z = target.norm1(block_input)
             projected = F.linear(z, attn.qkv.weight)  # (B, T, 3A): W z without bias, once per image
             gate_lin = F.linear(z, attn.gate.weight) if attn.gate is not None else None
-        del z
+            del z
 
         rows_per_sequence = len(head_rows) if (fast and head_rows) else layout.num_rows
         outputs: list[torch.Tensor] = []
@@ -400,51 +439,67 @@ class ReducedEvaluator:
         residual = (_rows(x, q_src) * q_scale[None, :, :, None]).reshape(flat, -1, x.shape[-1])
         return _finish_block(block, attended, gate, residual)
 
-    def _fast_precompute(
-        self,
-        block: Block,
-        x: torch.Tensor,
-        z: torch.Tensor,
-        head_rows: list[int],
-        keep_prefix: bool,
-    ) -> dict[str, torch.Tensor]:
-        """Per-image quantities of the last block when only prefix query rows are needed.
+    @property
+    def fuses_last_block(self) -> bool:
+        """Whether the head reads prefix tokens only and the last block has no key normalisation:
+        then the last block is evaluated on its prefix query rows from :meth:`last_block_state`,
+        for the masked copies and for the unmasked forward alike."""
+        return self.head_tokens > 0 and isinstance(self.model.blocks[-1].attn.k_norm, nn.Identity)
 
-        The query rows are the same for every mask of an image (the kept prefix rows, or the zero
-        row), so their scores against every unmasked, bias-free key ``W_k z_t`` and the bias-free
-        values ``W_v z_t`` are shared by all masks of the image.
+    @torch.inference_mode()
+    def last_block_state(self, block_input: torch.Tensor, *, zero_query: bool = False) -> LastBlockState:
+        """Per-image quantities of the last block, given its input ``x`` (B, T, D).
+
+        Only the prefix rows the head reads are ever needed as queries of the last block. Their
+        scores against every unmasked, bias-free key ``W_k z_t`` and the bias-free values ``W_v z_t``
+        serve every masked copy of the image (where the prefix is kept) and its unmasked forward.
+        With ``zero_query`` the same quantities are added for the query of the representative zero
+        row, which stands for the prefix rows of copies that drop them.
         """
+        if not self.fuses_last_block:
+            raise ValueError("the last block of this model cannot be evaluated on prefix rows only")
+        block = self.model.blocks[-1]
         attn = block.attn
         dim, heads = attn.attn_dim, attn.num_heads
+        x = block_input
+        z = block.norm1(x)
         batch, _, width = x.shape
-        weight, bias = attn.qkv.weight, attn.qkv.bias
-        w_q, w_k, w_v = weight.split(dim)
+        w_q, w_k, w_v = attn.qkv.weight.split(dim)
         zeros = z.new_zeros(dim)
-        b_q, b_k, b_v = (zeros, zeros, zeros) if bias is None else bias.split(dim)
-        count = len(head_rows)
-        if keep_prefix:  # query rows: the kept prefix rows ...
-            q_lin = F.linear(z[:, :count], w_q, b_q)  # (B, nq, A)
-            residual = x[:, :count]
-            gate_in = z[:, :count]
-        else:  # ... or the representative zero row
-            q_lin = b_q.expand(batch, 1, dim)
-            residual = x.new_zeros(batch, 1, width)
-            gate_in = z.new_zeros(batch, 1, width)
-        q = attn.q_norm(_heads(q_lin, heads)).float() * attn.scale  # (B, H, nq, hd)
+        b_q, b_k, b_v = (zeros, zeros, zeros) if attn.qkv.bias is None else attn.qkv.bias.split(dim)
         keys = _heads(F.linear(z, w_k), heads).float()  # (B, H, T, hd)
-        scores = q @ keys.transpose(-1, -2)  # (B, H, nq, T): q . (W_k z_t)
-        del keys
-        offset = (q @ b_k.float().reshape(heads, -1, 1)).squeeze(-1)  # (B, H, nq): q . b_k
-        values = _heads(F.linear(z, w_v), heads)  # (B, H, T, hd)
-        gate = attn.gate(gate_in).sigmoid() if attn.gate is not None else torch.empty(0)
-        return {
-            "scores": scores,
-            "offset": offset,
-            "values": values,
-            "bv": b_v,
-            "residual": residual,
-            "gate": gate,
-        }
+        b_k32 = b_k.float().reshape(heads, -1, 1)
+        tensors: dict[str, torch.Tensor] = {"values": _heads(F.linear(z, w_v), heads)}  # (B, H, T, hd)
+        # query kind -> (bias-free query projection, residual rows, input rows of the gate)
+        prefix = z[:, : self.head_tokens]
+        queries = {"prefix": (F.linear(prefix, w_q, b_q), x[:, : self.head_tokens], prefix)}
+        if zero_query:
+            zero_row = z.new_zeros(batch, 1, width)
+            queries["zero"] = (b_q.expand(batch, 1, dim), zero_row, zero_row)
+        for kind, (q_lin, residual, gate_input) in queries.items():
+            q = attn.q_norm(_heads(q_lin, heads)).float() * attn.scale  # (B, H, nq, hd)
+            tensors[f"{kind}_scores"] = q @ keys.transpose(-1, -2)  # (B, H, nq, T): q . (W_k z_t)
+            tensors[f"{kind}_offset"] = (q @ b_k32).squeeze(-1)  # (B, H, nq): q . b_k
+            tensors[f"{kind}_residual"] = residual
+            if attn.gate is not None:
+                tensors[f"{kind}_gate"] = attn.gate(gate_input).sigmoid()
+        return LastBlockState(tensors, b_v)
+
+    @torch.inference_mode()
+    def unmasked_logits(self, state: LastBlockState) -> torch.Tensor:
+        """(B, C) logits of the ordinary forward from the :meth:`last_block_state` of its last block.
+
+        The same computation as running the last block and the head, restricted to the rows the head
+        reads: attention of the prefix queries over every token (the key bias ``q . b_k`` is the same
+        for every key and cancels in the softmax), the block's projection and MLP on those rows.
+        """
+        model = self.model
+        block = model.blocks[-1]
+        values = state.tensors["values"]
+        weights = state.tensors["prefix_scores"].softmax(dim=-1).to(values.dtype)
+        attended = _merge_heads(weights @ values) + state.bias_v
+        y = _finish_block(block, attended, state.tensors.get("prefix_gate"), state.tensors["prefix_residual"])
+        return model.forward_head(model.norm(y))
 
     @staticmethod
     def _fast_attention(

@@ -123,6 +123,72 @@ def test_explain_reduced_equals_reference(name):
         assert _rel_err(a.score_maps, b.score_maps) <= FP32_TOL
 
 
+# Option mixes for one batch of three images: all default, mixed kernels / prefix / predict-only,
+# predict-only, and an earlier target block next to the last.
+OPTION_MIXES = {
+    "default": [CamOptions()] * 3,
+    "mixed": [CamOptions(), None, CamOptions(kernel="dirac", keep_prefix=False)],
+    "predict_only": [None] * 3,
+    "earlier_block": [CamOptions(target_block=0), CamOptions(), None],
+}
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_explain_logits_equal_the_ordinary_forward(name):
+    # On models whose head reads prefix tokens, explain runs the last block on those rows only; the
+    # prediction must still be the model's own forward within float rounding, for every option mix.
+    model = VARIANTS[name]()
+    cam = ReciproCAM(model)
+    images = _images(model, batch=3, seed=4)
+    with torch.inference_mode():
+        expected = model(images).float()
+    for mix, options in OPTION_MIXES.items():
+        got = torch.stack([result.logits for result in cam.explain(images, options, top_k=1)])
+        assert _rel_err(got, expected) <= FP32_TOL, mix
+
+
+@pytest.mark.parametrize(
+    ("name", "fused"),
+    [
+        ("deit_tiny", True),
+        ("deit_tiny_distilled", True),
+        ("vit_registers", True),
+        ("gated_scale_norm", True),
+        ("vit_avgpool_regs", False),
+        ("vit_layerscale_qknorm", False),
+    ],
+)
+def test_last_block_is_not_run_whole_where_the_head_reads_prefix_tokens(name, fused):
+    model = VARIANTS[name]()
+    cam = ReciproCAM(model)
+    assert cam._reduced is not None and cam._reduced.fuses_last_block is fused
+    calls: list[int] = []
+    handle = model.blocks[-1].register_forward_hook(lambda *_: calls.append(1))
+    try:
+        for options in OPTION_MIXES.values():
+            cam.explain(_images(model, batch=3), options, top_k=1)
+    finally:
+        handle.remove()
+    # fused: never called; otherwise once per explain call (the ordinary forward)
+    assert len(calls) == (0 if fused else len(OPTION_MIXES))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_prediction_in_low_precision(dtype):
+    model = make_tiny("deit_tiny_distilled", seed=8)
+    low = make_tiny("deit_tiny_distilled", seed=8).to(dtype)
+    images = _images(model, batch=2)
+    with torch.inference_mode():
+        exact = model(images).float()
+        try:
+            plain_low = low(images.to(dtype)).float()
+        except RuntimeError as exc:  # pragma: no cover - depends on the CPU build
+            pytest.skip(f"{dtype} is not supported by this torch build on CPU: {exc}")
+    got = torch.stack([result.logits for result in ReciproCAM(low).explain(images, CamOptions(), top_k=1)])
+    # No worse than the model's own low-precision forward (plus a small margin).
+    assert _rel_err(got, exact) <= 2 * _rel_err(plain_low, exact) + 0.005
+
+
 def test_masked_sequences_really_differ_from_the_forward():
     # Guards the comparisons above against vacuous agreement (e.g. both returning the prediction).
     model = make_tiny("deit_tiny", seed=2)
