@@ -70,9 +70,23 @@ class Service:
             self.original_pixels_held -= pixels
 
     async def run_io(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run a blocking decode/encode step in the I/O pool."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.io_pool, functools.partial(function, *args, **kwargs))
+        """Run a blocking decode/encode step in the I/O pool.
+
+        When the caller is cancelled (its client went away, the server stops), a step that has not
+        started yet is dropped; one already running cannot be stopped, so the cancellation waits
+        for it to return. Until then its memory is in use, and budgets held by the caller (such as
+        :meth:`hold_original_pixels`) are released only after it.
+        """
+        job = self.io_pool.submit(functools.partial(function, *args, **kwargs))
+        done = asyncio.wrap_future(job)
+        try:
+            return await asyncio.shield(done)
+        except asyncio.CancelledError:
+            if not job.cancel():  # running (or just finished): wait for the thread to let go
+                await asyncio.wait([done])
+                if not done.cancelled():
+                    done.exception()  # retrieved: the caller is gone, nobody else will read it
+            raise
 
     async def prepare_images(
         self, blobs: Sequence[bytes], preprocessor: Preprocessor, *, keep_original: bool = False
