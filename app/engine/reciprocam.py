@@ -9,8 +9,9 @@ network runs on every masked copy, and the class scores of copy ``k`` form cell 
 the ordinary forward to the logits (the prediction) and the masked passes (the explanation) from
 the same block input. ``reference_masked_logits`` is the literal per-mask evaluation; the exact
 reduced evaluation in :mod:`app.engine.reduced` is used instead wherever the model allows it. Where
-the head reads prefix tokens only, the reduced path also runs the ordinary forward's last block on
-those rows alone, from the per-image projections its masked copies use.
+the head reads prefix tokens only and the last block has no key normalisation, the reduced path
+also runs the ordinary forward's last block on those rows alone, from the per-image projections
+its masked copies use.
 """
 
 from __future__ import annotations
@@ -351,10 +352,10 @@ class ReciproCAM:
 
         blocks = list(model.blocks)
         last = len(blocks) - 1
-        # Where the head reads prefix tokens only, the last block runs on those rows alone, from
-        # per-image projections that the masked copies of the last block share (reduced path).
-        reduced = self._reduced
-        fused = reduced is not None and reduced.fuses_last_block
+        # Where the reduced path allows it (head reading prefix tokens only, no key norm in the last
+        # block), the last block runs on those rows alone, from per-image projections that the
+        # masked copies of the last block share.
+        reduced = self._reduced if self._reduced is not None and self._reduced.fuses_last_block else None
         state = None
         stops = sorted({item.block for item in items})
         masked: dict[int, torch.Tensor] = {}
@@ -364,7 +365,7 @@ class ReciproCAM:
                 x = block(x)
             done = stop
             groups = _group_by([item for item in items if item.block == stop])
-            if fused and stop == last:
+            if reduced is not None and stop == last:
                 zero_query = any(not keep_prefix for _, keep_prefix in groups)
                 state = reduced.last_block_state(x, zero_query=zero_query)
             for (kernel, keep_prefix), members in groups.items():
@@ -379,7 +380,7 @@ class ReciproCAM:
                 result = self.masked_logits(stop, group_input, kernel, keep_prefix, state=group_state)
                 for position, item in enumerate(members):
                     masked[item.index] = result[position]
-        if fused:
+        if reduced is not None:
             for block in blocks[done:last]:
                 x = block(x)
             if state is None:

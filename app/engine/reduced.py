@@ -247,8 +247,9 @@ class LastBlockState:
 
     ``tensors`` all have the images first: ``values`` (B, H, T, hd) and, per query kind (``prefix``:
     the prefix rows the head reads; ``zero``: the representative zero row), ``{kind}_scores``
-    (B, H, nq, T) float32, ``{kind}_offset`` (B, H, nq), ``{kind}_residual`` (B, nq, D) and, for gated
-    attention, ``{kind}_gate`` (B, nq, A). ``bias_v`` is the value projection's bias (A,).
+    (B, H, nq, T) float32, ``{kind}_residual`` (B, nq, D) and, for gated attention, ``{kind}_gate``
+    (B, nq, A). ``bias_v`` is the value projection's bias (A,). The key bias ``b_k`` adds ``q . b_k`` to
+    every score of a query alike, so it cancels in the softmax and is not kept.
     """
 
     tensors: dict[str, torch.Tensor]
@@ -264,7 +265,6 @@ class LastBlockState:
         t = self.tensors
         return {
             "scores": t[f"{kind}_scores"],
-            "offset": t[f"{kind}_offset"],
             "values": t["values"],
             "bv": self.bias_v,
             "residual": t[f"{kind}_residual"],
@@ -466,9 +466,8 @@ class ReducedEvaluator:
         batch, _, width = x.shape
         w_q, w_k, w_v = attn.qkv.weight.split(dim)
         zeros = z.new_zeros(dim)
-        b_q, b_k, b_v = (zeros, zeros, zeros) if attn.qkv.bias is None else attn.qkv.bias.split(dim)
+        b_q, _, b_v = (zeros, zeros, zeros) if attn.qkv.bias is None else attn.qkv.bias.split(dim)
         keys = _heads(F.linear(z, w_k), heads).float()  # (B, H, T, hd)
-        b_k32 = b_k.float().reshape(heads, -1, 1)
         tensors: dict[str, torch.Tensor] = {"values": _heads(F.linear(z, w_v), heads)}  # (B, H, T, hd)
         # query kind -> (bias-free query projection, residual rows, input rows of the gate)
         prefix = z[:, : self.head_tokens]
@@ -479,7 +478,6 @@ class ReducedEvaluator:
         for kind, (q_lin, residual, gate_input) in queries.items():
             q = attn.q_norm(_heads(q_lin, heads)).float() * attn.scale  # (B, H, nq, hd)
             tensors[f"{kind}_scores"] = q @ keys.transpose(-1, -2)  # (B, H, nq, T): q . (W_k z_t)
-            tensors[f"{kind}_offset"] = (q @ b_k32).squeeze(-1)  # (B, H, nq): q . b_k
             tensors[f"{kind}_residual"] = residual
             if attn.gate is not None:
                 tensors[f"{kind}_gate"] = attn.gate(gate_input).sigmoid()
@@ -512,7 +510,8 @@ class ReducedEvaluator:
         """Attention output of the prefix query rows for (images x masks): (b * k, nq, A).
 
         Key row ``r`` of a masked sequence is ``a_r * W_k z_src + b_k``: its score is
-        ``a_r * (q . W_k z_src) + q . b_k`` plus the multiplicity bias. The output
+        ``a_r * (q . W_k z_src) + q . b_k`` plus the multiplicity bias, where ``q . b_k`` is the same
+        for every row and cancels in the softmax. The output
         ``sum_r p_r (a_r W_v z_src + b_v)`` is one dense product of the scattered weights
         ``p_r a_r`` (masks x tokens) with the per-image values, plus ``b_v``.
         """
@@ -521,7 +520,7 @@ class ReducedEvaluator:
         masks, rows = src.shape
         scale32 = scale.float()
         gathered = scores[..., src.reshape(-1)].reshape(count, heads, nq, masks, rows)
-        logits = gathered * scale32 + pre["offset"][images][..., None, None] + key_bias
+        logits = gathered * scale32 + key_bias
         weights = _softmax_short(logits) * scale32
         values = pre["values"][images]  # (b, H, T, hd)
         # Dense (masks x tokens) weights in the values' dtype; padding rows add exact zeros.

@@ -134,17 +134,25 @@ OPTION_MIXES = {
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_explain_logits_equal_the_ordinary_forward(name):
-    # On models whose head reads prefix tokens, explain runs the last block on those rows only; the
-    # prediction must still be the model's own forward within float rounding, for every option mix.
+def test_explain_equals_the_forward_and_the_reference_for_every_option_mix(name):
+    # On models whose head reads prefix tokens, explain runs the last block on those rows only and
+    # shares its per-image state between the option groups of a batch; the prediction must still be
+    # the model's own forward, and every map the reference loop's, within float rounding.
     model = VARIANTS[name]()
     cam = ReciproCAM(model)
+    reference = ReciproCAM(model, path="reference")
     images = _images(model, batch=3, seed=4)
     with torch.inference_mode():
         expected = model(images).float()
     for mix, options in OPTION_MIXES.items():
-        got = torch.stack([result.logits for result in cam.explain(images, options, top_k=1)])
+        results = cam.explain(images, options, top_k=2)
+        got = torch.stack([result.logits for result in results])
         assert _rel_err(got, expected) <= FP32_TOL, mix
+        for fast, slow in zip(results, reference.explain(images, options, top_k=2), strict=True):
+            assert (fast.score_maps is None) == (slow.score_maps is None), mix
+            if slow.score_maps is not None:
+                assert torch.equal(fast.targets, slow.targets), mix
+                assert _rel_err(fast.score_maps, slow.score_maps) <= FP32_TOL, mix
 
 
 @pytest.mark.parametrize(
