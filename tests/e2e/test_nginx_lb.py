@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -157,13 +158,16 @@ class Nginx:
             *extra,
         ]
 
-    def start(self, upstreams: list[str]) -> None:
+    def start(self, upstreams: list[str], edit: Callable[[str], str] | None = None) -> None:
+        """Render the template for ``upstreams`` (``edit``, if given, changes the rendered text)."""
         temp_dir = self.prefix / "temp"
         temp_dir.mkdir()
         # Run as root, nginx's workers switch to an unprivileged user: let them reach the temp files.
         self.prefix.chmod(0o755)
         temp_dir.chmod(0o777)
         text = _load_renderer().render_for(f"127.0.0.1:{self.port}", upstreams, temp_dir)
+        if edit is not None:
+            text = edit(text)
         self.config.write_text(text)
         check = subprocess.run(self._command("-t"), capture_output=True, text=True, timeout=30)
         assert check.returncode == 0, f"nginx -t rejects the rendered configuration:\n{check.stderr}"
@@ -574,4 +578,54 @@ def test_no_reachable_replica_gets_a_json_503_with_retry_after(nginx_binary: str
                     int(request_id, 16)
     finally:
         nginx.stop()
+        shutil.rmtree(prefix, ignore_errors=True)
+
+
+def test_a_replica_that_never_answers_gets_a_json_504(nginx_binary: str) -> None:
+    """A replica that takes the request and never answers: after proxy_read_timeout nginx answers
+    504 ``upstream_timeout`` in the service's error shape, under the caller's request id. The
+    timeout is shortened from 120 s for the test; everything else is the shipped template."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    address = f"127.0.0.1:{listener.getsockname()[1]}"
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(connection)  # read nothing, answer nothing
+
+    threading.Thread(target=accept, daemon=True).start()
+    prefix = Path(tempfile.mkdtemp(prefix="reciprocam-nginx-"))
+    nginx = Nginx(nginx_binary, prefix, free_port())
+
+    def short_read_timeout(text: str) -> str:
+        assert "proxy_read_timeout 120s;" in text
+        return text.replace("proxy_read_timeout 120s;", "proxy_read_timeout 1s;")
+
+    try:
+        nginx.start([address], edit=short_read_timeout)
+        with httpx.Client(timeout=REQUEST_TIMEOUT_S) as client:
+            response = client.post(
+                f"{nginx.url}/v1/models/{MODEL_NAME}/predict",
+                content=_png(),
+                headers={"content-type": "image/png", "x-request-id": "slow-1"},
+            )
+        assert response.status_code == 504, response.text
+        assert response.headers["content-type"].startswith("application/json")
+        assert response.headers["x-request-id"] == "slow-1"
+        assert response.headers["x-upstream"] == address
+        assert response.json()["error"] == {
+            "code": "upstream_timeout",
+            "message": "the service replica did not answer in time",
+            "request_id": "slow-1",
+        }
+        assert len(accepted) == 1
+    finally:
+        nginx.stop()
+        listener.close()
+        for connection in accepted:
+            connection.close()
         shutil.rmtree(prefix, ignore_errors=True)
