@@ -401,10 +401,10 @@ class ReciproCAM:
             if chosen is None:
                 chosen = torch.arange(num_classes)
             maps = scores[:, chosen.to(scores.device)].T.reshape(-1, grid_h, grid_w)
-            result = results[item.index]
-            result.score_maps = maps.cpu()
-            result.targets = chosen
-            result.options = item.options
+            explanation = results[item.index]
+            explanation.score_maps = maps.cpu()
+            explanation.targets = chosen
+            explanation.options = item.options
         return results
 
     @torch.inference_mode()
