@@ -144,6 +144,7 @@ def render_result(
     normalized = normalize_maps(raw_maps)
     sized = _resize(normalized, render.map_size, prepared.geometry)
     needs_overlay = "overlay" in render.encodings
+    needs_levels = "png" in render.encodings or "heatmap" in render.encodings
     overlay_maps, overlay_base = (None, None)
     if needs_overlay:
         overlay_maps, overlay_base = _overlay_inputs(normalized, sized, render.map_size, prepared)
@@ -158,11 +159,15 @@ def render_result(
             "score_range": [float(raw.min()), float(raw.max())],
             "size": [int(map_values.shape[0]), int(map_values.shape[1])],
         }
+        # the 8-bit levels, once for both the grey PNG and the heatmap's palette indices
+        levels = to_uint8(map_values) if needs_levels else None
         for encoding in render.encodings:
             if encoding == "png":
-                item["png"] = _b64_png(to_uint8(map_values))
+                assert levels is not None
+                item["png"] = _b64_png(levels)
             elif encoding == "heatmap":
-                item["heatmap"] = base64.b64encode(heatmap_png(map_values, render.colormap)).decode("ascii")
+                assert levels is not None
+                item["heatmap"] = base64.b64encode(heatmap_png(levels, render.colormap)).decode("ascii")
             elif encoding == "overlay":
                 assert overlay_maps is not None and overlay_base is not None
                 item["overlay"] = _b64_png(

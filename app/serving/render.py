@@ -110,9 +110,10 @@ def heatmap_png(normalized: np.ndarray, colormap: str = "jet", *, compress_level
 
     Decoded, its pixels equal :func:`heatmap_rgb`'s exactly: each pixel stores its 8-bit map value
     and the PNG's palette is the colour map's lookup table. One byte per pixel instead of three makes
-    it several times faster to encode than the RGB image, and smaller.
+    it several times faster to encode than the RGB image, and smaller. A uint8 map is taken as the
+    8-bit levels :func:`to_uint8` would give.
     """
-    indices = to_uint8(normalized)
+    indices = normalized if normalized.dtype == np.uint8 else to_uint8(normalized)
     if indices.ndim != 2:
         raise ValueError(f"a heatmap needs an (H, W) map, got shape {indices.shape}")
     height, width = indices.shape

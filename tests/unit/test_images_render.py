@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from app.serving.images import ImageDecodeError, decode, decode_image
-from app.serving.render import colormap_lut, heatmap_png, heatmap_rgb, overlay_rgb, png_bytes
+from app.serving.render import colormap_lut, heatmap_png, heatmap_rgb, overlay_rgb, png_bytes, to_uint8
 from tests.helpers import photo_like
 
 
@@ -147,6 +147,8 @@ def test_heatmap_png_decodes_to_the_rgb_heatmap(colormap):
     np.testing.assert_array_equal(np.asarray(decoded.convert("RGB")), heatmap_rgb(values, colormap))
     # one byte per pixel: smaller than the RGB encoding of the same picture
     assert len(data) < len(png_bytes(heatmap_rgb(values, colormap)))
+    # already computed 8-bit levels give the same file
+    assert heatmap_png(to_uint8(values), colormap) == data
     with pytest.raises(ValueError):
         heatmap_png(np.zeros((2, 2, 3)))
 
