@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One-shot check on a machine with a CUDA GPU: exactness on the device, then the figures that
+# docs/benchmarks.md leaves open for GPUs (explain vs forward, and the HTTP load at 224 px fp16).
+# About 8 minutes on one H100/H200; each step has its own time limit, so one slow step cannot eat
+# the others' time. Results go to OUT_DIR (default: $OUT if set, else gpu-out/).
+#
+#   bash benchmarks/gpu_wheels.sh                 # here, once: wheels the GPU image lacks -> .whl/
+#   bash benchmarks/gpu_check.sh [OUT_DIR]        # there, from the repository root, .whl carried
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${1:-${OUT:-gpu-out}}
+mkdir -p "$OUT_DIR"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+{ nvidia-smi; "$PY" -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"; } \
+    > "$OUT_DIR/machine.txt" 2>&1
+WORKERS=${WORKERS:-4}
+
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep its output, go on either way
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit ${limit}s): $*"
+    timeout "$limit" "$@" > "$OUT_DIR/$name.txt" 2>&1
+    echo "== $name: exit $?"
+    tail -n 25 "$OUT_DIR/$name.txt"
+}
+
+# 1. The CPU's exactness contracts, on the device (tests/unit/test_cuda.py).
+step cuda_tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/unit/test_cuda.py
+# 2. Explanation vs forward pass, batch 64, fp32/fp16/bf16 (targets: b/a >= 0.9, b/c >= 10).
+step bench_engine 150 "$PY" benchmarks/bench_engine.py --device cuda --reference-iters 2
+# 3. HTTP load at 224 px, fp16, batches up to 128, WORKERS server processes (target: 3,000
+#    explained images/s). 8 images per request keep the single load-generator process below its
+#    own limit of a few hundred requests per second.
+step load_test 240 "$PY" benchmarks/load_test.py --arch deit_small_patch16_224 --device cuda \
+    --dtype fp16 --endpoint explain --image-size 320 --images-per-request 8 \
+    --concurrency 8 32 64 --requests 256 --rounds 1 --max-batch 128 --workers "$WORKERS" \
+    --out "$OUT_DIR/load_test.md"
