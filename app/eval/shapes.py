@@ -13,6 +13,9 @@ ground-truth mask is exactly the set of pixels it covers.
 Image ``i`` of a dataset with seed ``s`` is drawn from its own generator seeded with ``(s, i)``:
 the same seed always gives the same images, and the first ``k`` images of a larger set equal the
 set of ``k`` images.
+
+For evaluation only, :func:`render_pair` draws images with two objects of different classes (no
+decoys), which ask a map *which* object a class is.
 """
 
 from __future__ import annotations
@@ -337,6 +340,66 @@ def generate(seed: int, count: int, size: int = IMAGE_SIZE, start: int = 0) -> S
     for offset in range(count):
         images[offset], labels[offset], masks[offset] = render(seed, start + offset, size)
     return ShapeSet(images=images, labels=labels, masks=masks)
+
+
+# Two-object images ----------------------------------------------------------------------------
+
+# Pixels between the two objects of a pair image: twice the pointing game's 4 px tolerance plus one,
+# so that no map maximum can count as a hit on both.
+PAIR_GAP = 9.0
+
+
+@dataclass(frozen=True)
+class PairSet:
+    """``images`` (N, H, W, 3) uint8, ``labels`` (N, 2) int64 (two different classes per image),
+    ``masks`` (N, 2, H, W) bool (one per object, in the order of ``labels``)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    masks: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def render_pair(seed: int, index: int, size: int = IMAGE_SIZE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Image ``index`` of the two-object set with ``seed`` (its own random stream, apart from
+    :func:`render`): two objects of two different classes, each drawn as in :func:`render` (random
+    scale, colour and orientation) and at least :data:`PAIR_GAP` pixels apart, over the same textured
+    background and clutter, without decoys. Returns the (H, W, 3) uint8 image, the two class ids and
+    their (2, H, W) bool masks.
+
+    Not training data: it asks a map *which* object a class is, a question an image with one object
+    cannot ask and a class-independent map cannot answer.
+    """
+    rng = np.random.default_rng([seed, index, 2])
+    labels = rng.choice(len(SHAPE_CLASSES), size=2, replace=False).astype(np.int64)
+    canvas, base = _background(rng, size)
+    _draw_clutter(rng, canvas, size)
+    gap = PAIR_GAP * size / IMAGE_SIZE
+    while True:
+        first, second = _pose(rng, size, _OBJECT_RADIUS), _pose(rng, size, _OBJECT_RADIUS)
+        distance = math.hypot(first[0] - second[0], first[1] - second[1])
+        if distance >= _EXTENT * (first[2] + second[2]) + gap:
+            break
+    masks = []
+    for label, pose in zip(labels, (first, second), strict=True):
+        colour = _object_colour(rng, base)
+        alpha = _object_alpha(rng, int(label), pose, size)
+        canvas = _paint(canvas, alpha, colour)
+        masks.append(alpha >= 0.5)
+    image = np.clip(np.round(canvas), 0, 255).astype(np.uint8)
+    return image, labels, np.stack(masks)
+
+
+def generate_pairs(seed: int, count: int, size: int = IMAGE_SIZE, start: int = 0) -> PairSet:
+    """``count`` two-object images (indices ``start .. start + count - 1``) of the set with ``seed``."""
+    images = np.empty((count, size, size, 3), dtype=np.uint8)
+    labels = np.empty((count, 2), dtype=np.int64)
+    masks = np.empty((count, 2, size, size), dtype=bool)
+    for offset in range(count):
+        images[offset], labels[offset], masks[offset] = render_pair(seed, start + offset, size)
+    return PairSet(images=images, labels=labels, masks=masks)
 
 
 def normalize(

@@ -218,3 +218,53 @@ def test_pointing_pairs_match_the_per_image_hits(tiny_weights, tmp_path, capsys)
     assert "paired against" not in (out / "results.md").read_text(encoding="utf-8")
     assert not (out / "pointing_pairs.csv").exists()
     assert main([*args, "--pointing-reference", "nope", "--out", str(out)]) == 2
+
+
+def test_eval_pairs_writes_tables_and_rollout_cannot_hit_both(tiny_weights, tmp_path, capsys):
+    out = tmp_path / "pairs"
+    code = main(
+        [
+            "eval",
+            "--model",
+            str(tiny_weights),
+            "--data",
+            "synthetic-pairs",
+            "--limit",
+            "6",
+            "--batch-size",
+            "4",
+            "--methods",
+            "reciprocam,rollout",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "two-object synthetic shapes" in printed and "| reciprocam |" in printed
+    rows = {row["method"]: row for row in _rows(out / "pairs.csv")}
+    assert set(rows) == {"reciprocam", "rollout"}
+    assert all(row["images"] == "6" for row in rows.values())
+    # one class-independent peak can never count for both objects, which are > 8 px apart
+    assert float(rows["rollout"]["both"]) == 0.0
+    assert float(rows["rollout"]["class_pointing"]) <= 0.5
+    assert "| Method | Class pointing" in (out / "pairs.md").read_text(encoding="utf-8")
+
+
+def test_pair_report_summaries_are_counted_from_the_hits():
+    from app.eval.evaluate import PairReport
+
+    hits = {
+        "a": np.array([[1, 1], [1, 0], [0, 0], [1, 1]], dtype=float),
+        "b": np.array([[1, 0], [0, 1], [0, 0], [1, 0]], dtype=float),
+    }
+    report = PairReport(methods=["a", "b"], hits=hits, images=4, top2_match=0.5)
+    rows = {row["method"]: row for row in report.rows()}
+    assert rows["a"]["class_pointing"] == pytest.approx(5 / 8)
+    assert rows["a"]["both"] == pytest.approx(2 / 4) and rows["a"]["neither"] == pytest.approx(1 / 4)
+    assert rows["b"]["class_pointing"] == pytest.approx(3 / 8) and rows["b"]["both"] == 0.0
+    # over the 8 (image, object) pairs: a alone hits (0,1), (1,0), (3,1); b alone hits (1,1)
+    wins, losses, p = report.paired("b")["a"]
+    assert (wins, losses) == (3, 1)
+    assert p == pytest.approx(0.625)  # 2 * P(X <= 1), X ~ Binomial(4, 1/2) = 2 * 5/16

@@ -127,3 +127,23 @@ def test_decoys_are_drawn_in_object_and_empty_images():
         for im in empty
     )
     assert empty_with_decoy >= 20
+
+
+def test_pair_images_hold_two_separate_objects_of_different_classes():
+    data = shapes.generate_pairs(seed=5, count=40)
+    assert data.images.shape == (40, 64, 64, 3) and data.images.dtype == np.uint8
+    assert data.labels.shape == (40, 2) and data.masks.shape == (40, 2, 64, 64)
+    ys, xs = np.mgrid[0:64, 0:64]
+    for labels, masks in zip(data.labels, data.masks, strict=True):
+        assert labels[0] != labels[1]
+        assert all(0 <= label < len(shapes.SHAPE_CLASSES) for label in labels)
+        assert masks[0].sum() > 20 and masks[1].sum() > 20
+        # every pixel of one object is more than twice the 4 px pointing tolerance from the other
+        first = np.stack([ys[masks[0]], xs[masks[0]]], axis=1)[:, None, :]
+        second = np.stack([ys[masks[1]], xs[masks[1]]], axis=1)[None, :, :]
+        assert np.sqrt(((first - second) ** 2).sum(-1)).min() > 2 * 4.0
+    # deterministic, and a prefix of a larger set; its own stream, apart from the one-object images
+    again = shapes.generate_pairs(seed=5, count=10, start=30)
+    np.testing.assert_array_equal(again.images, data.images[30:])
+    np.testing.assert_array_equal(again.masks, data.masks[30:])
+    assert not np.array_equal(shapes.generate(seed=5, count=1).images[0], data.images[0])
