@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-shot check on a machine with a CUDA GPU: exactness on the device, then the figures that
 # docs/benchmarks.md leaves open for GPUs (explain vs forward, and the HTTP load at 224 px fp16).
-# About 8 minutes on one H100/H200; each step has its own time limit, so one slow step cannot eat
+# At most about 8 minutes on one H100/H200; each step has its own time limit, so one slow step cannot eat
 # the others' time. Results go to OUT_DIR (default: $OUT if set, else gpu-out/).
 #
 #   bash benchmarks/gpu_wheels.sh                 # here, once: wheels the GPU image lacks -> .whl/
@@ -17,6 +17,11 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
         --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+if ! "$PY" -c "import app.main, uvicorn" 2>"$OUT_DIR/import_error.txt"; then
+    echo "the service does not import (no .whl/ carried? run benchmarks/gpu_wheels.sh here first):"
+    cat "$OUT_DIR/import_error.txt"
+    exit 1
+fi
 { nvidia-smi; "$PY" -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"; } \
     > "$OUT_DIR/machine.txt" 2>&1
 WORKERS=${WORKERS:-4}
@@ -25,15 +30,16 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep its output
     local name=$1 limit=$2
     shift 2
     echo "== $name (limit ${limit}s): $*"
-    timeout "$limit" "$@" > "$OUT_DIR/$name.txt" 2>&1
+    # SIGINT first, so that the load test stops the servers it started; SIGKILL 20 s later
+    timeout -s INT -k 20 "$limit" "$@" > "$OUT_DIR/$name.txt" 2>&1
     echo "== $name: exit $?"
     tail -n 25 "$OUT_DIR/$name.txt"
 }
 
 # 1. The CPU's exactness contracts, on the device (tests/unit/test_cuda.py).
-step cuda_tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/unit/test_cuda.py
+step cuda_tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/unit/test_cuda.py
 # 2. Explanation vs forward pass, batch 64, fp32/fp16/bf16 (targets: b/a >= 0.9, b/c >= 10).
-step bench_engine 150 "$PY" benchmarks/bench_engine.py --device cuda --reference-iters 2
+step bench_engine 120 "$PY" benchmarks/bench_engine.py --device cuda --reference-iters 2
 # 3. HTTP load at 224 px, fp16, batches up to 128, WORKERS server processes (target: 3,000
 #    explained images/s). 8 images per request keep the single load-generator process below its
 #    own limit of a few hundred requests per second.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Download, into .whl/, the wheels of this service's dependencies that a bare CUDA machine image
-# with Python 3.12, torch, timm, httpx, pillow, numpy, uvloop, anyio, h11, click, pyyaml, tqdm,
+# with Python 3.12, torch, timm, httpx, pillow, numpy, uvloop, anyio, h11, pyyaml, tqdm,
 # psutil, pytest and prometheus-client lacks, at the versions installed in this checkout's .venv,
 # for CPython 3.12 on x86-64 Linux. benchmarks/gpu_check.sh installs them from there.
 #
@@ -8,8 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
-PACKAGES="fastapi starlette pydantic pydantic-core pydantic-settings python-dotenv annotated-types
-typing-inspection typing-extensions opentelemetry-api uvicorn httptools
+PACKAGES="fastapi starlette annotated-doc pydantic pydantic-core pydantic-settings python-dotenv
+annotated-types typing-inspection typing-extensions opentelemetry-api uvicorn click httptools
 python-multipart orjson"
 grep -qxF "/.whl/" .git/info/exclude 2>/dev/null || echo "/.whl/" >> .git/info/exclude
 rm -rf .whl && mkdir -p .whl

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
@@ -29,7 +28,7 @@ from app.serving.batcher import BatchItem
 from app.serving.errors import ServiceError
 from app.serving.images import ImageDecodeError, check_pixel_count, upright_size
 from app.serving.pipeline import RenderOptions, json_bytes, render_result
-from app.serving.service import Service
+from app.serving.service import Service, gather_all
 
 router = APIRouter(prefix="/v1", tags=["v1"], dependencies=[Depends(require_api_key)])
 
@@ -128,8 +127,8 @@ async def _serve(request: Request, service: Service, name: str, *, explain: bool
             for image in prepared
         ]
         outcome = await batcher.submit(items, disconnected=request.is_disconnected)
-        rendered = await asyncio.gather(
-            *(
+        rendered = await gather_all(
+            (
                 service.run_io(
                     render_result,
                     result,

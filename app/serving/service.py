@@ -9,7 +9,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import FrameType
 from typing import Any, TypeVar
@@ -24,6 +24,19 @@ from app.serving.registry import ModelRegistry
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+async def gather_all(awaitables: Iterable[Awaitable[T]]) -> list[T]:
+    """Await every one, then raise the first failure (a cancellation included) if there is one.
+
+    Unlike ``asyncio.gather`` without ``return_exceptions``, nothing is left running when this
+    raises: steps of :meth:`Service.run_io` that hold a request's memory have all returned.
+    """
+    results = await asyncio.gather(*awaitables, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results  # type: ignore[return-value]
 
 
 class Service:
@@ -72,20 +85,23 @@ class Service:
     async def run_io(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking decode/encode step in the I/O pool.
 
-        When the caller is cancelled (its client went away, the server stops), a step that has not
-        started yet is dropped; one already running cannot be stopped, so the cancellation waits
-        for it to return. Until then its memory is in use, and budgets held by the caller (such as
-        :meth:`hold_original_pixels`) are released only after it.
+        When the caller is cancelled (in practice: uvicorn's graceful-shutdown timeout; a client
+        that goes away is noticed by the batcher, not by cancellation), a step that has not started
+        yet is dropped; one already running cannot be stopped, so the cancellation waits for it to
+        return. Until then its memory is in use, and budgets held by the caller (such as
+        :meth:`hold_original_pixels`) are released only after it. A second cancellation ends the
+        wait.
         """
         job = self.io_pool.submit(functools.partial(function, *args, **kwargs))
         done = asyncio.wrap_future(job)
+        # Once the caller is gone nobody reads the step's outcome: read it here, so that an error
+        # of an abandoned step is not logged as "Future exception was never retrieved".
+        done.add_done_callback(lambda future: future.cancelled() or future.exception())
         try:
             return await asyncio.shield(done)
         except asyncio.CancelledError:
             if not job.cancel():  # running (or just finished): wait for the thread to let go
                 await asyncio.wait([done])
-                if not done.cancelled():
-                    done.exception()  # retrieved: the caller is gone, nobody else will read it
             raise
 
     async def prepare_images(
