@@ -277,7 +277,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 def _run_pairs(args: argparse.Namespace, loaded, methods: list[str]) -> int:  # loaded: LoadedModel
     """``--data synthetic-pairs``: which object each class is, on two-object images."""
-    from app.eval.evaluate import evaluate_pairs, pairs_csv, pairs_markdown
+    from app.eval.evaluate import evaluate_pairs, pairs_csv, pairs_figure, pairs_markdown
 
     total = args.limit if args.limit > 0 else 200
     report = evaluate_pairs(
@@ -287,6 +287,7 @@ def _run_pairs(args: argparse.Namespace, loaded, methods: list[str]) -> int:  # 
         limit=total,
         batch_size=args.batch_size,
         tolerance=args.tolerance,
+        figure_images=args.figure_images,
         progress=not args.no_progress,
     )
     args.out.mkdir(parents=True, exist_ok=True)
@@ -301,7 +302,11 @@ def _run_pairs(args: argparse.Namespace, loaded, methods: list[str]) -> int:  # 
     table = pairs_markdown(report, args.pointing_reference)
     (args.out / "pairs.md").write_text(f"{summary}\n\n{table}\n", encoding="utf-8")
     (args.out / "pairs.csv").write_text(pairs_csv(report, args.pointing_reference), encoding="utf-8")
+    written = [args.out / "pairs.md", args.out / "pairs.csv"]
+    if report.figure_pixels is not None:
+        pairs_figure(report, loaded.labels).save(args.out / "pairs_grid.png", optimize=True)
+        written.append(args.out / "pairs_grid.png")
     print(summary)
     print(table)
-    print(f"wrote {args.out / 'pairs.md'}, {args.out / 'pairs.csv'}")
+    print("wrote " + ", ".join(str(path) for path in written))
     return 0

@@ -359,6 +359,10 @@ class PairReport:
     hits: dict[str, np.ndarray]  # method -> (N, 2)
     images: int
     top2_match: float  # share of images whose two most probable classes are the two objects'
+    # the first images, for a figure: pixels (k, H, W, 3), labels (k, 2), maps (k, 2, H, W) per method
+    figure_pixels: np.ndarray | None = None
+    figure_labels: np.ndarray | None = None
+    figure_maps: dict[str, np.ndarray] = field(default_factory=dict)
 
     def rows(self) -> list[dict[str, float | str]]:
         """Per method: class pointing (share of (image, object) hits), both objects hit, neither."""
@@ -398,6 +402,7 @@ def evaluate_pairs(
     limit: int,
     batch_size: int = 25,
     tolerance: float = 4.0,
+    figure_images: int = 0,
     progress: bool = True,
 ) -> PairReport:
     """Pointing game on ``limit`` two-object images of ``seed``: for each object, the method's map
@@ -412,6 +417,9 @@ def evaluate_pairs(
     dtype = next(model.parameters()).dtype
     map_functions = {name: make_method(name, model, loaded.engine) for name in methods}
     hits: dict[str, list[np.ndarray]] = {name: [] for name in methods}
+    kept_pixels: list[np.ndarray] = []
+    kept_labels: list[np.ndarray] = []
+    kept_maps: dict[str, list[np.ndarray]] = {name: [] for name in methods}
     matches = 0
     bar = tqdm(total=limit, desc="pairs", unit="img", disable=not progress)
     for start in range(0, limit, batch_size):
@@ -421,6 +429,9 @@ def evaluate_pairs(
         for image, object_masks in zip(data.images, data.masks, strict=True):
             pixels.append(loaded.preprocessor.to_pixels(Image.fromarray(image))[0])
             masks.append(np.stack([_mask_to_input(mask, loaded) for mask in object_masks]))
+        keep = max(0, min(count, figure_images - len(kept_pixels)))
+        kept_pixels.extend(pixels[:keep])
+        kept_labels.extend(data.labels[:keep])
         inputs = _to_inputs(np.stack(pixels), loaded).to(device=device, dtype=dtype)
         object_masks = torch.from_numpy(np.stack(masks))  # (b, 2, H, W)
         labels = torch.from_numpy(data.labels)  # (b, 2)
@@ -429,12 +440,15 @@ def evaluate_pairs(
         matches += int((top2.sort(dim=-1).values == labels.sort(dim=-1).values).all(dim=-1).sum())
         height, width = inputs.shape[-2:]
         for name, map_fn in map_functions.items():
-            columns = []
+            columns, maps = [], []
             for position in (0, 1):
                 grid = normalize_maps(map_fn(inputs, labels[:, position].to(device)).float().cpu())
                 upsampled = upsample_maps(grid, (height, width))
                 columns.append(metrics.pointing_hits(upsampled, object_masks[:, position], tolerance))
+                maps.append(upsampled[:keep].numpy())
             hits[name].append(torch.stack(columns, dim=1).numpy())
+            if keep:
+                kept_maps[name].extend(np.stack(maps, axis=1))
         bar.update(count)
     bar.close()
     return PairReport(
@@ -442,7 +456,42 @@ def evaluate_pairs(
         hits={name: np.concatenate(parts) if parts else np.zeros((0, 2)) for name, parts in hits.items()},
         images=limit,
         top2_match=matches / limit if limit else math.nan,
+        figure_pixels=np.stack(kept_pixels) if kept_pixels else None,
+        figure_labels=np.stack(kept_labels) if kept_labels else None,
+        figure_maps={name: np.stack(maps) for name, maps in kept_maps.items() if maps},
     )
+
+
+def pairs_figure(report: PairReport, labels: Sequence[str], tile: int = 112) -> Image.Image:
+    """Rows of two-object images: the input, then per method its maps of the two objects' classes
+    (jet colour map over the image; the class named on the tile)."""
+    if report.figure_pixels is None or report.figure_labels is None:
+        raise ValueError("the report holds no images for a figure")
+    columns = [("input", None)] + [(name, position) for name in report.methods for position in (0, 1)]
+    header = 16
+    rows = len(report.figure_pixels)
+    canvas = Image.new("RGB", (tile * len(columns), header + tile * rows), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for column, (title, position) in enumerate(columns):
+        if position != 1:  # one title over a method's two columns
+            draw.text(
+                (column * tile + 3, 2), title[: (2 * tile if position == 0 else tile) // 6], fill=(0, 0, 0)
+            )
+    for row in range(rows):
+        pixels = report.figure_pixels[row]
+        for column, (name, position) in enumerate(columns):
+            array = pixels
+            if position is not None:
+                array = overlay_rgb(pixels, report.figure_maps[name][row][position], opacity=0.5)
+            image = Image.fromarray(array).resize((tile, tile), Image.Resampling.NEAREST)
+            canvas.paste(image, (column * tile, header + row * tile))
+            if position is not None:
+                class_id = int(report.figure_labels[row][position])
+                name_text = labels[class_id] if class_id < len(labels) else str(class_id)
+                draw.text(
+                    (column * tile + 3, header + row * tile + tile - 12), name_text, fill=(255, 255, 255)
+                )
+    return canvas
 
 
 def pairs_markdown(report: PairReport, reference: str) -> str:

@@ -250,6 +250,8 @@ def test_eval_pairs_writes_tables_and_rollout_cannot_hit_both(tiny_weights, tmp_
     assert float(rows["rollout"]["both"]) == 0.0
     assert float(rows["rollout"]["class_pointing"]) <= 0.5
     assert "| Method | Class pointing" in (out / "pairs.md").read_text(encoding="utf-8")
+    with Image.open(out / "pairs_grid.png") as grid:  # 6 rows (the default figure images) x 5 tiles
+        assert grid.size == (5 * 112, 16 + 6 * 112)
 
 
 def test_pair_report_summaries_are_counted_from_the_hits():
