@@ -112,9 +112,10 @@ class Service:
         Raises the first failure; an ``ImageDecodeError`` carries the failing image's ``index``.
         """
         limits = self.settings.limits
-        results = await asyncio.gather(
-            *(
-                self.run_io(
+
+        async def prepare(index: int, data: bytes) -> PreparedImage:
+            try:
+                return await self.run_io(
                     prepare_image,
                     data,
                     preprocessor,
@@ -124,16 +125,11 @@ class Service:
                     reduced_jpeg_decode=self.settings.reduced_jpeg_decode,
                     two_step_resize=self.settings.two_step_resize,
                 )
-                for data in blobs
-            ),
-            return_exceptions=True,
-        )
-        for index, result in enumerate(results):
-            if isinstance(result, ImageDecodeError):
-                result.index = index
-            if isinstance(result, BaseException):
-                raise result
-        return results  # type: ignore[return-value]
+            except ImageDecodeError as exc:
+                exc.index = index
+                raise
+
+        return await gather_all(prepare(index, data) for index, data in enumerate(blobs))
 
     @property
     def ready(self) -> bool:
