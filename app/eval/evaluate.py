@@ -158,6 +158,11 @@ def _to_inputs(pixels: np.ndarray, loaded: LoadedModel) -> torch.Tensor:
     return (tensor - mean) / std
 
 
+def _model_pixels(images: np.ndarray, loaded: LoadedModel) -> np.ndarray:
+    """(N, H0, W0, 3) uint8 generated images -> (N, H, W, 3) uint8 model input pixels."""
+    return np.stack([loaded.preprocessor.to_pixels(Image.fromarray(image))[0] for image in images])
+
+
 def synthetic_batches(loaded: LoadedModel, seed: int, limit: int, batch_size: int) -> Iterator[Batch]:
     """Freshly generated shapes images (with labels and object masks), preprocessed for the model."""
     from app.eval.shapes import generate
@@ -165,16 +170,12 @@ def synthetic_batches(loaded: LoadedModel, seed: int, limit: int, batch_size: in
     for start in range(0, limit, batch_size):
         count = min(batch_size, limit - start)
         data = generate(seed, count, start=start)
-        pixels, masks = [], []
-        for image, mask in zip(data.images, data.masks, strict=True):
-            pixel_array, _ = loaded.preprocessor.to_pixels(Image.fromarray(image))
-            pixels.append(pixel_array)
-            masks.append(_mask_to_input(mask, loaded))
-        stacked = np.stack(pixels)
+        stacked = _model_pixels(data.images, loaded)
+        masks = np.stack([_mask_to_input(mask, loaded) for mask in data.masks])
         yield Batch(
             inputs=_to_inputs(stacked, loaded),
             labels=torch.from_numpy(data.labels),
-            masks=torch.from_numpy(np.stack(masks)),
+            masks=torch.from_numpy(masks),
             pixels=stacked,
             names=[f"shapes-{seed}-{start + i}" for i in range(count)],
         )
@@ -425,15 +426,13 @@ def evaluate_pairs(
     for start in range(0, limit, batch_size):
         count = min(batch_size, limit - start)
         data = generate_pairs(seed, count, start=start)
-        pixels, masks = [], []
-        for image, object_masks in zip(data.images, data.masks, strict=True):
-            pixels.append(loaded.preprocessor.to_pixels(Image.fromarray(image))[0])
-            masks.append(np.stack([_mask_to_input(mask, loaded) for mask in object_masks]))
+        pixels = _model_pixels(data.images, loaded)
+        masks = [[_mask_to_input(mask, loaded) for mask in pair] for pair in data.masks]
         keep = max(0, min(count, figure_images - len(kept_pixels)))
         kept_pixels.extend(pixels[:keep])
         kept_labels.extend(data.labels[:keep])
-        inputs = _to_inputs(np.stack(pixels), loaded).to(device=device, dtype=dtype)
-        object_masks = torch.from_numpy(np.stack(masks))  # (b, 2, H, W)
+        inputs = _to_inputs(pixels, loaded).to(device=device, dtype=dtype)
+        object_masks = torch.from_numpy(np.array(masks))  # (b, 2, H, W)
         labels = torch.from_numpy(data.labels)  # (b, 2)
         with torch.no_grad():
             top2 = model(inputs).float().topk(2, dim=-1).indices.cpu()
@@ -467,31 +466,16 @@ def pairs_figure(report: PairReport, labels: Sequence[str], tile: int = 112) -> 
     (jet colour map over the image; the class named on the tile)."""
     if report.figure_pixels is None or report.figure_labels is None:
         raise ValueError("the report holds no images for a figure")
-    columns = [("input", None)] + [(name, position) for name in report.methods for position in (0, 1)]
-    header = 16
-    rows = len(report.figure_pixels)
-    canvas = Image.new("RGB", (tile * len(columns), header + tile * rows), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    for column, (title, position) in enumerate(columns):
-        if position != 1:  # one title over a method's two columns
-            draw.text(
-                (column * tile + 3, 2), title[: (2 * tile if position == 0 else tile) // 6], fill=(0, 0, 0)
-            )
-    for row in range(rows):
-        pixels = report.figure_pixels[row]
-        for column, (name, position) in enumerate(columns):
-            array = pixels
-            if position is not None:
-                array = overlay_rgb(pixels, report.figure_maps[name][row][position], opacity=0.5)
-            image = Image.fromarray(array).resize((tile, tile), Image.Resampling.NEAREST)
-            canvas.paste(image, (column * tile, header + row * tile))
-            if position is not None:
-                class_id = int(report.figure_labels[row][position])
-                name_text = labels[class_id] if class_id < len(labels) else str(class_id)
-                draw.text(
-                    (column * tile + 3, header + row * tile + tile - 12), name_text, fill=(255, 255, 255)
-                )
-    return canvas
+    titles = ["input"] + [title for name in report.methods for title in (name, "")]
+    rows = []
+    for row, (pixels, pair) in enumerate(zip(report.figure_pixels, report.figure_labels, strict=True)):
+        names = [labels[int(c)] if int(c) < len(labels) else str(int(c)) for c in pair]
+        tiles: list[tuple[np.ndarray, str | None]] = [(pixels, None)]
+        for name in report.methods:  # the method's maps of the two classes
+            maps = report.figure_maps[name][row]
+            tiles += [(overlay_rgb(pixels, maps[k], opacity=0.5), names[k]) for k in (0, 1)]
+        rows.append(tiles)
+    return _tile_grid(titles, rows, tile)
 
 
 def pairs_markdown(report: PairReport, reference: str) -> str:
@@ -608,21 +592,34 @@ def figure(report: EvalReport, tile: int = 112, labels: Sequence[str] | None = N
     """Rows of images: the input, then each method's map over it (jet colour map)."""
     if report.figure_pixels is None:
         raise ValueError("the report holds no images for a figure")
-    columns = ["input", *report.methods]
-    rows = len(report.figure_pixels)
+    rows = []
+    for row, pixels in enumerate(report.figure_pixels):
+        caption = labels[row] if labels is not None and row < len(labels) else None
+        maps = [overlay_rgb(pixels, report.figure_maps[name][row], opacity=0.5) for name in report.methods]
+        rows.append([(pixels, caption)] + [(array, None) for array in maps])
+    return _tile_grid(["input", *report.methods], rows, tile)
+
+
+def _tile_grid(
+    titles: Sequence[str], rows: Sequence[Sequence[tuple[np.ndarray, str | None]]], tile: int
+) -> Image.Image:
+    """Square tiles (RGB arrays, scaled to ``tile`` px) under a row of column titles; an empty title
+    widens the one before it. A tile's caption, if any, is written at its bottom left."""
     header = 16
-    canvas = Image.new("RGB", (tile * len(columns), header + tile * rows), (255, 255, 255))
+    canvas = Image.new("RGB", (tile * len(titles), header + tile * len(rows)), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    for column, title in enumerate(columns):
-        draw.text((column * tile + 3, 2), title[: tile // 6], fill=(0, 0, 0))
-    for row in range(rows):
-        pixels = report.figure_pixels[row]
-        tiles = [pixels] + [
-            overlay_rgb(pixels, report.figure_maps[name][row], opacity=0.5) for name in report.methods
-        ]
-        for column, array in enumerate(tiles):
+    for column, title in enumerate(titles):
+        if title:
+            span = 1
+            while column + span < len(titles) and not titles[column + span]:
+                span += 1
+            draw.text((column * tile + 3, 2), title[: span * tile // 6], fill=(0, 0, 0))
+    for row, tiles in enumerate(rows):
+        top = header + row * tile
+        for column, (array, _) in enumerate(tiles):
             image = Image.fromarray(array).resize((tile, tile), Image.Resampling.NEAREST)
-            canvas.paste(image, (column * tile, header + row * tile))
-        if labels is not None and row < len(labels):
-            draw.text((3, header + row * tile + tile - 12), labels[row], fill=(255, 255, 255))
+            canvas.paste(image, (column * tile, top))
+        for column, (_, caption) in enumerate(tiles):  # after the tiles: a caption may run past its own
+            if caption is not None:
+                draw.text((column * tile + 3, top + tile - 12), caption, fill=(255, 255, 255))
     return canvas
