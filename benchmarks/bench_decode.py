@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import argparse
 import io
-import statistics
 import sys
-import time
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -30,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.engine.preprocess import DataConfig, Preprocessor
 from app.serving.pipeline import prepare_image
+from benchmarks.timing import median_ms
 
 
 def photo_image(
@@ -45,20 +44,6 @@ def photo_image(
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format=fmt, quality=quality)
     return buffer.getvalue()
-
-
-def time_ms(
-    data: bytes, preprocessor: Preprocessor, defaults: bool, common: dict[str, Any], repeats: int
-) -> float:
-    """Median milliseconds of one prepare_image call, exact or with the service's defaults."""
-    samples = []
-    for index in range(repeats + 1):
-        started = time.perf_counter()
-        prepare_image(data, preprocessor, reduced_jpeg_decode=defaults, two_step_resize=defaults, **common)
-        if index == 0:
-            continue  # warm-up
-        samples.append((time.perf_counter() - started) * 1000)
-    return statistics.median(samples)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,13 +80,16 @@ def main(argv: list[str] | None = None) -> int:
         for size in args.sizes:
             width, height = (int(v) for v in size.lower().split("x"))
             data = photo_image(width, height, args.noise, fmt)
-            exact = prepare_image(
-                data, preprocessor, reduced_jpeg_decode=False, two_step_resize=False, **common
+            exact_call = partial(
+                prepare_image, data, preprocessor, reduced_jpeg_decode=False, two_step_resize=False, **common
             )
-            fast = prepare_image(data, preprocessor, reduced_jpeg_decode=True, two_step_resize=True, **common)
+            fast_call = partial(
+                prepare_image, data, preprocessor, reduced_jpeg_decode=True, two_step_resize=True, **common
+            )
+            exact, fast = exact_call(), fast_call()
             difference = np.abs(exact.input_pixels.astype(np.int64) - fast.input_pixels.astype(np.int64))
-            exact_ms = time_ms(data, preprocessor, False, common, args.repeats)
-            fast_ms = time_ms(data, preprocessor, True, common, args.repeats)
+            exact_ms = median_ms(exact_call, args.repeats)
+            fast_ms = median_ms(fast_call, args.repeats)
             lines.append(
                 f"| {fmt} | {width}x{height} | {len(data)} | {exact_ms:.2f} | {fast_ms:.2f} | "
                 f"{exact_ms / fast_ms:.2f}x | {difference.mean():.2f} | {int(difference.max())} |"

@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import argparse
 import io
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.serving.pipeline import json_bytes
 from app.serving.render import heatmap_png, heatmap_rgb, png_bytes
+from benchmarks.timing import median_ms
 
 
 def smooth_map(width: int, height: int, grid: int = 14, seed: int = 0) -> np.ndarray:
@@ -70,16 +68,6 @@ def json_table(sizes: list[str], repeats: int) -> list[str]:
             f"{len(fast())} | {'yes' if same else 'NO'} |"
         )
     return lines
-
-
-def median_ms(function: Callable[[], bytes], repeats: int) -> float:
-    function()  # warm-up
-    samples = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        function()
-        samples.append((time.perf_counter() - started) * 1000)
-    return statistics.median(samples)
 
 
 def main(argv: list[str] | None = None) -> int:
