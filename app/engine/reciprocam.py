@@ -358,28 +358,27 @@ class ReciproCAM:
         reduced = self._reduced if self._reduced is not None and self._reduced.fuses_last_block else None
         state = None
         stops = sorted({item.block for item in items})
-        masked: dict[int, torch.Tensor] = {}
+        groups: list[tuple[list[_Item], torch.Tensor]] = []  # members, (G, n, C) masked logits
         done = 0
         for stop in stops:
             for block in blocks[done:stop]:
                 x = block(x)
             done = stop
-            groups = _group_by([item for item in items if item.block == stop])
+            by_options = _group_by([item for item in items if item.block == stop])
             if reduced is not None and stop == last:
-                zero_query = any(not keep_prefix for _, keep_prefix in groups)
+                zero_query = any(not keep_prefix for _, keep_prefix in by_options)
                 state = reduced.last_block_state(x, zero_query=zero_query)
-            for (kernel, keep_prefix), members in groups.items():
+            for (kernel, keep_prefix), members in by_options.items():
                 indices = [item.index for item in members]
                 group_state = state
                 if indices == list(range(batch)):
                     group_input = x  # every image: no copy of the block input
                 else:
-                    selected = torch.tensor(indices, device=x.device)
+                    selected = to_device(torch.tensor(indices), x.device)
                     group_input = x.index_select(0, selected)
                     group_state = None if state is None else state.select(selected)
                 result = self.masked_logits(stop, group_input, kernel, keep_prefix, state=group_state)
-                for position, item in enumerate(members):
-                    masked[item.index] = result[position]
+                groups.append((members, result))
         if reduced is not None:
             for block in blocks[done:last]:
                 x = block(x)
@@ -390,22 +389,8 @@ class ReciproCAM:
             for block in blocks[done:]:
                 x = block(x)
             logits = head_logits(model, x).float()
-
-        grid_h, grid_w = grid_for_tokens(model, x.shape[1] - self.anatomy.num_prefix_tokens)
-        results = [ImageExplanation(logits=logits[i].cpu()) for i in range(batch)]
-        for item in items:
-            scores = scores_from_logits(masked[item.index].float(), item.options.score)  # (n, C)
-            chosen = item.targets
-            if chosen is None and top_k is not None:
-                chosen = logits[item.index].topk(min(top_k, num_classes)).indices.cpu()
-            if chosen is None:
-                chosen = torch.arange(num_classes)
-            maps = scores[:, chosen.to(scores.device)].T.reshape(-1, grid_h, grid_w)
-            explanation = results[item.index]
-            explanation.score_maps = maps.cpu()
-            explanation.targets = chosen
-            explanation.options = item.options
-        return results
+        grid = grid_for_tokens(model, x.shape[1] - self.anatomy.num_prefix_tokens)
+        return _collect(logits, groups, grid, top_k)
 
     @torch.inference_mode()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
@@ -430,6 +415,96 @@ def _group_by(items: list[_Item]) -> dict[tuple[str, bool], list[_Item]]:
     for item in items:
         groups.setdefault((item.options.kernel, item.options.keep_prefix), []).append(item)
     return groups
+
+
+def _collect(
+    logits: torch.Tensor,
+    groups: list[tuple[list[_Item], torch.Tensor]],
+    grid: tuple[int, int],
+    top_k: int | None,
+) -> list[ImageExplanation]:
+    """Per-image results from the batch's logits (B, C) and each option group's masked logits.
+
+    The maps are selected on the device and everything reaches the host in one float32 transfer
+    (plus one for the top-k class ids): per-image copies would each wait for the device.
+    """
+    batch, num_classes = logits.shape
+    device = logits.device
+    top = None
+    if top_k is not None and any(item.targets is None for members, _ in groups for item in members):
+        top = logits.topk(min(top_k, num_classes), dim=-1).indices  # (B, k) on the device
+    every_class = torch.arange(num_classes)
+    pieces: list[torch.Tensor] = [logits]
+    # Per group: (members, K) with the group's maps (G, K, n) as one piece, or (members, None) with
+    # one (K_i, n) piece per member.
+    plan: list[tuple[list[_Item], int | None]] = []
+    for members, result in groups:
+        scores = _scores(members, result)  # (G, n, C) float32
+        kinds = {
+            "targets" if m.targets is not None else ("top" if top is not None else "all") for m in members
+        }
+        if kinds == {"all"}:
+            pieces.append(scores.transpose(1, 2))
+            plan.append((members, num_classes))
+        elif kinds == {"top"}:
+            assert top is not None
+            rows = [m.index for m in members]
+            picked = top if rows == list(range(batch)) else top[to_device(torch.tensor(rows), device)]
+            gathered = scores.gather(2, picked[:, None, :].expand(-1, scores.shape[1], -1))
+            pieces.append(gathered.transpose(1, 2))
+            plan.append((members, picked.shape[1]))
+        else:
+            for position, member in enumerate(members):
+                if member.targets is not None:
+                    wanted = scores[position].index_select(1, to_device(member.targets, device))
+                elif top is not None:
+                    wanted = scores[position].index_select(1, top[member.index])
+                else:
+                    wanted = scores[position]
+                pieces.append(wanted.T)
+            plan.append((members, None))
+    host = torch.cat([piece.reshape(-1) for piece in pieces]).cpu()
+    host_top = None if top is None else top.cpu().unbind(0)
+    parts = iter(host.split([piece.numel() for piece in pieces]))
+    results = [ImageExplanation(logits=row) for row in next(parts).view(batch, num_classes).unbind(0)]
+    for members, count in plan:
+        if count is not None:
+            maps = next(parts).view(len(members), count, *grid).unbind(0)
+        else:
+            maps = tuple(next(parts).view(-1, *grid) for _ in members)
+        for member, member_maps in zip(members, maps, strict=True):
+            if member.targets is not None:
+                chosen = member.targets
+            elif host_top is not None:
+                chosen = host_top[member.index]
+            else:
+                chosen = every_class
+            explanation = results[member.index]
+            explanation.score_maps = member_maps
+            explanation.targets = chosen
+            explanation.options = member.options
+    return results
+
+
+def _scores(members: list[_Item], result: torch.Tensor) -> torch.Tensor:
+    """(G, n, C) float32 scores of a group's masked logits, each member with its own score kind."""
+    logits = result.float()
+    kinds = [m.options.score for m in members]
+    if all(kind == kinds[0] for kind in kinds):
+        return scores_from_logits(logits, kinds[0])
+    probability = to_device(torch.tensor([kind == "probability" for kind in kinds]), logits.device)
+    return torch.where(probability[:, None, None], scores_from_logits(logits, "probability"), logits)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device`` without waiting for the device.
+
+    A blocking copy to a CUDA device waits for all work queued before it, which would stall the
+    queue in mid-batch; from pinned memory the copy is queued like a kernel instead.
+    """
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def normalize_maps(score_maps: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:

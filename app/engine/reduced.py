@@ -42,7 +42,7 @@ from timm.models.vision_transformer import LayerScale as VitLayerScale
 from torch import nn
 
 from app.engine.masks import mask_supports
-from app.engine.reciprocam import grid_for_tokens
+from app.engine.reciprocam import grid_for_tokens, to_device
 
 # Modules known to act on every token independently (exact types: e.g. LayerNorm2d subclasses
 # nn.LayerNorm but normalises over channels-first maps).
@@ -175,6 +175,15 @@ def _rows(tensor: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     return tensor[:, src]
 
 
+def _take_rows(tensor: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """``tensor[:, rows]``, without the blocking host-to-device copy of ``rows`` that indexing with a
+    list makes (on a GPU it would wait for all queued work): a slice where ``rows`` are consecutive."""
+    first = rows[0]
+    if rows == list(range(first, first + len(rows))):
+        return tensor[:, first : first + len(rows)]
+    return tensor.index_select(1, to_device(torch.tensor(rows), tensor.device))
+
+
 def _heads(tensor: torch.Tensor, num_heads: int) -> torch.Tensor:
     """(..., R, H*hd) -> (..., H, R, hd)."""
     *lead, rows, dim = tensor.shape
@@ -226,8 +235,8 @@ def _block_on_rows(
     attn = block.attn
     dim = attn.attn_dim
     z = block.norm1(y)
-    zq = z if query_rows is None else z[:, query_rows]
-    yq = y if query_rows is None else y[:, query_rows]
+    zq = z if query_rows is None else _take_rows(z, query_rows)
+    yq = y if query_rows is None else _take_rows(y, query_rows)
     weight, bias = attn.qkv.weight, attn.qkv.bias
     if query_rows is None:
         q, k, v = attn.qkv(z).split(dim, dim=-1)
@@ -295,12 +304,33 @@ class ReducedEvaluator:
         # Prefix tokens the head reads (class token; class + distillation token), 0 when pooling.
         self.head_tokens = 2 if distilled else (1 if self.pool == "token" else 0)
         self.pool_include_prefix = bool(getattr(model, "pool_include_prefix", False))
+        # (grid, kernel, keep_prefix, device, dtype) -> src, scale, key_bias, pool_count on that
+        # device: copied there once, not per call (a blocking copy to a GPU waits for its queue).
+        self._on_device: dict[tuple[object, ...], tuple[torch.Tensor, ...]] = {}
 
     def layout(self, grid: tuple[int, int], kernel: str, keep_prefix: bool) -> ReducedLayout:
         """The row layout for one grid / kernel / keep_prefix setting."""
         return reduced_layout(
             grid[0], grid[1], kernel, bool(keep_prefix), self.num_prefix, self.pool_include_prefix
         )
+
+    def _device_layout(
+        self, grid: tuple[int, int], kernel: str, keep_prefix: bool, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, ...]:
+        """``src``, ``scale`` (in ``dtype``), the float32 key bias and ``pool_count`` of a layout, on
+        ``device``."""
+        key = (grid, kernel, bool(keep_prefix), device, dtype)
+        cached = self._on_device.get(key)
+        if cached is None:
+            layout = self.layout(grid, kernel, keep_prefix)
+            cached = (
+                layout.src.to(device),
+                layout.scale.to(device=device, dtype=dtype),
+                layout.key_bias().to(device),
+                layout.pool_count.to(device),
+            )
+            self._on_device[key] = cached
+        return cached
 
     def _chunks(
         self, batch: int, n: int, tokens: int, rows: int, max_sequences: int | None
@@ -344,10 +374,9 @@ class ReducedEvaluator:
         grid = grid_for_tokens(model, tokens - self.num_prefix)
         n = grid[0] * grid[1]
         layout = self.layout(grid, kernel, keep_prefix)
-        device, dtype = block_input.device, block_input.dtype
-        src = layout.src.to(device)
-        scale = layout.scale.to(device=device, dtype=dtype)
-        key_bias = layout.key_bias().to(device)
+        src, scale, key_bias, pool_count = self._device_layout(
+            grid, kernel, keep_prefix, block_input.device, block_input.dtype
+        )
         last = block_index == len(blocks) - 1
         prefix_head = self.head_tokens > 0
         # Query rows of the last block when the head reads prefix tokens only.
@@ -390,7 +419,7 @@ class ReducedEvaluator:
                     final = later_index == len(blocks) - 1
                     rows = head_rows if (final and prefix_head) else None
                     y = _block_on_rows(blocks[later_index], y, bias, rows)
-            outputs.append(self._head(y, layout, masks, images.stop - images.start, head_rows))
+            outputs.append(self._head(y, layout, pool_count[masks], images.stop - images.start, head_rows))
         return torch.cat(outputs, dim=0).reshape(batch, n, -1)
 
     # -- target block -------------------------------------------------------------------------
@@ -416,8 +445,8 @@ class ReducedEvaluator:
         bias = attn.qkv.bias
         count = x.shape[0]
         masks = src.shape[0]
-        q_src = src if query_rows is None else src[:, query_rows]
-        q_scale = scale if query_rows is None else scale[:, query_rows]
+        q_src = src if query_rows is None else _take_rows(src, query_rows)
+        q_scale = scale if query_rows is None else _take_rows(scale, query_rows)
         # qkv(a * z) = a * (W z) + b for every distinct row, from the per-image W z.
         kv = _rows(projected[..., dim:], src) * scale[None, :, :, None]
         q = _rows(projected[..., :dim], q_src) * q_scale[None, :, :, None]
@@ -555,18 +584,19 @@ class ReducedEvaluator:
         self,
         y: torch.Tensor,
         layout: ReducedLayout,
-        masks: slice,
+        pool_count: torch.Tensor,
         count: int,
         head_rows: list[int] | None,
     ) -> torch.Tensor:
-        """Logits (b * k, C) from the final rows of each reduced sequence."""
+        """Logits (b * k, C) from the final rows of each reduced sequence (``pool_count``: the chunk's
+        masks' rows of ``layout.pool_count``, on the device)."""
         model = self.model
         if head_rows is not None:
             # y holds the head rows; order them as the prefix tokens the head reads.
             position = [head_rows.index(r) for r in layout.prefix_rows[: self.head_tokens]]
-            return model.forward_head(model.norm(y[:, position]))
+            return model.forward_head(model.norm(_take_rows(y, position)))
         normed = model.norm(y)  # (b * k, R, D)
-        weight = layout.pool_count[masks].to(device=y.device).repeat(count, 1)  # (N, R)
+        weight = pool_count.repeat(count, 1)  # (N, R)
         pooled = None
         if self.pool in ("avg", "avgmax"):
             w = (weight / weight.sum(dim=1, keepdim=True)).to(normed.dtype)

@@ -9,6 +9,7 @@ batches normalised on the device give the CPU's inputs.
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import timm
@@ -103,3 +104,38 @@ def test_uint8_batches_are_normalised_on_the_device_exactly():
     assert on_device.device.type == torch.device(DEVICE).type
     on_cpu = torch.stack([preprocessor.normalize(p) for p in pixels])
     torch.testing.assert_close(on_device.cpu(), on_cpu, rtol=0, atol=1e-6)
+
+
+def test_explain_waits_for_the_device_only_to_return_its_results():
+    # A copy to the host waits for every queued kernel; so does a blocking copy to the device. One
+    # batch, mixed options, explicit targets and top-k: the host waits for the device at most twice
+    # (the packed logits and maps, and the top-k class ids), however many images the batch holds.
+    if torch.device(DEVICE).type != "cuda":
+        pytest.skip("synchronisation is checked by CUDA's sync debug mode")
+    model = make_tiny("deit_tiny_distilled", seed=7).to(DEVICE)
+    h, w = model.patch_embed.img_size
+    images = torch.randn(6, 3, h, w, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    options = [
+        CamOptions(),
+        None,
+        CamOptions(kernel="dirac", keep_prefix=False, score="probability"),
+        CamOptions(target_block=0),
+        CamOptions(),
+        CamOptions(score="probability"),
+    ]
+    targets = [None, None, [1, 2], None, [0], None]
+    cam = ReciproCAM(model)
+    expected = cam.explain(images, options, targets=targets, top_k=2)  # warm-up: per-engine caches
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            results = cam.explain(images, options, targets=targets, top_k=2)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if str(w.message).startswith("called a synchronizing")]
+    assert len(syncs) <= 2, syncs
+    for a, b in zip(results, expected, strict=True):
+        assert torch.equal(a.logits, b.logits)
+        assert (a.score_maps is None) == (b.score_maps is None)

@@ -1,5 +1,7 @@
 """The engine against an independent, naive per-mask loop written from the spec."""
 
+import functools
+
 import pytest
 import torch
 
@@ -101,6 +103,66 @@ def test_targets_topk_and_explicit():
     assert explicit[1].score_maps.shape == (1, 4, 4)
     with pytest.raises(ValueError, match="target ids"):
         engine.explain(images, CamOptions(), targets=[[7], [0]])
+
+
+@pytest.mark.parametrize("path", ["reference", "reduced"])
+def test_targets_top_k_and_scores_mixed_in_one_option_group(path):
+    # One option group (same kernel, prefix and block) whose members ask for explicit classes or the
+    # top k, with logit or probability scores: each image gets what it would get alone.
+    model = make_tiny("deit_tiny", seed=6)
+    engine = ReciproCAM(model, path=path)
+    images = _images(model, batch=4, seed=3)
+    per_image = [CamOptions(), CamOptions(score="probability"), CamOptions(score="probability"), CamOptions()]
+    targets = [[4, 0], None, [6], None]
+    batched = engine.explain(images, per_image, targets=targets, top_k=2)
+    for i in range(4):
+        wanted = None if targets[i] is None else [targets[i]]
+        alone = engine.explain(images[i : i + 1], per_image[i], targets=wanted, top_k=2)[0]
+        assert torch.equal(batched[i].targets, alone.targets)
+        assert torch.allclose(batched[i].logits, alone.logits, rtol=1e-5, atol=1e-6)
+        assert _rel_err(batched[i].score_maps, alone.score_maps) < 1e-5
+        naive = naive_reciprocam(model, images[i], score=per_image[i].score)
+        assert _rel_err(batched[i].score_maps, naive[batched[i].targets]) < 1e-5
+    assert batched[0].targets.tolist() == [4, 0] and batched[2].targets.tolist() == [6]
+    assert torch.equal(batched[1].targets, batched[1].logits.topk(2).indices)
+
+
+def _count_ops(fn):
+    """How many tensor operations (ATen calls) ``fn()`` dispatches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Counter.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter():
+        fn()
+    return Counter.calls
+
+
+@pytest.mark.parametrize(
+    "per_image",
+    [
+        lambda b: CamOptions(),
+        lambda b: [CamOptions(), None, CamOptions(kernel="dirac", keep_prefix=False)] * b,
+    ],
+)
+@pytest.mark.parametrize("top_k", [2, None])
+def test_tensor_operations_do_not_grow_with_the_batch(per_image, top_k):
+    # No per-image tensor work after the batch is computed: on a GPU each per-image copy to the host
+    # would wait for the device. So a batch of 3 and a batch of 9 dispatch the same operations.
+    model = make_tiny("deit_tiny_distilled", seed=7)
+    engine = ReciproCAM(model, max_sequences=10_000)  # one chunk whatever the batch
+    counts = []
+    for copies in (1, 3):
+        images = _images(model, batch=3 * copies, seed=2)
+        call = functools.partial(engine.explain, images, per_image(copies), top_k=top_k)
+        call()  # first call: per-engine caches (mask layouts on the device)
+        counts.append(_count_ops(call))
+    assert counts[0] == counts[1], counts
 
 
 def test_bf16_close_to_fp32():
