@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import io
 import json
 import os
@@ -30,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ class LevelResult:
     images_per_request: int
     server_cpu_s: float | None = None  # CPU time of the server's process tree during the level
     client_cpu_s: float = 0.0  # CPU time of this (client) process during the level
+    error_kinds: dict[str, int] = field(default_factory=dict)  # status code and body, or exception
 
     @property
     def served_requests(self) -> int:
@@ -156,6 +158,7 @@ class ServerProcess:
         settings: dict[str, Any] | None = None,
     ) -> None:
         self.port = free_port()
+        self.workers = workers
         self.url = f"http://127.0.0.1:{self.port}"
         config = workdir / f"{name}.json"
         values: dict[str, Any] = {
@@ -194,7 +197,13 @@ class ServerProcess:
         )
 
     def wait_ready(self, timeout_s: float = 300) -> None:
+        """Until /readyz answers 200 on 4 fresh connections per worker in a row.
+
+        Each worker loads its model on its own and answers 503 until then; a fresh connection goes
+        to whichever worker accepts it first, so one 200 says only that some worker is ready.
+        """
         deadline = time.monotonic() + timeout_s
+        in_a_row = 0
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(
@@ -203,11 +212,15 @@ class ServerProcess:
             try:
                 response = httpx.get(f"{self.url}/readyz", timeout=2)
                 if response.status_code == 200:
-                    return
+                    in_a_row += 1
+                    if in_a_row >= 4 * self.workers:
+                        return
+                    continue
+                in_a_row = 0
                 if response.json().get("status") == "unavailable":
                     raise RuntimeError(f"model unavailable: {response.text}")
             except httpx.TransportError:
-                pass
+                in_a_row = 0
             time.sleep(0.3)
         raise TimeoutError("server did not become ready")
 
@@ -240,6 +253,7 @@ async def run_level(
     latencies: list[float] = []
     batch_images: list[int] = []
     errors = 0
+    error_kinds: collections.Counter[str] = collections.Counter()  # status code or exception
     counter = iter(range(total_requests))
 
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits, headers=headers) as client:
@@ -251,10 +265,16 @@ async def run_level(
                 for k in range(images_per_request)
             ]
             started = time.perf_counter()
-            response = await client.post(f"/v1/models/{model}/{endpoint}", files=files, data=options)
+            try:
+                response = await client.post(f"/v1/models/{model}/{endpoint}", files=files, data=options)
+            except httpx.TransportError as exc:  # connection dropped or refused: count it, go on
+                errors += 1
+                error_kinds[type(exc).__name__] += 1
+                return
             elapsed = (time.perf_counter() - started) * 1000
             if response.status_code != 200:
                 errors += 1
+                error_kinds[f"{response.status_code} {response.text[:120]}"] += 1
                 return
             body = response.json()
             latencies.append(elapsed)
@@ -269,6 +289,7 @@ async def run_level(
         latencies.clear()
         batch_images.clear()
         errors = 0
+        error_kinds.clear()
         server_cpu_before = process_tree_cpu_seconds(server_pid) if server_pid else None
         client_cpu_before = time.process_time()
         started = time.perf_counter()
@@ -291,6 +312,7 @@ async def run_level(
         images_per_request,
         server_cpu_s,
         client_cpu_s,
+        dict(error_kinds),
     )
 
 
@@ -429,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
                             previous.latencies_ms += result.latencies_ms
                             previous.batch_images += result.batch_images
                             previous.client_cpu_s += result.client_cpu_s
+                            for kind, count in result.error_kinds.items():
+                                previous.error_kinds[kind] = previous.error_kinds.get(kind, 0) + count
                             if previous.server_cpu_s is not None and result.server_cpu_s is not None:
                                 previous.server_cpu_s += result.server_cpu_s
                             else:
@@ -443,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"batch {result.mean_batch:.1f} errors {result.errors}",
                         flush=True,
                     )
+                    for kind, count in result.error_kinds.items():
+                        print(f"{'':>13} error x{count}: {kind}", flush=True)
 
     if args.url:
         measure({"given server": (args.url, None)}, args.model_name)
@@ -483,6 +509,10 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 for server in servers.values():
                     server.stop()
+                if any(result.errors for result in results):
+                    for config, server in servers.items():  # the servers' own account of the errors
+                        tail = server.log_path.read_text(errors="replace").splitlines()[-30:]
+                        print(f"--- last lines of the {config!r} server's log", *tail, sep="\n")
 
     engine_rate: dict[str, float] = {}
     engine_cpu_ms: dict[str, float] = {}

@@ -75,3 +75,75 @@ def test_a_tiny_load_test_reports_throughput_ratios_and_cpu(load_test, tmp_path,
     assert "batching on / off" in report and "engine only" in report
     assert "ms per image outside the model" in report
     assert 'variant ({"reduced_jpeg_decode": false}) / batching on' in report
+
+
+class _Scripted:
+    """A tiny HTTP server on 127.0.0.1 answering with scripted status codes (then 200), in a thread."""
+
+    def __init__(self, statuses: list[int]) -> None:
+        import http.server
+        import threading
+
+        script = list(statuses)
+        self.served: list[int] = []
+        served = self.served
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                self.rfile.read(length)
+                status = script.pop(0) if script else 200
+                served.append(status)
+                body = b'{"status": "ready", "timing": {"batch_images": 1}}'
+                if status != 200:
+                    body = b'{"error": {"code": "model_loading"}}'
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> _Scripted:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_readiness_waits_for_every_worker(load_test):
+    # One 200 says only that some worker is ready: wait for 4 per worker in a row; a 503 between
+    # them (a worker still loading) starts the count again.
+    statuses = [503, 200, 200, 503] + [200] * 20
+    with _Scripted(statuses) as server:
+        process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        try:
+            waiter = object.__new__(load_test.ServerProcess)
+            waiter.process, waiter.url, waiter.workers = process, server.url, 2
+            waiter.wait_ready(timeout_s=60)
+        finally:
+            process.kill()
+            process.wait()
+    assert server.served == [503, 200, 200, 503] + [200] * 8
+
+
+def test_errors_are_counted_by_kind(load_test):
+    import asyncio
+
+    with _Scripted([503, 503, 503]) as server:
+        result = asyncio.run(
+            load_test.run_level(server.url, "m", "predict", 1, 3, [b"jpeg"], 1, {}, "cfg", None, None)
+        )
+    assert result.errors == 2  # the warm-up request took the first 503; one of 3 measured was a 200
+    assert result.error_kinds == {'503 {"error": {"code": "model_loading"}}': 2}
+    assert result.served_requests == 1
