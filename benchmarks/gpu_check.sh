@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One-shot check on a machine with a CUDA GPU: exactness on the device, then the figures that
 # docs/benchmarks.md leaves open for GPUs (explain vs forward, and the HTTP load at 224 px fp16).
-# At most about 8 minutes on one H100/H200; each step has its own time limit, so one slow step cannot eat
-# the others' time. Results go to OUT_DIR (default: $OUT if set, else gpu-out/).
+# At most 9 minutes on one H100/H200 (on an H200 it took under 4); each step has its own time limit, so
+# one slow step cannot eat the others' time. Results go to OUT_DIR (default: $OUT if set, else gpu-out/).
 #
 #   bash benchmarks/gpu_wheels.sh                 # here, once: wheels the GPU image lacks -> .whl/
 #   bash benchmarks/gpu_check.sh [OUT_DIR]        # there, from the repository root, .whl carried
@@ -37,10 +37,15 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep its output
 }
 
 # 1. The CPU's exactness contracts, on the device (tests/unit/test_cuda.py).
-step cuda_tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/unit/test_cuda.py
+step cuda_tests 60 "$PY" -m pytest -q -p no:cacheprovider tests/unit/test_cuda.py
 # 2. Explanation vs forward pass, batch 64, fp32/fp16/bf16 (targets: b/a >= 0.9, b/c >= 10).
 step bench_engine 120 "$PY" benchmarks/bench_engine.py --device cuda --reference-iters 2
-# 3. HTTP load at 224 px, fp16, batches up to 128, WORKERS server processes (target: 3,000
+# 3. The same at batch 256 in fp16, where the forward is no longer bound by kernel launches.
+step bench_engine_b256 60 "$PY" benchmarks/bench_engine.py --device cuda --batch 256 --dtypes fp16 \
+    --models deit_small_patch16_224,deit_base_patch16_224 --reference-iters 0
+# 4. Where explain makes the host wait for the device, and profiler tables of explain and forward.
+step profile 60 "$PY" benchmarks/profile_explain.py --device cuda
+# 5. HTTP load at 224 px, fp16, batches up to 128, WORKERS server processes (target: 3,000
 #    explained images/s). 8 images per request keep the single load-generator process below its
 #    own limit of a few hundred requests per second.
 step load_test 240 "$PY" benchmarks/load_test.py --arch deit_small_patch16_224 --device cuda \
