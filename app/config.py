@@ -161,6 +161,11 @@ class Settings(BaseSettings):
         "large PNG, WebP and other images decoded whole; pixels within a few levels of a one-step "
         "resize); false: one step, exactly as timm's PIL pipeline",
     )
+    cuda_wait: Literal["block", "spin"] = Field(
+        "block",
+        description="how the compute thread waits for a GPU to finish a batch: block (asleep, leaving its "
+        "core to decoding and encoding) or spin (busy-waiting, CUDA's default for one process)",
+    )
     hub_probe_timeout_s: float = Field(
         3.0, ge=0, description="quick reachability check of the model hub before a hub download (0 = off)"
     )

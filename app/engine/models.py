@@ -290,6 +290,7 @@ def load_model(
     model_kwargs: dict[str, Any] | None = None,
     path: str = "auto",
     warmup: bool = True,
+    host_wait: str = "block",
 ) -> LoadedModel:
     """Create, load, move and warm a model; the result is ready to serve."""
     if dtype not in DTYPES:
@@ -300,7 +301,7 @@ def load_model(
     )
     model.eval().requires_grad_(False)
     model.to(device=target_device, dtype=DTYPES[dtype])
-    engine = ReciproCAM(model, path=path)  # type: ignore[arg-type]
+    engine = ReciproCAM(model, path=path, host_wait=host_wait)  # type: ignore[arg-type]
     count = engine.anatomy.num_classes
     resolved_labels = load_labels(labels, count)
     if resolved_labels is None and "labels" in metadata:

@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 Score = Literal["logit", "probability"]
 SCORES: tuple[str, ...] = ("logit", "probability")
 PathChoice = Literal["auto", "reduced", "reference"]
+HostWait = Literal["block", "spin"]
+HOST_WAITS: tuple[str, ...] = ("block", "spin")
 REFERENCE_MAX_SEQUENCES = 256
 _FALLBACK_LOGGED: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # models whose fallback was logged
 
@@ -241,7 +243,10 @@ class ReciproCAM:
     ``path_reason``); ``"reference"`` forces the literal loop; ``"reduced"`` fails if the model does
     not allow it. ``max_sequences``: the most masked sequences evaluated at once (memory bound);
     ``None`` uses 256 on the reference path and, on the reduced path, chunks holding about as many
-    token rows as the plain forward of the same batch.
+    token rows as the plain forward of the same batch. ``host_wait``: how the calling thread waits
+    for a CUDA device to finish a batch before copying the results: ``"block"`` sleeps (the thread
+    leaves its core to other work, such as a server's decoding and encoding), ``"spin"`` busy-waits
+    (CUDA's default for a process with one context: a core at 100% while the device computes).
     """
 
     def __init__(
@@ -250,9 +255,13 @@ class ReciproCAM:
         *,
         path: PathChoice = "auto",
         max_sequences: int | None = None,
+        host_wait: HostWait = "block",
     ) -> None:
         if path not in ("auto", "reduced", "reference"):
             raise ValueError(f"unknown path {path!r}; expected auto, reduced or reference")
+        if host_wait not in HOST_WAITS:
+            raise ValueError(f"unknown host_wait {host_wait!r}; expected block or spin")
+        self.host_wait = host_wait
         self.model = model
         self.anatomy = inspect_model(model)
         self.max_sequences = max_sequences
@@ -390,7 +399,7 @@ class ReciproCAM:
                 x = block(x)
             logits = head_logits(model, x).float()
         grid = grid_for_tokens(model, x.shape[1] - self.anatomy.num_prefix_tokens)
-        return _collect(logits, groups, grid, top_k)
+        return _collect(logits, groups, grid, top_k, block=self.host_wait == "block")
 
     @torch.inference_mode()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
@@ -422,11 +431,14 @@ def _collect(
     groups: list[tuple[list[_Item], torch.Tensor]],
     grid: tuple[int, int],
     top_k: int | None,
+    *,
+    block: bool = True,
 ) -> list[ImageExplanation]:
     """Per-image results from the batch's logits (B, C) and each option group's masked logits.
 
     The maps are selected on the device and everything reaches the host in one float32 transfer
-    (plus one for the top-k class ids): per-image copies would each wait for the device.
+    (plus one for the top-k class ids): per-image copies would each wait for the device. With
+    ``block`` the thread sleeps until a CUDA device is done, rather than spinning in the copy.
     """
     batch, num_classes = logits.shape
     device = logits.device
@@ -463,7 +475,12 @@ def _collect(
                     wanted = scores[position]
                 pieces.append(wanted.T)
             plan.append((members, None))
-    host = torch.cat([piece.reshape(-1) for piece in pieces]).cpu()
+    packed = torch.cat([piece.reshape(-1) for piece in pieces])
+    if block and device.type == "cuda":
+        done = torch.cuda.Event(blocking=True)  # cudaEventBlockingSync: wait asleep
+        done.record(torch.cuda.current_stream(device))
+        done.synchronize()
+    host = packed.cpu()
     host_top = None if top is None else top.cpu().unbind(0)
     parts = iter(host.split([piece.numel() for piece in pieces]))
     results = [ImageExplanation(logits=row) for row in next(parts).view(batch, num_classes).unbind(0)]

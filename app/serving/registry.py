@@ -180,6 +180,7 @@ class ModelRegistry:
             model_kwargs=model_settings.model_kwargs or None,
             path=model_settings.path,
             warmup=True,
+            host_wait=self.settings.cuda_wait,
         )
         loaded.engine.resolve_block(model_settings.target_block)  # fails early on a bad block
         return loaded

@@ -22,6 +22,7 @@ def test_defaults_match_the_documented_contract(monkeypatch):
     assert settings.limits.max_images_per_request == 16
     assert settings.auth.api_keys == [] and settings.cors.allow_origins == []
     assert settings.drain_timeout_s == 25
+    assert settings.cuda_wait == "block"
 
 
 def test_file_then_env_then_indexed_model_overrides(tmp_path, monkeypatch):
@@ -43,7 +44,9 @@ def test_file_then_env_then_indexed_model_overrides(tmp_path, monkeypatch):
     monkeypatch.setenv("RECIPROCAM_MODELS__0__MODEL_KWARGS", '{"img_size": 32}')
     monkeypatch.setenv("RECIPROCAM_AUTH__API_KEYS", "first, second")
     monkeypatch.setenv("RECIPROCAM_CORS__ALLOW_ORIGINS", '["https://app.example"]')
+    monkeypatch.setenv("RECIPROCAM_CUDA_WAIT", "spin")
     settings = Settings()
+    assert settings.cuda_wait == "spin"
     assert settings.batch.max_wait_ms == 7  # from the file
     assert settings.batch.max_batch_images == 4  # the environment wins over the file
     assert [m.name for m in settings.models] == ["a", "b"]
@@ -74,3 +77,5 @@ def test_invalid_settings_are_refused():
         Settings(batch={"max_batch_images": 0})
     with pytest.raises(ValidationError):
         Settings(models=[{"name": "bad name/with slash"}])
+    with pytest.raises(ValidationError):
+        Settings(cuda_wait="yield")

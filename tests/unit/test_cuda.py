@@ -139,3 +139,14 @@ def test_explain_waits_for_the_device_only_to_return_its_results():
     for a, b in zip(results, expected, strict=True):
         assert torch.equal(a.logits, b.logits)
         assert (a.score_maps is None) == (b.score_maps is None)
+
+
+def test_blocking_and_spinning_waits_give_the_same_results():
+    model = make_tiny("deit_tiny", seed=2).to(DEVICE)
+    h, w = model.patch_embed.img_size
+    images = torch.randn(3, 3, h, w, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    block = ReciproCAM(model, host_wait="block").explain(images, CamOptions(), top_k=2)
+    spin = ReciproCAM(model, host_wait="spin").explain(images, CamOptions(), top_k=2)
+    for a, b in zip(block, spin, strict=True):
+        assert torch.equal(a.logits, b.logits) and torch.equal(a.targets, b.targets)
+        assert torch.equal(a.score_maps, b.score_maps)

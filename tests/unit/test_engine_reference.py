@@ -203,3 +203,5 @@ def test_invalid_block_and_options():
         CamOptions(kernel="box")
     with pytest.raises(ValueError, match="score"):
         CamOptions(score="rank")
+    with pytest.raises(ValueError, match="host_wait"):
+        ReciproCAM(model, host_wait="yield")

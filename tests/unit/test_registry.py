@@ -29,3 +29,16 @@ def test_relative_weights_are_found_from_the_project_root(tmp_path, monkeypatch)
     assert resolve_weights("missing/file.safetensors") == "missing/file.safetensors"
     (tmp_path / "local.pth").write_bytes(b"")
     assert resolve_weights("local.pth") == "local.pth"
+
+
+@pytest.mark.parametrize("wait", ["block", "spin"])
+def test_the_cuda_wait_setting_reaches_the_engine(wait):
+    from app.config import Settings
+    from app.serving.metrics import ServiceMetrics
+    from app.serving.registry import ModelRegistry
+
+    model = {"name": "m", "arch": "deit_tiny_patch16_224", "weights": "random:0", "device": "cpu"}
+    model["model_kwargs"] = {"img_size": 32, "patch_size": 8, "depth": 2}
+    settings = Settings(models=[model], cuda_wait=wait)
+    loaded = ModelRegistry(settings, ServiceMetrics())._load_blocking(settings.models[0])
+    assert loaded.engine.host_wait == wait
