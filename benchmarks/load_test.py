@@ -200,7 +200,9 @@ class ServerProcess:
         """Until /readyz answers 200 on 4 fresh connections per worker in a row.
 
         Each worker loads its model on its own and answers 503 until then; a fresh connection goes
-        to whichever worker accepts it first, so one 200 says only that some worker is ready.
+        to whichever worker accepts it first, so one 200 says only that some worker is ready. The
+        run of 200s makes it likely, not certain, that every worker answered: a busy loading worker
+        may lose every race for a connection.
         """
         deadline = time.monotonic() + timeout_s
         in_a_row = 0
@@ -233,6 +235,16 @@ class ServerProcess:
                 self.process.kill()
                 self.process.wait()
         self.log.close()
+
+
+def error_kind(response: httpx.Response) -> str:
+    """A failed response's kind: its status with the service's error code and message (the body
+    without its per-request id), or the start of a body that is not the service's JSON error."""
+    try:
+        error = response.json()["error"]
+        return f"{response.status_code} {error['code']}: {error['message']}"
+    except (ValueError, KeyError, TypeError):
+        return f"{response.status_code} {response.text[:120]}"
 
 
 async def run_level(
@@ -274,7 +286,7 @@ async def run_level(
             elapsed = (time.perf_counter() - started) * 1000
             if response.status_code != 200:
                 errors += 1
-                error_kinds[f"{response.status_code} {response.text[:120]}"] += 1
+                error_kinds[error_kind(response)] += 1
                 return
             body = response.json()
             latencies.append(elapsed)

@@ -31,6 +31,11 @@ from app.engine.reciprocam import CamOptions, ReciproCAM  # noqa: E402
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def _ours(filename: str) -> bool:
+    """Whether a frame is this project's code (not an installed package under the project root)."""
+    return filename.startswith(str(ROOT)) and "site-packages" not in filename
+
+
 def host_waits(cam: ReciproCAM, images: torch.Tensor, options: object, targets: object, top_k: int) -> None:
     """Print the call sites where one ``explain`` call makes the host wait for the device."""
     cam.explain(images, options, targets=targets, top_k=top_k)  # warm-up: per-engine caches
@@ -39,7 +44,7 @@ def host_waits(cam: ReciproCAM, images: torch.Tensor, options: object, targets: 
 
     def record(message: object, *_: object, **__: object) -> None:
         if str(message).startswith("called a synchronizing"):
-            frames = [f for f in traceback.extract_stack()[:-1] if str(ROOT) in f.filename]
+            frames = [f for f in traceback.extract_stack()[:-1] if _ours(f.filename)]
             sites[" <- ".join(f"{Path(f.filename).name}:{f.lineno}: {f.line}" for f in frames[::-1][:2])] += 1
 
     with warnings.catch_warnings():

@@ -439,6 +439,7 @@ def _collect(
     The maps are selected on the device and everything reaches the host in one float32 transfer
     (plus one for the top-k class ids): per-image copies would each wait for the device. With
     ``block`` the thread sleeps until a CUDA device is done, rather than spinning in the copy.
+    Each image's tensors are views into that one host buffer, which lives as long as any of them.
     """
     batch, num_classes = logits.shape
     device = logits.device

@@ -95,8 +95,12 @@ class _Scripted:
                 status = script.pop(0) if script else 200
                 served.append(status)
                 body = b'{"status": "ready", "timing": {"batch_images": 1}}'
-                if status != 200:
-                    body = b'{"error": {"code": "model_loading"}}'
+                if status != 200:  # the service's error body, with its per-request id
+                    request_id = f"{len(served):032x}"
+                    body = (
+                        '{"error": {"code": "queue_full", "message": "retry after 1 s", '
+                        f'"request_id": "{request_id}"}}}}'
+                    ).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
@@ -145,5 +149,5 @@ def test_errors_are_counted_by_kind(load_test):
             load_test.run_level(server.url, "m", "predict", 1, 3, [b"jpeg"], 1, {}, "cfg", None, None)
         )
     assert result.errors == 2  # the warm-up request took the first 503; one of 3 measured was a 200
-    assert result.error_kinds == {'503 {"error": {"code": "model_loading"}}': 2}
+    assert result.error_kinds == {"503 queue_full: retry after 1 s": 2}  # one kind, whatever the ids
     assert result.served_requests == 1

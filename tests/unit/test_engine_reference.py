@@ -105,26 +105,47 @@ def test_targets_topk_and_explicit():
         engine.explain(images, CamOptions(), targets=[[7], [0]])
 
 
+# One option group (same kernel, prefix and block) whose members ask for explicit classes or the
+# top k, with logit or probability scores, after a prediction-only image (so that a member's
+# position in its group differs from its image's index); and a group of top-k members only that
+# leaves an image out.
+GROUP_MIXES = {
+    "targets_and_top_k": (
+        [None, CamOptions(), CamOptions(score="probability"), CamOptions(score="probability"), CamOptions()],
+        [None, [4, 0], None, [6], None],
+    ),
+    "top_k_subset": ([None, CamOptions(), CamOptions(score="probability")], None),
+}
+
+
+@pytest.mark.parametrize("mix", list(GROUP_MIXES))
 @pytest.mark.parametrize("path", ["reference", "reduced"])
-def test_targets_top_k_and_scores_mixed_in_one_option_group(path):
-    # One option group (same kernel, prefix and block) whose members ask for explicit classes or the
-    # top k, with logit or probability scores: each image gets what it would get alone.
+def test_targets_top_k_and_scores_mixed_in_one_option_group(path, mix):
+    # Each image gets what it would get alone, and what the naive loop gives for its classes.
     model = make_tiny("deit_tiny", seed=6)
     engine = ReciproCAM(model, path=path)
-    images = _images(model, batch=4, seed=3)
-    per_image = [CamOptions(), CamOptions(score="probability"), CamOptions(score="probability"), CamOptions()]
-    targets = [[4, 0], None, [6], None]
+    per_image, targets = GROUP_MIXES[mix]
+    images = _images(model, batch=len(per_image), seed=4)
     batched = engine.explain(images, per_image, targets=targets, top_k=2)
-    for i in range(4):
-        wanted = None if targets[i] is None else [targets[i]]
-        alone = engine.explain(images[i : i + 1], per_image[i], targets=wanted, top_k=2)[0]
-        assert torch.equal(batched[i].targets, alone.targets)
+    # neighbouring images rank their top two classes differently: a map taken for the wrong image
+    # would show
+    tops = [result.logits.topk(2).indices.tolist() for result in batched]
+    assert all(tops[i] != tops[i + 1] for i in range(len(tops) - 1)), tops
+    for i, options in enumerate(per_image):
+        wanted = None if targets is None or targets[i] is None else [targets[i]]
+        alone = engine.explain(images[i : i + 1], options, targets=wanted, top_k=2)[0]
         assert torch.allclose(batched[i].logits, alone.logits, rtol=1e-5, atol=1e-6)
+        if options is None:
+            assert batched[i].score_maps is None and batched[i].targets is None
+            continue
+        assert torch.equal(batched[i].targets, alone.targets)
         assert _rel_err(batched[i].score_maps, alone.score_maps) < 1e-5
-        naive = naive_reciprocam(model, images[i], score=per_image[i].score)
+        naive = naive_reciprocam(model, images[i], score=options.score)
         assert _rel_err(batched[i].score_maps, naive[batched[i].targets]) < 1e-5
-    assert batched[0].targets.tolist() == [4, 0] and batched[2].targets.tolist() == [6]
-    assert torch.equal(batched[1].targets, batched[1].logits.topk(2).indices)
+        if wanted is None:
+            assert torch.equal(batched[i].targets, batched[i].logits.topk(2).indices)
+        else:
+            assert batched[i].targets.tolist() == wanted[0]
 
 
 def _count_ops(fn):
