@@ -161,6 +161,12 @@ class Settings(BaseSettings):
         "large PNG, WebP and other images decoded whole; pixels within a few levels of a one-step "
         "resize); false: one step, exactly as timm's PIL pipeline",
     )
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch CPU threads per worker process; unset: torch's default (all cores) with one "
+        "worker, the cores shared out among the workers with several (`serve --workers N`)",
+    )
     cuda_wait: Literal["block", "spin"] = Field(
         "block",
         description="how the compute thread waits for a GPU to finish a batch: block (asleep, leaving its "

@@ -39,6 +39,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
     settings = Settings()
     level = (args.serve_log_level or settings.log_level).lower()
+    if settings.torch_threads is None and args.workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        # Each worker would start as many torch threads as the machine has cores: share them out.
+        os.environ[TORCH_THREADS_ENV] = str(worker_threads(args.workers))
     with _sigterm_exits_zero(enabled=args.workers == 1), _shared_metrics(args.workers):
         uvicorn.run(
             "app.main:create_app",
@@ -53,6 +56,18 @@ def run_serve(args: argparse.Namespace) -> int:
             proxy_headers=True,
         )
     return 0
+
+
+TORCH_THREADS_ENV = "RECIPROCAM_TORCH_THREADS"
+
+
+def worker_threads(workers: int) -> int:
+    """torch threads per worker when ``workers`` processes share the cores this process may use."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, workers))
 
 
 @contextlib.contextmanager

@@ -14,6 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from types import FrameType
 from typing import Any, TypeVar
 
+import torch
+
 from app.config import Settings
 from app.engine.preprocess import Preprocessor
 from app.serving.errors import ServiceError
@@ -160,6 +162,8 @@ class Service:
             self.io_pool = self._new_io_pool()
             self.draining = False
             self._stopped = False
+        if self.settings.torch_threads is not None:
+            torch.set_num_threads(self.settings.torch_threads)
         self.registry.start_loading()
         self._watch_sigterm()
 

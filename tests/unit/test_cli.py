@@ -56,3 +56,52 @@ def test_serve_gives_several_workers_one_fresh_metrics_directory(monkeypatch, tm
     with _shared_metrics(3):
         assert os.environ[MULTIPROC_DIR_ENV] == str(tmp_path)
     assert tmp_path.is_dir()
+
+
+def test_serve_shares_the_cores_out_among_its_workers(monkeypatch):
+    import argparse
+    import os
+
+    import uvicorn
+
+    from app.serving import cli
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert [cli.worker_threads(n) for n in (1, 4, 5, 32)] == [16, 4, 3, 1]
+
+    seen: list[str | None] = []
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: seen.append(os.environ.get(cli.TORCH_THREADS_ENV)))
+    monkeypatch.delenv(cli.TORCH_THREADS_ENV, raising=False)  # restored after the test
+    monkeypatch.delenv("RECIPROCAM_CONFIG_FILE", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+
+    def serve(workers: int) -> None:
+        args = argparse.Namespace(config=None, serve_log_level="warning", workers=workers, host="x", port=1)
+        assert cli.run_serve(args) == 0
+
+    serve(1)  # one worker: torch's own default
+    serve(4)  # the workers inherit the environment: 16 cores / 4 workers
+    monkeypatch.setenv(cli.TORCH_THREADS_ENV, "2")  # an operator's choice is kept
+    serve(4)
+    monkeypatch.delenv(cli.TORCH_THREADS_ENV)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # so is torch's own variable
+    serve(4)
+    assert seen == [None, "4", "2", None]
+
+
+async def test_the_service_applies_its_torch_threads_setting(monkeypatch):
+    import torch
+
+    from app.config import Settings
+    from app.serving.service import Service
+
+    before = torch.get_num_threads()
+    target = 1 if before != 1 else 2
+    service = Service(Settings(models=[], torch_threads=target))
+    monkeypatch.setattr(service, "_watch_sigterm", lambda: None)
+    try:
+        await service.start()
+        assert torch.get_num_threads() == target
+    finally:
+        torch.set_num_threads(before)
+        await service.stop()
