@@ -43,13 +43,15 @@ step bench_engine 120 "$PY" benchmarks/bench_engine.py --device cuda --reference
 # 3. The same at batch 256 in fp16, where the forward is no longer bound by kernel launches.
 step bench_engine_b256 60 "$PY" benchmarks/bench_engine.py --device cuda --batch 256 --dtypes fp16 \
     --models deit_small_patch16_224,deit_base_patch16_224 --reference-iters 0
-# 4. Where explain makes the host wait for the device, and profiler tables of explain and forward.
-step profile 60 "$PY" benchmarks/profile_explain.py --device cuda
+# 4. Where explain makes the host wait for the device, and profiler tables of explain and forward:
+#    deit_small fp16 batch 64 (bound by kernel launches) and deit_base, the b/a target's model.
+step profile 45 "$PY" benchmarks/profile_explain.py --device cuda
+step profile_base 45 "$PY" benchmarks/profile_explain.py --device cuda --model deit_base_patch16_224
 # 5. HTTP load at 224 px, fp16, batches up to 128, WORKERS server processes (target: 3,000
 #    explained images/s); the variant server busy-waits for the GPU (cuda_wait spin, CUDA's default),
 #    against the default blocking wait. 8 images per request keep the single load-generator process below its
 #    own limit of a few hundred requests per second.
-step load_test 240 "$PY" benchmarks/load_test.py --arch deit_small_patch16_224 --device cuda \
+step load_test 210 "$PY" benchmarks/load_test.py --arch deit_small_patch16_224 --device cuda \
     --dtype fp16 --endpoint explain --image-size 320 --images-per-request 8 \
     --concurrency 8 32 64 --requests 256 --rounds 1 --max-batch 128 --workers "$WORKERS" \
     --variant '{"cuda_wait": "spin"}' --out "$OUT_DIR/load_test.md"
