@@ -452,29 +452,27 @@ def _collect(
     # one (K_i, n) piece per member.
     plan: list[tuple[list[_Item], int | None]] = []
     for members, result in groups:
-        scores = _scores(members, result)  # (G, n, C) float32
         kinds = {
             "targets" if m.targets is not None else ("top" if top is not None else "all") for m in members
         }
         if kinds == {"all"}:
-            pieces.append(scores.transpose(1, 2))
+            pieces.append(_scores(members, result, None).transpose(1, 2))
             plan.append((members, num_classes))
         elif kinds == {"top"}:
             assert top is not None
             rows = [m.index for m in members]
             picked = top if rows == list(range(batch)) else top[to_device(torch.tensor(rows), device)]
-            gathered = scores.gather(2, picked[:, None, :].expand(-1, scores.shape[1], -1))
-            pieces.append(gathered.transpose(1, 2))
+            pieces.append(_scores(members, result, picked).transpose(1, 2))
             plan.append((members, picked.shape[1]))
         else:
             for position, member in enumerate(members):
                 if member.targets is not None:
-                    wanted = scores[position].index_select(1, to_device(member.targets, device))
+                    columns = to_device(member.targets, device)[None]
                 elif top is not None:
-                    wanted = scores[position].index_select(1, top[member.index])
+                    columns = top[member.index][None]
                 else:
-                    wanted = scores[position]
-                pieces.append(wanted.T)
+                    columns = None
+                pieces.append(_scores([member], result[position : position + 1], columns)[0].T)
             plan.append((members, None))
     packed = torch.cat([piece.reshape(-1) for piece in pieces])
     if block and device.type == "cuda":
@@ -504,14 +502,26 @@ def _collect(
     return results
 
 
-def _scores(members: list[_Item], result: torch.Tensor) -> torch.Tensor:
-    """(G, n, C) float32 scores of a group's masked logits, each member with its own score kind."""
-    logits = result.float()
+def _scores(members: list[_Item], result: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
+    """(G, n, K) float32 scores of a group's masked logits ``result`` (G, n, C) for the classes
+    ``columns`` (G, K) of each member (all C classes when None), each member with its own score
+    kind. Logits are picked before their conversion to float32; probabilities need every class."""
+
+    def pick(tensor: torch.Tensor) -> torch.Tensor:
+        if columns is None:
+            return tensor
+        return tensor.gather(2, columns[:, None, :].expand(-1, tensor.shape[1], -1))
+
     kinds = [m.options.score for m in members]
-    if all(kind == kinds[0] for kind in kinds):
-        return scores_from_logits(logits, kinds[0])
-    probability = to_device(torch.tensor([kind == "probability" for kind in kinds]), logits.device)
-    return torch.where(probability[:, None, None], scores_from_logits(logits, "probability"), logits)
+    logit = pick(result).float() if "logit" in kinds else None
+    probability = pick(scores_from_logits(result.float(), "probability")) if "probability" in kinds else None
+    if probability is None:
+        assert logit is not None
+        return logit
+    if logit is None:
+        return probability
+    flags = to_device(torch.tensor([kind == "probability" for kind in kinds]), result.device)
+    return torch.where(flags[:, None, None], probability, logit)
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
