@@ -164,8 +164,9 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(
         None,
         ge=1,
-        description="torch CPU threads per worker process; unset: torch's default (all cores) with one "
-        "worker, the cores shared out among the workers with several (`serve --workers N`)",
+        description="torch CPU threads per worker process; unset: torch's default (OMP_NUM_THREADS or "
+        "MKL_NUM_THREADS, else all cores), except that `serve --workers N` without those gives each "
+        "worker cores // N",
     )
     cuda_wait: Literal["block", "spin"] = Field(
         "block",

@@ -39,10 +39,11 @@ def run_serve(args: argparse.Namespace) -> int:
 
     settings = Settings()
     level = (args.serve_log_level or settings.log_level).lower()
-    if settings.torch_threads is None and args.workers > 1 and "OMP_NUM_THREADS" not in os.environ:
-        # Each worker would start as many torch threads as the machine has cores: share them out.
-        os.environ[TORCH_THREADS_ENV] = str(worker_threads(args.workers))
-    with _sigterm_exits_zero(enabled=args.workers == 1), _shared_metrics(args.workers):
+    with (
+        _sigterm_exits_zero(enabled=args.workers == 1),
+        _shared_metrics(args.workers),
+        _shared_threads(args.workers, settings.torch_threads),
+    ):
         uvicorn.run(
             "app.main:create_app",
             factory=True,
@@ -62,12 +63,31 @@ TORCH_THREADS_ENV = "RECIPROCAM_TORCH_THREADS"
 
 
 def worker_threads(workers: int) -> int:
-    """torch threads per worker when ``workers`` processes share the cores this process may use."""
+    """torch threads per worker when ``workers`` processes share the cores this process may run on
+    (its CPU affinity; a container's CPU quota is not seen, as torch's own default does not)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not on Linux
         cores = os.cpu_count() or 1
     return max(1, cores // max(1, workers))
+
+
+@contextlib.contextmanager
+def _shared_threads(workers: int, torch_threads: int | None) -> Iterator[None]:
+    """With several workers and no thread count chosen (``torch_threads``, ``OMP_NUM_THREADS`` or
+    ``MKL_NUM_THREADS``), each worker would start as many torch threads as there are cores: the
+    workers inherit ``RECIPROCAM_TORCH_THREADS`` = cores // workers instead, removed afterwards."""
+    chosen = torch_threads is not None or any(
+        name in os.environ for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+    )
+    if workers <= 1 or chosen:
+        yield
+        return
+    os.environ[TORCH_THREADS_ENV] = str(worker_threads(workers))
+    try:
+        yield
+    finally:
+        os.environ.pop(TORCH_THREADS_ENV, None)
 
 
 @contextlib.contextmanager

@@ -71,22 +71,25 @@ def test_serve_shares_the_cores_out_among_its_workers(monkeypatch):
 
     seen: list[str | None] = []
     monkeypatch.setattr(uvicorn, "run", lambda *a, **k: seen.append(os.environ.get(cli.TORCH_THREADS_ENV)))
-    monkeypatch.delenv(cli.TORCH_THREADS_ENV, raising=False)  # restored after the test
-    monkeypatch.delenv("RECIPROCAM_CONFIG_FILE", raising=False)
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for name in (cli.TORCH_THREADS_ENV, "RECIPROCAM_CONFIG_FILE", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
 
     def serve(workers: int) -> None:
         args = argparse.Namespace(config=None, serve_log_level="warning", workers=workers, host="x", port=1)
         assert cli.run_serve(args) == 0
+        assert cli.TORCH_THREADS_ENV not in os.environ or os.environ[cli.TORCH_THREADS_ENV] == "2"
 
     serve(1)  # one worker: torch's own default
-    serve(4)  # the workers inherit the environment: 16 cores / 4 workers
+    serve(4)  # the workers inherit the environment while serve runs: 16 cores / 4 workers
     monkeypatch.setenv(cli.TORCH_THREADS_ENV, "2")  # an operator's choice is kept
     serve(4)
     monkeypatch.delenv(cli.TORCH_THREADS_ENV)
-    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # so is torch's own variable
-    serve(4)
-    assert seen == [None, "4", "2", None]
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # so is torch's own
+        monkeypatch.setenv(name, "3")
+        serve(4)
+        monkeypatch.delenv(name)
+    assert seen == [None, "4", "2", None, None]
+    assert cli.TORCH_THREADS_ENV not in os.environ  # nothing left behind in this process
 
 
 async def test_the_service_applies_its_torch_threads_setting(monkeypatch):
@@ -102,6 +105,8 @@ async def test_the_service_applies_its_torch_threads_setting(monkeypatch):
     try:
         await service.start()
         assert torch.get_num_threads() == target
+        # threads the service starts afterwards (I/O pool, compute threads) take the same count
+        assert service.io_pool.submit(torch.get_num_threads).result() == target
     finally:
         torch.set_num_threads(before)
         await service.stop()

@@ -79,3 +79,5 @@ def test_invalid_settings_are_refused():
         Settings(models=[{"name": "bad name/with slash"}])
     with pytest.raises(ValidationError):
         Settings(cuda_wait="yield")
+    with pytest.raises(ValidationError):
+        Settings(torch_threads=0)
