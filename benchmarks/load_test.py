@@ -58,6 +58,7 @@ class LevelResult:
     server_cpu_s: float | None = None  # CPU time of the server's process tree during the level
     client_cpu_s: float = 0.0  # CPU time of this (client) process during the level
     error_kinds: dict[str, int] = field(default_factory=dict)  # status code and body, or exception
+    workers_lost: int = 0  # server worker processes that ended during the level (killed, crashed)
 
     @property
     def served_requests(self) -> int:
@@ -137,6 +138,22 @@ def process_tree_cpu_seconds(pid: int) -> float | None:
                 continue  # a thread that ended meanwhile
             pending.extend(int(child) for child in children)
     return total
+
+
+def child_pids(pid: int) -> set[int] | None:
+    """The direct children of a process (a server's workers), read from /proc; None where /proc is
+    not available or the process is gone."""
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return None
+    children: set[int] = set()
+    for task in tasks:
+        try:
+            children.update(int(child) for child in (task / "children").read_text().split())
+        except OSError:
+            continue  # a thread that ended meanwhile
+    return children
 
 
 def free_port() -> int:
@@ -303,12 +320,14 @@ async def run_level(
         errors = 0
         error_kinds.clear()
         server_cpu_before = process_tree_cpu_seconds(server_pid) if server_pid else None
+        workers_before = child_pids(server_pid) if server_pid else None
         client_cpu_before = time.process_time()
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         seconds = time.perf_counter() - started
         client_cpu_s = time.process_time() - client_cpu_before
         server_cpu_after = process_tree_cpu_seconds(server_pid) if server_pid else None
+        workers_after = child_pids(server_pid) if server_pid else None
     server_cpu_s = None
     if server_cpu_before is not None and server_cpu_after is not None:
         server_cpu_s = server_cpu_after - server_cpu_before
@@ -325,6 +344,9 @@ async def run_level(
         server_cpu_s,
         client_cpu_s,
         dict(error_kinds),
+        len(workers_before - workers_after)
+        if workers_before is not None and workers_after is not None
+        else 0,
     )
 
 
@@ -465,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
                             previous.client_cpu_s += result.client_cpu_s
                             for kind, count in result.error_kinds.items():
                                 previous.error_kinds[kind] = previous.error_kinds.get(kind, 0) + count
+                            previous.workers_lost += result.workers_lost
                             if previous.server_cpu_s is not None and result.server_cpu_s is not None:
                                 previous.server_cpu_s += result.server_cpu_s
                             else:
@@ -481,6 +504,8 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     for kind, count in result.error_kinds.items():
                         print(f"{'':>13} error x{count}: {kind}", flush=True)
+                    if result.workers_lost:
+                        print(f"{'':>13} {result.workers_lost} server worker process(es) ended", flush=True)
 
     if args.url:
         measure({"given server": (args.url, None)}, args.model_name)
@@ -590,6 +615,12 @@ def main(argv: list[str] | None = None) -> int:
                     f"{served_ms:.1f} / {engine_cpu_ms[endpoint]:.1f} ms: "
                     f"{served_ms - engine_cpu_ms[endpoint]:.1f} ms per image outside the model"
                 )
+    for r in results:
+        if r.workers_lost:
+            report.append(
+                f"- {r.config}, {r.endpoint}, concurrency {r.concurrency}: {r.workers_lost} server worker "
+                "process(es) ended during the level (killed or crashed; their connections were lost)"
+            )
     text = "\n".join(report)
     print()
     print(text)

@@ -151,3 +151,31 @@ def test_errors_are_counted_by_kind(load_test):
     assert result.errors == 2  # the warm-up request took the first 503; one of 3 measured was a 200
     assert result.error_kinds == {"503 queue_full: retry after 1 s": 2}  # one kind, whatever the ids
     assert result.served_requests == 1
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads /proc")
+def test_child_pids_sees_a_worker_end(load_test):
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys, time; "
+            "subprocess.run([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)",
+        ]
+    )
+    try:
+        deadline = time.monotonic() + 30
+        children = load_test.child_pids(parent.pid)
+        while not children and time.monotonic() < deadline:
+            time.sleep(0.05)
+            children = load_test.child_pids(parent.pid)
+        assert children and len(children) == 1
+        (child,) = children
+        subprocess.run(["kill", str(child)], check=True)
+        while load_test.child_pids(parent.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert load_test.child_pids(parent.pid) == set()  # the worker is gone, the parent is not
+    finally:
+        parent.kill()
+        parent.wait()
+    assert load_test.child_pids(parent.pid) is None
