@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-shot check on a machine with a CUDA GPU: exactness on the device, then the figures that
 # docs/benchmarks.md leaves open for GPUs (explain vs forward, and the HTTP load at 224 px fp16).
-# At most 9 minutes on one H100/H200 (on an H200 it took under 4); each step has its own time limit, so
+# At most 9 minutes on one H100/H200 (a first, shorter form took 148 s on an H200); each step has its own time limit, so
 # one slow step cannot eat the others' time. Results go to OUT_DIR (default: $OUT if set, else gpu-out/).
 #
 #   bash benchmarks/gpu_wheels.sh                 # here, once: wheels the GPU image lacks -> .whl/
