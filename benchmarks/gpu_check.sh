@@ -22,7 +22,7 @@ if ! "$PY" -c "import app.main, uvicorn" 2>"$OUT_DIR/import_error.txt"; then
     cat "$OUT_DIR/import_error.txt"
     exit 1
 fi
-rm -f "$OUT_DIR/import_error.txt"  # at most 8 result files: the device tool brings back no more
+rm -f "$OUT_DIR/import_error.txt"  # only result files in OUT_DIR (7 of them)
 { nvidia-smi; "$PY" -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"; } \
     > "$OUT_DIR/machine.txt" 2>&1
 WORKERS=${WORKERS:-4}
