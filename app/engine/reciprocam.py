@@ -465,14 +465,7 @@ def _collect(
             pieces.append(_scores(members, result, picked).transpose(1, 2))
             plan.append((members, picked.shape[1]))
         else:
-            for position, member in enumerate(members):
-                if member.targets is not None:
-                    columns = to_device(member.targets, device)[None]
-                elif top is not None:
-                    columns = top[member.index][None]
-                else:
-                    columns = None
-                pieces.append(_scores([member], result[position : position + 1], columns)[0].T)
+            pieces.append(_mixed_maps(members, result, top, device))
             plan.append((members, None))
     packed = torch.cat([piece.reshape(-1) for piece in pieces])
     if block and device.type == "cuda":
@@ -487,7 +480,7 @@ def _collect(
         if count is not None:
             maps = next(parts).view(len(members), count, *grid).unbind(0)
         else:
-            maps = tuple(next(parts).view(-1, *grid) for _ in members)
+            maps = next(parts).view(-1, *grid).split(_class_counts(members, top, num_classes))
         for member, member_maps in zip(members, maps, strict=True):
             if member.targets is not None:
                 chosen = member.targets
@@ -500,6 +493,45 @@ def _collect(
             explanation.targets = chosen
             explanation.options = member.options
     return results
+
+
+def _class_counts(members: list[_Item], top: torch.Tensor | None, num_classes: int) -> list[int]:
+    """How many maps each member gets: its explicit targets, else the top k, else every class."""
+    k = num_classes if top is None else int(top.shape[1])
+    return [len(m.targets) if m.targets is not None else k for m in members]
+
+
+def _mixed_maps(
+    members: list[_Item], result: torch.Tensor, top: torch.Tensor | None, device: torch.device
+) -> torch.Tensor:
+    """(sum of K_i, n) maps of a group whose members want different classes (explicit targets next to
+    the top k or every class), member after member, with a fixed number of device operations.
+
+    Each member's classes fill a row of a (G, K) index, padded to the longest: explicit targets come
+    from the host in one copy, top-k rows from the device (``-1`` in the host rows marks them). The
+    scores are gathered for the whole index, and the padding is dropped with one more selection.
+    """
+    num_classes = result.shape[-1]
+    counts = _class_counts(members, top, num_classes)
+    width = max(counts)
+    rows: list[list[int]] = []
+    for member, count in zip(members, counts, strict=True):
+        if member.targets is not None:
+            wanted = member.targets.tolist()
+        elif top is None:
+            wanted = list(range(num_classes))
+        else:
+            wanted = [-1] * count
+        rows.append(wanted + [0] * (width - count))
+    columns = to_device(torch.tensor(rows, dtype=torch.long), device)
+    if top is not None and any(m.targets is None for m in members):
+        indices = [m.index for m in members]
+        picked = top[to_device(torch.tensor(indices, dtype=torch.long), device)]  # (G, k)
+        picked = torch.nn.functional.pad(picked, (0, width - picked.shape[1]))
+        columns = torch.where(columns < 0, picked, columns)
+    maps = _scores(members, result, columns).transpose(1, 2).reshape(-1, result.shape[1])  # (G * K, n)
+    keep = [row * width + j for row, count in enumerate(counts) for j in range(count)]
+    return maps.index_select(0, to_device(torch.tensor(keep, dtype=torch.long), device))
 
 
 def _scores(members: list[_Item], result: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:

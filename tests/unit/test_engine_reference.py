@@ -226,3 +226,24 @@ def test_invalid_block_and_options():
         CamOptions(score="rank")
     with pytest.raises(ValueError, match="host_wait"):
         ReciproCAM(model, host_wait="yield")
+
+
+def test_a_group_mixing_targets_and_top_k_costs_the_same_operations_at_any_size():
+    # Explicit targets next to top-k members: picked with a fixed number of operations per group.
+    from app.engine.reciprocam import _collect, _Item
+
+    counts = []
+    for size in (3, 9):
+        generator = torch.Generator().manual_seed(size)
+        logits = torch.randn(size, 7, generator=generator)
+        result = torch.randn(size, 16, 7, generator=generator)
+        members = [
+            _Item(i, CamOptions(), torch.tensor([i % 7, 3]) if i % 3 == 0 else None, 1) for i in range(size)
+        ]
+        collected = _collect(logits, [(members, result)], (4, 4), 2)
+        for member, explanation in zip(members, collected, strict=True):
+            classes = member.targets if member.targets is not None else logits[member.index].topk(2).indices
+            assert torch.equal(explanation.targets, classes)
+            assert torch.equal(explanation.score_maps, result[member.index][:, classes].T.reshape(-1, 4, 4))
+        counts.append(_count_ops(functools.partial(_collect, logits, [(members, result)], (4, 4), 2)))
+    assert counts[0] == counts[1], counts
