@@ -127,16 +127,7 @@ def process_tree_cpu_seconds(pid: int) -> float | None:
             if current == pid:
                 return None
             continue  # a descendant that ended meanwhile
-        try:
-            tasks = list(Path(f"/proc/{current}/task").iterdir())
-        except OSError:
-            continue
-        for task in tasks:
-            try:
-                children = (task / "children").read_text().split()
-            except OSError:
-                continue  # a thread that ended meanwhile
-            pending.extend(int(child) for child in children)
+        pending.extend(child_pids(current) or ())
     return total
 
 
