@@ -138,7 +138,7 @@ _ERROR_DESCRIPTIONS = {
     413: "request too large",
     500: "internal error",
     503: "model loading or unavailable, queue full, or out of memory (Retry-After)",
-    504: "the request could not start before its deadline",
+    504: "the request could not start before its deadline (Retry-After)",
 }
 PROTOCOL_ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ProtocolError, "description": text} for status, text in _ERROR_DESCRIPTIONS.items()

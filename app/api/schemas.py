@@ -259,5 +259,5 @@ _ERROR_DESCRIPTIONS = {
     422: "invalid options",
     500: "the model failed on this request",
     503: "model not ready, queue full or out of memory (both with Retry-After), or shutting down",
-    504: "the request could not start before its deadline",
+    504: "the request could not start before its deadline (Retry-After)",
 }

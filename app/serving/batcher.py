@@ -220,7 +220,9 @@ class Batcher:
             if not done and not job.started:
                 job.future.cancel()
                 self._reject("deadline")
-                raise DeadlineExceededError(self.model_name, self.settings.request_timeout_s)
+                raise DeadlineExceededError(
+                    self.model_name, self.settings.request_timeout_s, self.settings.retry_after_s
+                )
             return await job.future
         except asyncio.CancelledError:
             job.future.cancel()
@@ -301,7 +303,9 @@ class Batcher:
             if now > job.deadline:
                 self._reject("deadline")
                 job.future.set_exception(
-                    DeadlineExceededError(self.model_name, self.settings.request_timeout_s)
+                    DeadlineExceededError(
+                        self.model_name, self.settings.request_timeout_s, self.settings.retry_after_s
+                    )
                 )
                 continue
             if job.disconnected is not None and await self._client_gone(job.disconnected):

@@ -32,11 +32,14 @@ class QueueFullError(ServiceError):
 
 
 class DeadlineExceededError(ServiceError):
-    def __init__(self, model: str, timeout_s: float) -> None:
+    """The queue was too long for the request to start in time: overload, so it says when to retry."""
+
+    def __init__(self, model: str, timeout_s: float, retry_after_s: int = 1) -> None:
         super().__init__(
             504,
             "deadline_exceeded",
             f"the request to model {model!r} could not start within {timeout_s:g} s",
+            headers={"Retry-After": str(retry_after_s)},
         )
 
 

@@ -113,13 +113,14 @@ async def test_request_that_cannot_start_in_time_gets_504(executor):
     engine = FakeEngine()
     engine.gate.clear()
     batcher, metrics = make_batcher(
-        engine, executor, max_batch_images=1, max_wait_ms=0, request_timeout_s=0.05
+        engine, executor, max_batch_images=1, max_wait_ms=0, request_timeout_s=0.05, retry_after_s=7
     )
     running = asyncio.ensure_future(batcher.submit([item(1)]))
     await asyncio.to_thread(engine.entered.wait, 5)
     with pytest.raises(DeadlineExceededError) as late:
         await batcher.submit([item(2)])
     assert late.value.status == 504
+    assert late.value.headers == {"Retry-After": "7"}  # overload: the client is told when to come back
     engine.gate.set()
     assert values_of(await running) == [1]  # the one that started finishes, however long it takes
     await asyncio.sleep(0.05)
