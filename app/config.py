@@ -58,7 +58,9 @@ class BatchSettings(BaseModel):
     max_wait_ms: float = Field(5.0, ge=0, description="batching window, from the first queued request")
     max_queue_images: int = Field(256, ge=1, description="queued images per model before 503")
     request_timeout_s: float = Field(30.0, gt=0, description="deadline for a request to START compute (504)")
-    retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 503 queue_full and overloaded, and 504 deadline_exceeded")
+    retry_after_s: int = Field(
+        1, ge=0, description="Retry-After sent with 503 queue_full and overloaded, and 504 deadline_exceeded"
+    )
 
 
 class LimitSettings(BaseModel):
@@ -160,6 +162,13 @@ class Settings(BaseSettings):
         "box-filter reduction to at least twice the target, then the model's filter (much less CPU for "
         "large PNG, WebP and other images decoded whole; pixels within a few levels of a one-step "
         "resize); false: one step, exactly as timm's PIL pipeline",
+    )
+    window_resize: bool = Field(
+        True,
+        description="resize only the part of the image the centre crop keeps (Pillow's box), not the "
+        "whole image before cropping (a third to a half less resize time for photos; pixels within "
+        "3 levels of resizing the whole image); false: resize whole, then crop, exactly as timm's PIL "
+        "pipeline",
     )
     torch_threads: int | None = Field(
         None,

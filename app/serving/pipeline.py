@@ -73,6 +73,7 @@ def prepare_image(
     keep_original: bool,
     reduced_jpeg_decode: bool = False,
     two_step_resize: bool = False,
+    window_resize: bool = False,
 ) -> PreparedImage:
     """Decode (safely) and preprocess one posted image. Raises ``ImageDecodeError``.
 
@@ -80,6 +81,8 @@ def prepare_image(
     twice the size it is resized to (never when the original pixels are kept for an overlay).
     ``two_step_resize``: an image decoded at four times the resize target or more is first shrunk
     by an integer factor (box filter) to no less than twice the target, then resized as usual.
+    ``window_resize``: resize only the part of the image the crop keeps (see
+    ``Preprocessor.to_pixels``'s ``window_only``).
     """
     reduce = reduced_jpeg_decode and not keep_original
     decoded = decode(
@@ -90,7 +93,10 @@ def prepare_image(
     )
     image = decoded.image
     pixels, geometry = preprocessor.to_pixels(
-        image, decoded.original_size, reducing_gap=TWO_STEP_REDUCING_GAP if two_step_resize else None
+        image,
+        decoded.original_size,
+        reducing_gap=TWO_STEP_REDUCING_GAP if two_step_resize else None,
+        window_only=window_resize,
     )
     original = np.asarray(image) if keep_original else None
     return PreparedImage(geometry=geometry, input_pixels=pixels, original=original, preprocessor=preprocessor)

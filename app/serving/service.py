@@ -126,6 +126,7 @@ class Service:
                     keep_original=keep_original,
                     reduced_jpeg_decode=self.settings.reduced_jpeg_decode,
                     two_step_resize=self.settings.two_step_resize,
+                    window_resize=self.settings.window_resize,
                 )
             except ImageDecodeError as exc:
                 exc.index = index

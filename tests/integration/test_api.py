@@ -375,13 +375,21 @@ def test_prepare_image_keeps_input_pixels():
 
 
 async def test_camera_sized_jpeg_is_decoded_reduced_and_answered_at_its_full_size(tiny_weights):
-    """With reduced JPEG decoding and two-step resizing (the defaults) a large photo is explained from
-    a reduced decode, yet sizes and maps refer to the full image; with either switched off, the
-    service follows that setting, as the in-process reference with the same flags shows."""
+    """With reduced JPEG decoding, two-step resizing and window resizing (the defaults) a large photo
+    is explained from a reduced decode, yet sizes and maps refer to the full image; with any of them
+    switched off, the service follows that setting, as the in-process reference with the same flags
+    shows."""
     data = jpeg_bytes(photo_like(1280, 960, seed=7, cell=40, noise=20))
     logits = {}
-    for reduced, two_step in ((True, True), (False, False), (False, True)):
-        settings = tiny_settings(tiny_weights, reduced_jpeg_decode=reduced, two_step_resize=two_step)
+    for reduced, two_step, window in (
+        (True, True, True),
+        (False, False, False),
+        (False, True, False),
+        (False, False, True),
+    ):
+        settings = tiny_settings(
+            tiny_weights, reduced_jpeg_decode=reduced, two_step_resize=two_step, window_resize=window
+        )
         async with running_service(settings) as client:
             loaded = client.app.state.service.registry.entries["tiny"].loaded
             prepared = prepare_image(
@@ -392,6 +400,7 @@ async def test_camera_sized_jpeg_is_decoded_reduced_and_answered_at_its_full_siz
                 keep_original=False,
                 reduced_jpeg_decode=reduced,
                 two_step_resize=two_step,
+                window_resize=window,
             )
             (reference,) = loaded.engine.explain(prepared.tensor[None], CamOptions(), targets=[[2]])
             response = await client.post(
@@ -411,9 +420,44 @@ async def test_camera_sized_jpeg_is_decoded_reduced_and_answered_at_its_full_siz
             served = {p["class_id"]: p["logit"] for p in image["predictions"]}
             for class_id, logit in served.items():
                 assert logit == pytest.approx(float(reference.logits[class_id]), abs=1e-5)
-            logits[reduced, two_step] = served
+            logits[reduced, two_step, window] = served
     # each shortcut gives (slightly) different inputs from the exact decode and resize
-    assert logits[True, True] != logits[False, False] != logits[False, True]
+    exact = logits[False, False, False]
+    assert all(served != exact for flags, served in logits.items() if any(flags[:2])), logits
+
+
+async def test_window_resize_setting_picks_how_the_service_resizes(tiny_weights):
+    """A portrait photo whose window resize differs from resizing it whole: with `window_resize` on
+    (the default) the service's logits are those of the window path, with it off those of timm's
+    exact resize-then-crop, each as the in-process reference with the same flag computes them."""
+    buffer = io.BytesIO()
+    photo_like(45, 60, seed=1, cell=8, noise=20).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    served = {}
+    for window in (True, False):
+        settings = tiny_settings(tiny_weights, window_resize=window)
+        async with running_service(settings) as client:
+            loaded = client.app.state.service.registry.entries["tiny"].loaded
+            prepared = prepare_image(
+                data,
+                loaded.preprocessor,
+                max_pixels=10**8,
+                allowed_formats=frozenset({"PNG"}),
+                keep_original=False,
+                window_resize=window,
+            )
+            reference = loaded.engine.predict(prepared.tensor[None])[0]
+            response = await client.post(
+                "/v1/models/tiny/predict",
+                files={"files": ("photo.png", data, "image/png")},
+                data={"top_k": str(len(LABELS))},
+            )
+            assert response.status_code == 200, response.text
+            predictions = response.json()["images"][0]["predictions"]
+            served[window] = {p["class_id"]: p["logit"] for p in predictions}
+            for class_id, logit in served[window].items():
+                assert logit == pytest.approx(float(reference[class_id]), abs=1e-5)
+    assert served[True] != served[False]
 
 
 async def test_exif_rotated_image_is_answered_upright_with_an_overlay_on_the_original(client):

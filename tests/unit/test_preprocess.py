@@ -124,6 +124,43 @@ def test_two_step_resize_keeps_the_geometry_and_nearly_the_pixels(fmt):
             assert difference.max() == 0
 
 
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("size", [(640, 480), (45, 60), (333, 517), (257, 300), (1600, 1200), (64, 64)])
+@pytest.mark.parametrize("reducing_gap", [None, 2.0])
+def test_window_resize_keeps_the_geometry_and_nearly_the_pixels(config, size, reducing_gap):
+    """Resizing only the crop window (Pillow's box) against resizing the whole image and cropping:
+    the same geometry and, as Pillow samples at the same positions, pixels within 3 levels (it takes
+    the box in float32, which moves the rounding of its intermediate rows); where nothing is cropped away (squash, border, a window as large as the
+    resized image) the window path is not taken and the pixels are identical."""
+    pre = Preprocessor(config)
+    image = photo_like(*size, seed=5, cell=24, noise=20)
+    whole, geometry = pre.to_pixels(image, reducing_gap=reducing_gap)
+    window, window_geometry = pre.to_pixels(image, reducing_gap=reducing_gap, window_only=True)
+    assert window_geometry == geometry and window.shape == whole.shape
+    difference = np.abs(window.astype(np.int64) - whole.astype(np.int64))
+    left, top = geometry.offset
+    target_h, target_w = geometry.input_size
+    crops = (target_w, target_h) != geometry.resized_size
+    inside = left >= 0 and top >= 0 and left + target_w <= geometry.resized_size[0]
+    if not (crops and inside and top + target_h <= geometry.resized_size[1]):
+        assert difference.max() == 0
+    assert difference.max() <= 3 and difference.mean() < 0.5, (difference.max(), difference.mean())
+
+
+def test_window_resize_reads_the_same_samples_as_the_whole_resize():
+    """A sharp-edged image (a one-pixel grid) shows any shift or scale error of the window at once:
+    the window path must match the whole resize nearly everywhere, not only on smooth content."""
+    pre = Preprocessor(CONFIGS[0])
+    pixels = np.zeros((480, 640, 3), dtype=np.uint8)
+    pixels[::7, :, 0] = 255
+    pixels[:, ::5, 1] = 255
+    image = Image.fromarray(pixels)
+    whole, _ = pre.to_pixels(image)
+    window, _ = pre.to_pixels(image, window_only=True)
+    difference = np.abs(window.astype(np.int64) - whole.astype(np.int64))
+    assert difference.max() <= 3 and (difference > 0).mean() < 0.01
+
+
 def test_exif_rotated_jpeg_has_the_upright_geometry_on_every_decode_path():
     """Stored landscape, shown portrait: full decode, reduced decode and a kept original all give the
     geometry of the upright image, and the kept original has its shape."""
