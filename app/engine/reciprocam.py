@@ -116,10 +116,19 @@ def inspect_model(model: nn.Module) -> ModelAnatomy:
             )
     grid = tuple(int(v) for v in model.patch_embed.grid_size)
     if getattr(model, "dynamic_img_size", False):
-        logger.info("model uses dynamic image size; the grid follows each batch's input size")
+        logger.info(
+            "model allows dynamic image sizes; ViT-ReciproCAM explains inputs of its configured size "
+            "%s only (the map grid is fixed to it)",
+            "x".join(str(v) for v in model.patch_embed.img_size),
+        )
     num_classes = int(getattr(model, "num_classes", 0))
     if num_classes <= 0:
         raise UnsupportedModelError("the model has no classifier head (num_classes is 0)")
+    if not getattr(model, "global_pool", "token"):
+        raise UnsupportedModelError(
+            "global_pool '' applies the classifier to every token: the model gives no class score "
+            "per image to explain"
+        )
     return ModelAnatomy(
         num_prefix_tokens=int(model.num_prefix_tokens),
         grid_size=(grid[0], grid[1]),
@@ -333,6 +342,7 @@ class ReciproCAM:
         to return maps for; else ``top_k`` classes of the prediction; else all classes.
         """
         model = self.model
+        self._check_inputs(images)
         batch = images.shape[0]
         per_image = _per_image_options(options, batch)
         if targets is not None and len(targets) != batch:
@@ -400,6 +410,25 @@ class ReciproCAM:
             logits = head_logits(model, x).float()
         grid = grid_for_tokens(model, x.shape[1] - self.anatomy.num_prefix_tokens)
         return _collect(logits, groups, grid, top_k, block=self.host_wait == "block")
+
+    def _check_inputs(self, images: torch.Tensor) -> None:
+        """Refuse what would give wrong maps without an error: a model in training mode (dropout and
+        stochastic depth make every masked pass random), and images of another size than the
+        model's (a model with dynamic image sizes would take them, but the grid is fixed)."""
+        if any(module.training for module in self.model.modules()):
+            raise ValueError(
+                "the model is in training mode: dropout and stochastic depth would make the maps "
+                "random; call model.eval() first"
+            )
+        expected = getattr(self.model.patch_embed, "img_size", None)
+        if images.dim() != 4:
+            raise ValueError(f"images must be (B, 3, H, W), not {tuple(images.shape)}")
+        if expected is not None and tuple(images.shape[-2:]) != tuple(int(v) for v in expected):
+            height, width = images.shape[-2:]
+            raise ValueError(
+                f"images are {height}x{width}; the model's input size is "
+                f"{'x'.join(str(int(v)) for v in expected)}, which the map grid follows"
+            )
 
     @torch.inference_mode()
     def predict(self, images: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 from timm.layers import LayerNorm as TimmLayerNorm
-from timm.layers import LayerNormFp32, LayerScale, Mlp, RmsNorm, RmsNormFp32
+from timm.layers import DropPath, LayerNormFp32, LayerScale, Mlp, RmsNorm, RmsNormFp32
 from timm.layers.attention import Attention
 from timm.layers.mlp import GluMlp, SwiGLU, SwiGLUPacked
 from timm.models.deit import VisionTransformerDistilled
@@ -67,8 +67,6 @@ def reduced_support_reason(model: nn.Module) -> str | None:
             f"model class {type(model).__name__} is not timm's VisionTransformer or "
             "VisionTransformerDistilled (its head or token handling may differ)"
         )
-    if model.training:
-        return "model is in training mode (dropout would make masked passes random)"
     if getattr(model, "attn_pool", None) is not None:
         return "attention-pooling head (global_pool 'map'/'prr') mixes all tokens in a learned way"
     distilled = type(model) is VisionTransformerDistilled
@@ -114,8 +112,9 @@ def _block_reason(block: nn.Module) -> str | None:
         if type(getattr(block, name)) not in _LAYER_SCALES:
             return f"{name} is {type(getattr(block, name)).__name__}, not a layer scale"
     for name in ("drop_path1", "drop_path2"):
-        if not isinstance(getattr(block, name, nn.Identity()), nn.Identity):
-            return "stochastic depth is active"
+        # identity in eval mode, the only mode ReciproCAM.explain runs in
+        if type(getattr(block, name, nn.Identity())) not in (nn.Identity, DropPath):
+            return f"{name} is not timm's DropPath"
     return None
 
 

@@ -288,9 +288,55 @@ def test_other_unsupported_structures_have_reasons():
 
     custom.blocks[1].attn = Custom(custom.blocks[1].attn)
     assert "block 1" in (reduced_support_reason(custom) or "")
-    training = make_tiny("deit_tiny").train()
-    assert "training" in (reduced_support_reason(training) or "")
     assert reduced_support_reason(make_tiny("deit_tiny")) is None
+
+
+def test_a_model_in_training_mode_is_refused_not_explained_at_random():
+    """Dropout makes every masked pass random: explain refuses the model until it is in eval mode,
+    on either path, instead of answering random maps."""
+    model = make_tiny("deit_tiny", drop_rate=0.5)
+    for path in ("reduced", "reference"):
+        engine = ReciproCAM(model, path=path)
+        model.train()
+        with pytest.raises(ValueError, match="training mode"):
+            engine.explain(_images(model, batch=1), CamOptions())
+        model.eval()
+        model.blocks[0].attn.proj_drop.train()  # one dropout left training is enough to be random
+        with pytest.raises(ValueError, match="training mode"):
+            engine.explain(_images(model, batch=1), CamOptions())
+        model.eval()
+        first = engine.explain(_images(model, batch=1), CamOptions())[0]
+        second = engine.explain(_images(model, batch=1), CamOptions())[0]
+        assert torch.equal(first.score_maps, second.score_maps)
+
+
+def test_stochastic_depth_keeps_the_reduced_path_in_eval_mode():
+    """DropPath is the identity in eval mode, so a model trained with stochastic depth gets the
+    reduced path, and its maps equal the reference loop's."""
+    model = make_tiny("deit_tiny", drop_path_rate=0.2)
+    assert reduced_support_reason(model) is None
+    images = _images(model, batch=2)
+    reduced = ReciproCAM(model, path="reduced").explain(images, CamOptions())
+    reference = ReciproCAM(model, path="reference").explain(images, CamOptions())
+    for fast, plain in zip(reduced, reference, strict=True):
+        assert torch.allclose(fast.score_maps, plain.score_maps, atol=1e-5)
+
+
+def test_models_that_would_give_wrong_maps_are_refused_clearly():
+    """A classifier on every token (global_pool '') has no per-image score: refused at once. A model
+    with dynamic image sizes takes other input sizes, but the map grid follows the configured one:
+    such inputs are refused instead of answered on the wrong grid."""
+    with pytest.raises(UnsupportedModelError, match="global_pool"):
+        ReciproCAM(make_tiny("deit_tiny", global_pool=""))
+    model = make_tiny("deit_tiny", dynamic_img_size=True)
+    engine = ReciproCAM(model)
+    height, width = _images(model, batch=1).shape[-2:]
+    same_count = torch.randn(1, 3, height // 2, width * 2)  # as many patches, another grid
+    with pytest.raises(ValueError, match="input size"):
+        engine.explain(same_count, CamOptions())
+    assert engine.explain(_images(model, batch=1), CamOptions())[0].score_maps.shape[-2:] == (
+        engine.anatomy.grid_size
+    )
 
 
 def test_forced_reference_path():
