@@ -494,8 +494,10 @@ def _parse_body(
         header, binary = body[:length], body[length:]
     try:
         document = json.loads(header)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
         raise bad_request(f"the inference request header is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise bad_request("the inference request header is nested too deeply") from exc
     if not isinstance(document, dict):
         raise bad_request("the inference request must be a JSON object with an 'inputs' list")
     try:

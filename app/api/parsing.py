@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
+from python_multipart.multipart import parse_options_header
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
@@ -46,8 +47,11 @@ async def parse_request(
     if not body:
         raise invalid("the request body is empty; post images as multipart files or JSON", "empty_body")
     if content_type == "multipart/form-data":
+        _refuse_query_options(request, "form fields")
+        _require_closing_boundary(request.headers.get("content-type", ""), body)
         images, raw_options = await _from_multipart(request, max_images)
     elif content_type == "application/json" or content_type.endswith("+json"):
+        _refuse_query_options(request, "keys of the JSON body")
         images, raw_options = _from_json(body, json_model)
     elif content_type.startswith("image/") or content_type == "application/octet-stream":
         images = [body]
@@ -70,6 +74,32 @@ async def parse_request(
     except ValidationError as exc:
         raise ServiceError(422, "invalid_options", describe_validation_errors(exc.errors())) from exc
     return images, options
+
+
+def _refuse_query_options(request: Request, where: str) -> None:
+    """Options come from the query string only with a raw image body; elsewhere a query parameter
+    would be silently ignored, so it is refused."""
+    if request.query_params:
+        names = ", ".join(sorted(set(request.query_params.keys())))
+        raise ServiceError(
+            422,
+            "invalid_options",
+            f"query parameters ({names}) are read only with a raw image body; send options as {where}",
+        )
+
+
+def _require_closing_boundary(content_type: str, body: bytes) -> None:
+    """400 ``invalid_multipart`` for a body cut short: without its closing delimiter, the parser
+    would quietly return the parts it has seen, dropping images."""
+    _, params = parse_options_header(content_type)
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise invalid("the multipart content type names no boundary", "invalid_multipart")
+    close = b"--" + boundary + b"--"
+    if not (body.startswith(close) or b"\r\n" + close in body or b"\n" + close in body):
+        raise invalid(
+            "the multipart body has no closing boundary: the upload was cut short", "invalid_multipart"
+        )
 
 
 async def _from_multipart(request: Request, max_images: int) -> tuple[list[bytes], dict[str, Any]]:
@@ -115,7 +145,7 @@ async def _from_multipart(request: Request, max_images: int) -> tuple[list[bytes
 def _from_json(body: bytes, json_model: type[BaseModel]) -> tuple[list[bytes], dict[str, Any]]:
     try:
         document = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
         raise invalid(f"the body is not valid JSON: {exc}", "invalid_json") from exc
     except RecursionError as exc:
         raise invalid("the JSON body is nested too deeply", "invalid_json") from exc

@@ -384,6 +384,56 @@ MORE_CASES: dict[str, tuple[str, dict[str, Any], int, str | None]] = {
         400,
         None,
     ),
+    "json_huge_integer": (
+        "predict",
+        {
+            "content": b'{"images": [{"data": "x"}], "top_k": ' + b"9" * 5000 + b"}",
+            "headers": {"content-type": "application/json"},
+        },
+        400,
+        "invalid_json",
+    ),
+    "multipart_without_closing_boundary": (
+        "predict",
+        {
+            "content": (
+                b'--b\r\nContent-Disposition: form-data; name="files"; filename="0.png"\r\n\r\n'
+                + GOOD
+                + b'\r\n--b\r\nContent-Disposition: form-data; name="files"; filename="1.png"\r\n\r\n'
+                + GOOD
+                + b"\r\n"
+            ),
+            "headers": {"content-type": "multipart/form-data; boundary=b"},
+        },
+        400,
+        "invalid_multipart",
+    ),
+    "multipart_cut_inside_second_file": (
+        "predict",
+        {
+            "content": (
+                b'--b\r\nContent-Disposition: form-data; name="files"; filename="0.png"\r\n\r\n'
+                + GOOD
+                + b'\r\n--b\r\nContent-Disposition: form-data; name="files"; filename="1.png"\r\n\r\n'
+                + GOOD[:100]
+            ),
+            "headers": {"content-type": "multipart/form-data; boundary=b"},
+        },
+        400,
+        "invalid_multipart",
+    ),
+    "multipart_with_query_options": (
+        "predict",
+        {**multipart(GOOD), "params": {"top_k": "3"}},
+        422,
+        "invalid_options",
+    ),
+    "json_with_query_options": (
+        "predict",
+        {"json": {"images": [{"data": GOOD_B64}]}, "params": {"bogus": "1"}},
+        422,
+        "invalid_options",
+    ),
     "multipart_truncated": (
         "predict",
         {

@@ -236,6 +236,9 @@ async def test_bad_bodies_and_binary_framing(client: httpx.AsyncClient) -> None:
     assert_oip_error(await client.post(INFER, content=b""), 400, "empty")
     assert_oip_error(await client.post(INFER, content=b"{not json"), 400, "JSON")
     assert_oip_error(await client.post(INFER, content=b"[1, 2]"), 400, "JSON object")
+    # an integer past Python's 4300-digit conversion limit, and nesting past the recursion limit
+    assert_oip_error(await client.post(INFER, content=b'{"id": ' + b"9" * 5000 + b"}"), 400, "JSON")
+    assert_oip_error(await client.post(INFER, content=b"[" * 100_000 + b"]" * 100_000), 400, "nested")
     file = image_bytes(6)
     header = {
         "inputs": [
