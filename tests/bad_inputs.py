@@ -52,6 +52,13 @@ def png_bomb(width: int = 20_000, height: int = 20_000) -> bytes:
     )
 
 
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares width x height grayscale pixels and holds none: its header is valid, its
+    pixel data empty, so it passes or fails a pixel limit from the header and then cannot decode."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IEND", b"")
+
+
 def corpus() -> Iterator[BadInput]:
     """Every broken upload with the status it must get."""
     image = sample_image()

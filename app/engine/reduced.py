@@ -32,8 +32,8 @@ from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
-from timm.layers import LayerNorm as TimmLayerNorm
 from timm.layers import DropPath, LayerNormFp32, LayerScale, Mlp, RmsNorm, RmsNormFp32
+from timm.layers import LayerNorm as TimmLayerNorm
 from timm.layers.attention import Attention
 from timm.layers.mlp import GluMlp, SwiGLU, SwiGLUPacked
 from timm.models.deit import VisionTransformerDistilled

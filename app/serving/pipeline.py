@@ -16,7 +16,7 @@ import torch
 
 from app.engine.preprocess import Geometry, Preprocessor, project_to_original
 from app.engine.reciprocam import ImageExplanation, normalize_maps, upsample_maps
-from app.serving.images import decode
+from app.serving.images import ImageDecodeError, decode
 from app.serving.render import heatmap_png, overlay_rgb, png_bytes, to_uint8
 
 ENCODINGS: tuple[str, ...] = ("png", "heatmap", "overlay", "json")
@@ -92,6 +92,7 @@ def prepare_image(
         min_size=preprocessor.min_decode_size if reduce else None,
     )
     image = decoded.image
+    _check_resize(preprocessor, decoded.original_size, max_pixels)
     pixels, geometry = preprocessor.to_pixels(
         image,
         decoded.original_size,
@@ -100,6 +101,21 @@ def prepare_image(
     )
     original = np.asarray(image) if keep_original else None
     return PreparedImage(geometry=geometry, input_pixels=pixels, original=original, preprocessor=preprocessor)
+
+
+def _check_resize(preprocessor: Preprocessor, original_size: tuple[int, int], max_pixels: int) -> None:
+    """413 ``too_many_pixels`` for an image so elongated that the model's resize (shorter side to the
+    resize target) would make more than ``max_pixels`` pixels: a 1x100000 strip resized for a
+    224-pixel model would be 256 x 25.6 million."""
+    width, height = preprocessor.geometry(original_size).resized_size
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            f"the image is {original_size[0]}x{original_size[1]}: resized for the model it would be "
+            f"{width}x{height} = {width * height} pixels, more than the limit of {max_pixels}; "
+            "crop it to a less elongated shape",
+            code="too_many_pixels",
+            status=413,
+        )
 
 
 def predictions(logits: torch.Tensor, top_k: int, labels: Sequence[str]) -> list[dict[str, Any]]:

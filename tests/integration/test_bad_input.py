@@ -205,6 +205,18 @@ async def test_bad_input_corpus_over_http(corpus_client, endpoint):
     assert not re.search(r'reciprocam_image_failures_total\{model="tiny"\} [1-9]', metrics)
 
 
+async def test_an_elongated_strip_is_refused_before_the_resize(corpus_client):
+    """A 1x100000 strip is under the pixel limit, but resizing its shorter side to the model's
+    would make billions of pixels: 413 from the geometry, before any resize, and the service serves
+    on."""
+    strip = png_of_size(1, 100_000)
+    for window in ("predict", "explain"):
+        response = await corpus_client.post(f"/v1/models/tiny/{window}", **multipart(strip))
+        error = assert_error(response, 413, "too_many_pixels")
+        assert "1x100000" in error["message"] and "resized for the model" in error["message"]
+    assert (await corpus_client.post("/v1/models/tiny/predict", **multipart(GOOD))).status_code == 200
+
+
 async def test_corpus_as_raw_image_bodies(corpus_client):
     """The image entries posted as the raw body with an image/* type: the same statuses."""
     for entry in CORPUS:

@@ -165,6 +165,30 @@ def test_bad_input_corpus_is_rejected_with_the_right_status():
     assert "png-bomb-20000x20000" in names and len(names) >= 20
 
 
+def test_the_configured_pixel_limit_holds_both_ways():
+    """``max_pixels`` alone decides, from the header: an image over it is refused with the service's
+    own message (not Pillow's fixed decompression-bomb limit of 89/179 Mpx), and a limit set above
+    Pillow's lets such an image through to decoding (here: it then fails as the empty image it is)."""
+    from tests.bad_inputs import png_header
+
+    with pytest.raises(ImageDecodeError) as refused:
+        decode(png_header(20_000, 20_000), max_pixels=40_000_000)
+    assert refused.value.code == "too_many_pixels" and refused.value.status == 413
+    assert "20000x20000 = 400000000 pixels" in str(refused.value)
+    with pytest.raises(ImageDecodeError) as undecodable:
+        decode(png_header(10_000, 10_000), max_pixels=200_000_000)
+    assert undecodable.value.code == "corrupt_image" and undecodable.value.status == 400
+
+
+def test_only_the_accepted_formats_are_parsed():
+    """A format left out of ``allowed_formats`` is not even parsed: refused as unsupported."""
+    data = _encode(Image.new("RGB", (4, 4)), "BMP")
+    assert decode(data).image.size == (4, 4)
+    with pytest.raises(ImageDecodeError) as refused:
+        decode(data, allowed_formats=frozenset({"PNG", "JPEG"}))
+    assert refused.value.code == "unsupported_image" and "JPEG, PNG" in str(refused.value)
+
+
 def test_every_allowed_format_decodes():
     from tests.bad_inputs import FORMATS, encode, sample_image
 
