@@ -74,6 +74,12 @@ class LimitSettings(BaseModel):
         "probes, metrics and CORS preflights are exempt); with max_body_bytes it bounds the memory "
         "held by request bodies",
     )
+    body_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="longest time for a request body to arrive (408 and the connection closed); a "
+        "stalled upload would otherwise hold one of max_concurrent_requests slots for good",
+    )
     max_pixels: int = Field(40_000_000, ge=1, description="largest image, in pixels (413)")
     max_images_per_request: int = Field(16, ge=1, description="images in one request (413)")
     max_targets: int = Field(20, ge=1, description="classes explained per image (top_k or targets)")

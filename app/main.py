@@ -82,6 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_body_bytes=settings.limits.max_body_bytes,
         max_concurrent=settings.limits.max_concurrent_requests,
         retry_after_s=settings.batch.retry_after_s,
+        body_timeout_s=settings.limits.body_timeout_s,
         # the same CORS headers on the errors the outer layer answers itself (413, 503, 500)
         cors=CORSMiddleware(_unused_app, **cors_options) if settings.cors.allow_origins else None,
     )

@@ -3,6 +3,7 @@ last-resort 500."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -43,6 +44,10 @@ class _ClientGone(Exception):
     pass
 
 
+class _BodyTimeout(Exception):
+    pass
+
+
 class RequestContextMiddleware:
     """Gives every request an id (the client's ``X-Request-ID`` when it is sane), returns it on every
     response, refuses a request with 503 ``overloaded`` while ``max_concurrent`` others are in
@@ -59,11 +64,13 @@ class RequestContextMiddleware:
         max_body_bytes: int,
         max_concurrent: int = 0,
         retry_after_s: int = 1,
+        body_timeout_s: float | None = None,
         cors: StarletteCORSMiddleware | None = None,
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
         self.max_concurrent = max_concurrent
         self.retry_after_s = retry_after_s
         self.active = 0  # limited requests admitted and not finished (one event loop: no lock needed)
@@ -136,6 +143,17 @@ class RequestContextMiddleware:
                         close=True,
                     )
                     return
+                except _BodyTimeout:
+                    await _send_error(
+                        self._error_send(scope, send_with_id),
+                        408,
+                        "request_timeout",
+                        f"the request body did not arrive within {self.body_timeout_s:g} s",
+                        request_id,
+                        path=path,
+                        close=True,
+                    )
+                    return
                 except _ClientGone:
                     response["status"] = 499
                     return
@@ -192,10 +210,31 @@ class RequestContextMiddleware:
         return send_with_cors
 
     async def _buffered_body(self, headers: dict[str, str], receive: Receive) -> Receive:
-        """Read the whole body (refusing it past the limit), and replay it to the application."""
+        """Read the whole body (refusing it past the size limit, or when it has not arrived within
+        ``body_timeout_s``: a stalled upload must not hold its slot), and replay it to the
+        application."""
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             raise _BodyTooLarge
+        if self.body_timeout_s is None:
+            body = await self._read_body(receive)
+        else:
+            try:
+                body = await asyncio.wait_for(self._read_body(receive), self.body_timeout_s)
+            except asyncio.TimeoutError:
+                raise _BodyTimeout from None
+        delivered = False
+
+        async def replay() -> Message:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return replay
+
+    async def _read_body(self, receive: Receive) -> bytes:
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -210,17 +249,7 @@ class RequestContextMiddleware:
                 chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        body = b"".join(chunks)
-        delivered = False
-
-        async def replay() -> Message:
-            nonlocal delivered
-            if not delivered:
-                delivered = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        return replay
+        return b"".join(chunks)
 
 
 def _exempt(path: str, method: str, headers: dict[str, str]) -> bool:

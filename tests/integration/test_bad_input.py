@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -534,6 +535,56 @@ async def test_streamed_body_stops_being_read_at_the_limit(tiny_weights):
     )
     assert reads == 11  # 1,100 bytes: the first chunk past 1,000
     assert sent[0]["status"] == 413
+
+
+async def test_a_stalled_upload_times_out_and_frees_its_slot(tiny_weights):
+    """A client that sends part of its body and then nothing (slowloris) gets 408 after
+    `limits.body_timeout_s` with the connection closed, and its concurrency slot is free again: with
+    one slot, the next request is answered (413 for its declared size), not refused as overloaded."""
+    app = create_app(
+        tiny_settings(
+            tiny_weights,
+            limits={"body_timeout_s": 0.2, "max_concurrent_requests": 1, "max_body_bytes": 1000},
+        )
+    )
+    stalled = asyncio.Event()
+    reads = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal reads
+        reads += 1
+        if reads == 1:
+            return {"type": "http.request", "body": b"x" * 10, "more_body": True}
+        await stalled.wait()  # never set: the rest of the body never comes
+        raise AssertionError("unreachable")
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/models/tiny/predict",
+        "raw_path": b"/v1/models/tiny/predict",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"image/png"), (b"content-length", b"500")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    await asyncio.wait_for(app(scope, receive, send), timeout=10)
+    assert sent[0]["status"] == 408
+    assert (b"connection", b"close") in sent[0]["headers"]
+    assert json.loads(sent[1]["body"])["error"]["code"] == "request_timeout"
+    _, after = await _post_endless_body(
+        app, [(b"content-type", b"image/png"), (b"content-length", b"50000000")]
+    )
+    assert after[0]["status"] == 413
 
 
 def test_concurrency_limit_comes_from_the_settings(tiny_weights):
