@@ -33,8 +33,10 @@ def _check_key(service: Service, bearer: HTTPAuthorizationCredentials | None, he
     accepted = [key.get_secret_value().encode("utf-8") for key in service.settings.auth.api_keys]
     if not accepted:
         return
-    candidate = header_key if header_key else (bearer.credentials if bearer is not None else None)
-    if candidate is None or not key_is_valid(candidate, accepted):
+    # Either header may carry the key; a client that sends both is let in when one of them is valid.
+    candidates = [key for key in (header_key, bearer.credentials if bearer else None) if key]
+    valid = [key_is_valid(candidate, accepted) for candidate in candidates]  # each one checked
+    if not any(valid):
         raise ServiceError(
             401,
             "unauthorized",

@@ -33,6 +33,18 @@ async def readyz(service: Service = Depends(get_service)) -> JSONResponse:
     return JSONResponse(service.readiness(), status_code=200 if service.ready else 503)
 
 
+@router.head("/healthz", dependencies=[Depends(require_api_key_for_health)], include_in_schema=False)
+async def healthz_head() -> Response:
+    """The liveness probe for clients that check with HEAD."""
+    return Response(status_code=200)
+
+
+@router.head("/readyz", dependencies=[Depends(require_api_key_for_health)], include_in_schema=False)
+async def readyz_head(service: Service = Depends(get_service)) -> Response:
+    """The readiness probe for clients that check with HEAD: the status alone."""
+    return Response(status_code=200 if service.ready else 503)
+
+
 @router.get(
     "/metrics",
     dependencies=[Depends(require_api_key_for_metrics)],

@@ -55,8 +55,9 @@ class ExplainOptions(PredictOptions):
     )
     encodings: list[Encoding] = Field(
         default_factory=lambda: ["heatmap"],
+        min_length=1,
         description="png: grayscale PNG; heatmap: colour-mapped PNG; overlay: PNG blended on the image; "
-        "json: normalised values as nested lists",
+        "json: normalised values as nested lists (at least one)",
     )
     map_size: MapSize = Field(
         "input",

@@ -358,6 +358,13 @@ MORE_CASES: dict[str, tuple[str, dict[str, Any], int, str | None]] = {
         422,
         "invalid_options",
     ),
+    "empty_encodings_json": (
+        "explain",
+        {"json": {"images": [{"data": GOOD_B64}], "encodings": []}},
+        422,
+        "invalid_options",
+    ),
+    "empty_encodings_multipart": ("explain", multipart(GOOD, encodings=""), 422, "invalid_options"),
     "unknown_encoding_json": (
         "explain",
         {"json": {"images": [{"data": GOOD_B64}], "encodings": ["gif"]}},

@@ -35,6 +35,14 @@ async def test_api_key_required_on_api_routes(secured, caplog):
     assert_error(await secured.get("/v1/models", headers={"X-API-Key": KEY + "x"}), 401)
     assert (await secured.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"})).status_code == 200
     assert (await secured.get("/v1/models", headers={"X-API-Key": KEY})).status_code == 200
+    # both headers: let in when either carries a valid key, refused when neither does
+    for pair in (
+        {"X-API-Key": "nope", "Authorization": f"Bearer {KEY}"},
+        {"X-API-Key": KEY, "Authorization": "Bearer nope"},
+    ):
+        assert (await secured.get("/v1/models", headers=pair)).status_code == 200, pair
+    both_wrong = {"X-API-Key": "nope", "Authorization": "Bearer nope"}
+    assert_error(await secured.get("/v1/models", headers=both_wrong), 401, "unauthorized")
     ok = await secured.post(
         "/v1/models/tiny/predict",
         content=image["content"],
@@ -44,6 +52,9 @@ async def test_api_key_required_on_api_routes(secured, caplog):
     # health, readiness and metrics stay open by default (probes and scrapers carry no key)
     for path in ("/healthz", "/readyz", "/metrics"):
         assert (await secured.get(path)).status_code == 200
+    for path in ("/healthz", "/readyz"):  # probes that check with HEAD: the status, no body
+        head = await secured.head(path)
+        assert head.status_code == 200 and head.content == b"", path
     # the key never reaches the logs
     assert caplog.records
     assert all(KEY not in record.getMessage() and KEY not in str(vars(record)) for record in caplog.records)
@@ -57,6 +68,9 @@ async def test_health_and_metrics_can_be_protected(tiny_weights):
         for path in ("/healthz", "/readyz", "/metrics"):
             assert_error(await client.get(path), 401, "unauthorized")
             assert (await client.get(path, headers={"X-API-Key": KEY})).status_code in (200, 503)
+        for path in ("/healthz", "/readyz"):
+            assert (await client.head(path)).status_code == 401
+            assert (await client.head(path, headers={"X-API-Key": KEY})).status_code in (200, 503)
 
 
 def test_key_comparison():
