@@ -37,6 +37,7 @@ def engine_alone(client, data: bytes, options: CamOptions | None, **kwargs):
         max_pixels=10**8,
         allowed_formats=frozenset({"PNG", "JPEG"}),
         keep_original=False,
+        window_resize=True,  # as the service resizes by default
     )
     (result,) = loaded.engine.explain(prepared.tensor[None], options, **kwargs)
     return result

@@ -17,7 +17,12 @@ from tests.integration.conftest import assert_error, image_bytes, running_servic
 
 def reference(loaded, data: bytes, options: CamOptions | None, top_k: int):
     prepared = prepare_image(
-        data, loaded.preprocessor, max_pixels=10**8, allowed_formats=frozenset({"PNG"}), keep_original=False
+        data,
+        loaded.preprocessor,
+        max_pixels=10**8,
+        allowed_formats=frozenset({"PNG"}),
+        keep_original=False,
+        window_resize=True,  # as the service resizes by default
     )
     (result,) = loaded.engine.explain(prepared.tensor[None], options, top_k=top_k)
     return result

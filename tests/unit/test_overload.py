@@ -170,4 +170,5 @@ def test_exempt_paths_are_exactly_the_apps_probe_and_metrics_routes():
         for method in route.methods:
             assert _exempt(path, method, {}) == is_probe, (route.path, method)
         seen += is_probe
-    assert seen == 7  # /healthz, /readyz, /metrics and four /v2 health and model-ready probes
+    # GET and HEAD /healthz and /readyz, /metrics, and four /v2 health and model-ready probes
+    assert seen == 9
