@@ -12,7 +12,7 @@ from PIL import Image
 
 from app.api.schemas import ExplainResponse, ModelInfo, PredictResponse
 from app.engine.reciprocam import CamOptions, normalize_maps
-from app.serving.pipeline import prepare_image
+from app.serving.pipeline import PreparedImage, prepare_image
 from app.serving.render import colormap_lut
 from tests.helpers import jpeg_bytes, photo_like
 from tests.integration.conftest import (
@@ -28,18 +28,26 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def engine_alone(client, data: bytes, options: CamOptions | None, **kwargs):
-    """The same image through the engine alone (batch of one), as a reference."""
-    loaded = client.app.state.service.registry.entries["tiny"].loaded
-    prepared = prepare_image(
+def prepared_as_served(client, data: bytes) -> PreparedImage:
+    """``data`` decoded and preprocessed in this process with the running service's own settings."""
+    service = client.app.state.service
+    settings = service.settings
+    return prepare_image(
         data,
-        loaded.preprocessor,
+        service.registry.entries["tiny"].loaded.preprocessor,
         max_pixels=10**8,
         allowed_formats=frozenset({"PNG", "JPEG"}),
         keep_original=False,
-        window_resize=True,  # as the service resizes by default
+        reduced_jpeg_decode=settings.reduced_jpeg_decode,
+        two_step_resize=settings.two_step_resize,
+        window_resize=settings.window_resize,
     )
-    (result,) = loaded.engine.explain(prepared.tensor[None], options, **kwargs)
+
+
+def engine_alone(client, data: bytes, options: CamOptions | None, **kwargs):
+    """The same image through the engine alone (batch of one), as a reference."""
+    loaded = client.app.state.service.registry.entries["tiny"].loaded
+    (result,) = loaded.engine.explain(prepared_as_served(client, data).tensor[None], options, **kwargs)
     return result
 
 
@@ -392,18 +400,7 @@ async def test_camera_sized_jpeg_is_decoded_reduced_and_answered_at_its_full_siz
             tiny_weights, reduced_jpeg_decode=reduced, two_step_resize=two_step, window_resize=window
         )
         async with running_service(settings) as client:
-            loaded = client.app.state.service.registry.entries["tiny"].loaded
-            prepared = prepare_image(
-                data,
-                loaded.preprocessor,
-                max_pixels=10**8,
-                allowed_formats=frozenset({"JPEG"}),
-                keep_original=False,
-                reduced_jpeg_decode=reduced,
-                two_step_resize=two_step,
-                window_resize=window,
-            )
-            (reference,) = loaded.engine.explain(prepared.tensor[None], CamOptions(), targets=[[2]])
+            reference = engine_alone(client, data, CamOptions(), targets=[[2]])
             response = await client.post(
                 "/v1/models/tiny/explain",
                 files={"files": ("photo.jpg", data, "image/jpeg")},
@@ -439,15 +436,7 @@ async def test_window_resize_setting_picks_how_the_service_resizes(tiny_weights)
         settings = tiny_settings(tiny_weights, window_resize=window)
         async with running_service(settings) as client:
             loaded = client.app.state.service.registry.entries["tiny"].loaded
-            prepared = prepare_image(
-                data,
-                loaded.preprocessor,
-                max_pixels=10**8,
-                allowed_formats=frozenset({"PNG"}),
-                keep_original=False,
-                window_resize=window,
-            )
-            reference = loaded.engine.predict(prepared.tensor[None])[0]
+            reference = loaded.engine.predict(prepared_as_served(client, data).tensor[None])[0]
             response = await client.post(
                 "/v1/models/tiny/predict",
                 files={"files": ("photo.png", data, "image/png")},

@@ -498,6 +498,13 @@ async def _post_endless_body(
         assert reads < 100, "the body was read on past the limit"
         return {"type": "http.request", "body": b"x" * 100, "more_body": True}
 
+    sent = await _post_raw(app, headers, receive)
+    return reads, sent
+
+
+async def _post_raw(app: Any, headers: list[tuple[bytes, bytes]], receive: Any) -> list[dict[str, Any]]:
+    """POST to /v1/models/tiny/predict at the raw ASGI level, the body from ``receive``; returns
+    the messages the app sent."""
     sent: list[dict[str, Any]] = []
 
     async def send(message: dict[str, Any]) -> None:
@@ -518,7 +525,7 @@ async def _post_endless_body(
         "server": ("127.0.0.1", 80),
     }
     await app(scope, receive, send)
-    return reads, sent
+    return sent
 
 
 async def test_declared_oversized_body_is_refused_unread(tiny_weights):
@@ -565,26 +572,8 @@ async def test_a_stalled_upload_times_out_and_frees_its_slot(tiny_weights):
         await stalled.wait()  # never set: the rest of the body never comes
         raise AssertionError("unreachable")
 
-    sent: list[dict[str, Any]] = []
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/v1/models/tiny/predict",
-        "raw_path": b"/v1/models/tiny/predict",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"content-type", b"image/png"), (b"content-length", b"500")],
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 80),
-    }
-    await asyncio.wait_for(app(scope, receive, send), timeout=10)
+    headers = [(b"content-type", b"image/png"), (b"content-length", b"500")]
+    sent = await asyncio.wait_for(_post_raw(app, headers, receive), timeout=10)
     assert sent[0]["status"] == 408
     assert (b"connection", b"close") in sent[0]["headers"]
     assert json.loads(sent[1]["body"])["error"]["code"] == "request_timeout"
