@@ -21,7 +21,7 @@ def _split_list(value: Any) -> Any:
         if text.startswith("["):
             try:
                 return json.loads(text)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
                 return value
         return [part.strip() for part in text.split(",") if part.strip()]
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str) and "," in value[0]:

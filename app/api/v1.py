@@ -106,7 +106,9 @@ async def _serve(request: Request, service: Service, name: str, *, explain: bool
         classes = len(targets) if targets is not None else options.top_k
         if render.map_size == "original":  # sizes from the headers, before any pixel is decoded
             try:
-                sizes = await service.run_io(_upright_sizes, images, limits.max_pixels)
+                sizes = await service.run_io(
+                    _upright_sizes, images, limits.max_pixels, service.allowed_formats
+                )
             except ImageDecodeError as exc:
                 raise _decode_error(exc, len(images)) from exc
         else:
@@ -163,12 +165,14 @@ async def _serve(request: Request, service: Service, name: str, *, explain: bool
         return Response(content, media_type="application/json")
 
 
-def _upright_sizes(images: list[bytes], max_pixels: int) -> list[tuple[int, int]]:
+def _upright_sizes(
+    images: list[bytes], max_pixels: int, allowed_formats: frozenset[str]
+) -> list[tuple[int, int]]:
     """Each image's upright (width, height) from its header, checked against the per-image pixel
     limit (413 whatever the maps); an unreadable header counts as (0, 0), its decoding reports why."""
     sizes = []
     for index, data in enumerate(images):
-        size = upright_size(data) or (0, 0)
+        size = upright_size(data, allowed_formats) or (0, 0)
         try:
             check_pixel_count(size, max_pixels)
         except ImageDecodeError as exc:

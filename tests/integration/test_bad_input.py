@@ -218,6 +218,19 @@ async def test_an_elongated_strip_is_refused_before_the_resize(corpus_client):
     assert (await corpus_client.post("/v1/models/tiny/predict", **multipart(GOOD))).status_code == 200
 
 
+async def test_a_bomb_asking_for_original_size_maps_is_refused_from_its_header(corpus_client):
+    """With map_size=original the sizes are read before decoding, to budget the maps: a PNG that
+    declares 16000x16000 pixels is refused there, from its header alone."""
+    from tests.bad_inputs import png_header
+
+    bomb = png_header(16_000, 16_000)
+    response = await corpus_client.post(
+        "/v1/models/tiny/explain", **multipart(bomb, map_size="original", encodings="png")
+    )
+    error = assert_error(response, 413, "too_many_pixels")
+    assert "16000x16000" in error["message"]
+
+
 async def test_corpus_as_raw_image_bodies(corpus_client):
     """The image entries posted as the raw body with an image/* type: the same statuses."""
     for entry in CORPUS:
@@ -365,6 +378,12 @@ MORE_CASES: dict[str, tuple[str, dict[str, Any], int, str | None]] = {
         "invalid_options",
     ),
     "empty_encodings_multipart": ("explain", multipart(GOOD, encodings=""), 422, "invalid_options"),
+    "targets_deeply_nested_multipart": (
+        "explain",
+        multipart(GOOD, targets="[" * 3000),
+        422,
+        "invalid_options",
+    ),
     "unknown_encoding_json": (
         "explain",
         {"json": {"images": [{"data": GOOD_B64}], "encodings": ["gif"]}},

@@ -268,6 +268,19 @@ def test_upright_size_reads_the_header_and_the_orientation():
     assert upright_size(b"") is None
 
 
+def test_upright_size_never_decodes_pixels():
+    """The header is enough, whatever the declared size: a PNG that declares 20000x20000 pixels and
+    holds none gets its size (decoding it, to look for EXIF after the pixels, would allocate 400 MB
+    and then fail), and a format left out of the accepted ones is not parsed at all."""
+    from app.serving.images import upright_size
+    from tests.bad_inputs import png_header
+
+    assert upright_size(png_header(20_000, 20_000)) == (20_000, 20_000)
+    bmp = _encode(Image.new("RGB", (5, 3)), "BMP")
+    assert upright_size(bmp) == (5, 3)
+    assert upright_size(bmp, frozenset({"PNG"})) is None
+
+
 def test_overlay_and_uint8_maps_in_row_blocks_equal_the_whole_array_formula(monkeypatch):
     """Large maps are converted in blocks of rows (small float temporaries): the result equals the
     formula applied to the whole array, for block boundaries that do not divide the height."""
