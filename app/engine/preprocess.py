@@ -153,9 +153,11 @@ class Preprocessor:
         exactly timm's PIL transform.
         ``window_only``: when the crop window lies inside the resized image, resize only the part of
         the image it keeps (Pillow's ``box``): the same filter at the same sample positions, less
-        work (a 4:3 photo cropped to a square: about half), but Pillow takes the box in float32,
-        so pixels may differ from resizing the whole image by up to 3 levels (rounding). False: resize the
-        whole image, then crop, exactly timm's PIL transform.
+        work (a 4:3 photo cropped to a square: about half). Not bit-exact: Pillow takes the box in
+        float32, and it may run its horizontal and vertical passes in the other order for the
+        window than for the whole image (its choice depends on the sizes), which moves the
+        clipping of its 8-bit intermediate: a level or two on photos, tens of levels at some sharp
+        edges. False: resize the whole image, then crop, exactly timm's PIL transform.
         """
         if image.mode != "RGB":
             image = image.convert("RGB")
@@ -165,13 +167,14 @@ class Preprocessor:
         left, top = geometry.offset
         resized_w, resized_h = geometry.resized_size
         inside = left >= 0 and top >= 0 and left + target_w <= resized_w and top + target_h <= resized_h
-        if inside and window_only and (target_w, target_h) != (resized_w, resized_h):
+        # NEAREST is cheap whole, and its sample picks would move with the float32 box
+        window_path = window_only and interpolation != Image.Resampling.NEAREST
+        if inside and window_path and (target_w, target_h) != (resized_w, resized_h):
             scale_x, scale_y = image.width / resized_w, image.height / resized_h
             box = (left * scale_x, top * scale_y, (left + target_w) * scale_x, (top + target_h) * scale_y)
             if reducing_gap is not None:
-                # Pillow's own two-step rule, applied to the whole image so that the reduction groups
-                # the same pixels as the whole-image path (a reduction of the window alone would
-                # start its pixel blocks at the window's edge)
+                # Pillow's own two-step rule, applied to the whole image so that the reduction groups the same pixels as the whole-image path (a reduction of the
+                # window alone would start its pixel blocks at the window's edge)
                 factor = (int(scale_x / reducing_gap) or 1, int(scale_y / reducing_gap) or 1)
                 if factor != (1, 1):
                     image = image.reduce(factor)

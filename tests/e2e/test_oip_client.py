@@ -41,7 +41,6 @@ def preprocessed(loaded: LoadedModel, data: bytes) -> torch.Tensor:
         max_pixels=10**8,
         allowed_formats=ALLOWED_FORMATS,
         keep_original=False,
-        window_resize=True,  # as the service resizes by default
     )
     return image.tensor
 

@@ -22,7 +22,6 @@ def reference(loaded, data: bytes, options: CamOptions | None, top_k: int):
         max_pixels=10**8,
         allowed_formats=frozenset({"PNG"}),
         keep_original=False,
-        window_resize=True,  # as the service resizes by default
     )
     (result,) = loaded.engine.explain(prepared.tensor[None], options, top_k=top_k)
     return result

@@ -128,9 +128,11 @@ def test_two_step_resize_keeps_the_geometry_and_nearly_the_pixels(fmt):
 @pytest.mark.parametrize("size", [(640, 480), (45, 60), (333, 517), (257, 300), (1600, 1200), (64, 64)])
 @pytest.mark.parametrize("reducing_gap", [None, 2.0])
 def test_window_resize_keeps_the_geometry_and_nearly_the_pixels(config, size, reducing_gap):
-    """Resizing only the crop window (Pillow's box) against resizing the whole image and cropping:
-    the same geometry and, as Pillow samples at the same positions, pixels within 3 levels (it takes
-    the box in float32, which moves the rounding of its intermediate rows); where nothing is cropped away (squash, border, a window as large as the
+    """Resizing only the crop window (Pillow's box) against resizing the whole image and cropping,
+    on photo-like content: the same geometry and, as Pillow samples at the same positions, pixels
+    within 3 levels (the box in float32, and Pillow's choice of which pass runs first, move the
+    rounding and clipping of its intermediate rows; at sharp edges that can reach tens of levels,
+    see the service docs); where nothing is cropped away (squash, border, a window as large as the
     resized image) the window path is not taken and the pixels are identical."""
     pre = Preprocessor(config)
     image = photo_like(*size, seed=5, cell=24, noise=20)
@@ -145,6 +147,16 @@ def test_window_resize_keeps_the_geometry_and_nearly_the_pixels(config, size, re
     if not (crops and inside and top + target_h <= geometry.resized_size[1]):
         assert difference.max() == 0
     assert difference.max() <= 3 and difference.mean() < 0.5, (difference.max(), difference.mean())
+
+
+def test_window_resize_is_not_used_for_nearest():
+    """NEAREST picks one source pixel per output pixel, a pick the float32 box could move, and Pillow
+    does no two-step reduction for it: the window path is left out, the pixels are the whole path's."""
+    pre = Preprocessor(DataConfig(input_size=(64, 64), interpolation="nearest", crop_pct=0.875))
+    image = photo_like(1024, 768, seed=2, cell=24, noise=20)
+    whole, _ = pre.to_pixels(image, reducing_gap=2.0)
+    window, _ = pre.to_pixels(image, reducing_gap=2.0, window_only=True)
+    assert np.array_equal(window, whole)
 
 
 def test_window_resize_reads_the_same_samples_as_the_whole_resize():
