@@ -173,8 +173,9 @@ class Preprocessor:
             scale_x, scale_y = image.width / resized_w, image.height / resized_h
             box = (left * scale_x, top * scale_y, (left + target_w) * scale_x, (top + target_h) * scale_y)
             if reducing_gap is not None:
-                # Pillow's own two-step rule, applied to the whole image so that the reduction groups the same pixels as the whole-image path (a reduction of the
-                # window alone would start its pixel blocks at the window's edge)
+                # Pillow's own two-step rule, applied to the whole image so that the reduction
+                # groups the same pixels as the whole-image path (a reduction of the window alone
+                # would start its pixel blocks at the window's edge)
                 factor = (int(scale_x / reducing_gap) or 1, int(scale_y / reducing_gap) or 1)
                 if factor != (1, 1):
                     image = image.reduce(factor)
