@@ -90,6 +90,13 @@ class LimitSettings(BaseModel):
         "x width, for map_size input or original; 422 maps_too_large): bounds the memory and CPU that "
         "rendering maps at the size of large photos can take",
     )
+    max_json_map_values: int = Field(
+        4_000_000,
+        ge=1,
+        description="numbers in all the maps one request asks for as JSON (encodings json at map_size "
+        "input or original on /v1, maps at input size without binary_data on /v2; 422 maps_too_large, "
+        "400 on /v2): a JSON number takes about 9 bytes of text, so 4 M values answer in about 36 MB",
+    )
     max_original_pixels_in_flight: int = Field(
         200_000_000,
         ge=1,

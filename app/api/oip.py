@@ -415,6 +415,7 @@ async def _infer(name: str, request: Request, service: Service) -> Response:
             f"image files) or {INPUT_TENSOR!r} (FP32 [N, 3, H, W])"
         )
     request.state.images = len(tensors)
+    _check_json_maps(outputs, options, targets, len(tensors), loaded, limits.max_json_map_values)
 
     items = [
         BatchItem(image=tensor, options=cam_options, targets=targets, top_k=options.top_k)
@@ -669,6 +670,30 @@ def _images_from_tensor(
         raise bad_request(f"input {INPUT_TENSOR!r} holds NaN or infinite values")
     images = torch.from_numpy(array.reshape(shape).copy())
     return list(images.unbind(0))
+
+
+def _check_json_maps(
+    outputs: list[_Output],
+    options: InferenceOptions,
+    targets: list[int] | None,
+    images: int,
+    loaded: LoadedModel,
+    limit: int,
+) -> None:
+    """400 for maps at input size asked for as JSON numbers beyond ``limit`` values (binary_data
+    sends them as 4 bytes each instead of about 9 bytes of text)."""
+    maps = next((output for output in outputs if output.name == OUTPUT_MAPS), None)
+    if maps is None or maps.binary or options.map_size != "input":
+        return
+    classes = len(targets) if targets is not None else options.top_k
+    height, width = (int(v) for v in loaded.data_config.input_size[-2:])
+    total = images * classes * height * width
+    if total > limit:
+        raise bad_request(
+            f"output {OUTPUT_MAPS!r}: {images} image(s) x {classes} class(es) x {height}x{width} is "
+            f"{total} JSON numbers, more than the limit of {limit}; ask for it with binary_data, at "
+            "map_size grid, or for fewer classes or images"
+        )
 
 
 def _requested_outputs(inference: InferenceRequest, options: InferenceOptions) -> list[_Output]:

@@ -115,6 +115,8 @@ async def _serve(request: Request, service: Service, name: str, *, explain: bool
             height, width = loaded.preprocessor.config.input_size
             sizes = [(width, height)] * len(images)
         _check_map_pixels(sizes, render.map_size, classes, limits.max_map_pixels)
+        if "json" in render.encodings:
+            _check_json_values(sizes, render.map_size, classes, limits.max_json_map_values)
     keep_original = render is not None and render.map_size == "original" and "overlay" in render.encodings
     # Originals kept for overlays on the posted image stay in memory until the answer is written:
     # their pixels count against a budget shared by all requests in flight.
@@ -180,6 +182,20 @@ def _upright_sizes(
             raise
         sizes.append(size)
     return sizes
+
+
+def _check_json_values(sizes: list[tuple[int, int]], map_size: str, classes: int, limit: int) -> None:
+    """Refuse, before decoding and compute, maps asked for as JSON numbers beyond ``limit`` values:
+    as text they take about 9 bytes each, about 6 times the pixels' 8-bit PNG."""
+    total = classes * sum(width * height for width, height in sizes)
+    if total > limit:
+        raise ServiceError(
+            422,
+            "maps_too_large",
+            f"{len(sizes)} image(s) x {classes} class(es) at map_size={map_size} would be {total} JSON "
+            f"numbers, more than the limit of {limit}; ask for the png or heatmap encoding, "
+            "map_size=grid, fewer classes or fewer images per request",
+        )
 
 
 def _decode_error(exc: ImageDecodeError, count: int) -> ServiceError:

@@ -231,6 +231,22 @@ async def test_a_bomb_asking_for_original_size_maps_is_refused_from_its_header(c
     assert "16000x16000" in error["message"]
 
 
+async def test_maps_as_json_numbers_are_bounded(tiny_weights):
+    """JSON maps at input size take about 9 bytes of text per value: past
+    `limits.max_json_map_values` the request is refused before any work (422 maps_too_large), while
+    the same maps as PNGs, or on the grid, are served."""
+    settings = tiny_settings(tiny_weights, limits={"max_json_map_values": 2000})
+    async with running_service(settings) as client:
+        url = "/v1/models/tiny/explain"
+        asked = {"top_k": "2", "map_size": "input"}  # 2 classes x 32 x 32 = 2048 values
+        refused = await client.post(url, **multipart(GOOD, encodings="json", **asked))
+        error = assert_error(refused, 422, "maps_too_large")
+        assert "2048 JSON numbers" in error["message"]
+        assert (await client.post(url, **multipart(GOOD, encodings="png", **asked))).status_code == 200
+        grid = await client.post(url, **multipart(GOOD, encodings="json", top_k="2", map_size="grid"))
+        assert grid.status_code == 200, grid.text
+
+
 async def test_corpus_as_raw_image_bodies(corpus_client):
     """The image entries posted as the raw body with an image/* type: the same statuses."""
     for entry in CORPUS:

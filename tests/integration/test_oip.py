@@ -356,3 +356,19 @@ async def test_oip_routes_are_documented(client: httpx.AsyncClient) -> None:
         "/v2/models/{name}/infer",
     ):
         assert path in paths
+
+
+async def test_maps_as_json_numbers_are_bounded(tiny_weights: Path) -> None:
+    """Maps at input size as JSON numbers take about 9 bytes of text each: past
+    `limits.max_json_map_values` they are refused (400, naming binary_data), and the same maps with
+    binary_data, or on the grid, are served."""
+    settings = tiny_settings(tiny_weights, limits={"max_json_map_values": 2000})
+    async with running_service(settings) as client:
+        parameters = {"top_k": 2, "map_size": "input"}  # 2 x 32 x 32 = 2048 numbers
+        refused = await client.post(INFER, json=image_request(image_bytes(1), parameters=parameters))
+        assert_oip_error(refused, 400, "binary_data", "2048")
+        binary = {"top_k": 2, "map_size": "input", "binary_data_output": True}
+        served = await client.post(INFER, json=image_request(image_bytes(1), parameters=binary))
+        assert served.status_code == 200, served.text
+        grid = await client.post(INFER, json=image_request(image_bytes(1), parameters={"top_k": 2}))
+        assert grid.status_code == 200, grid.text
