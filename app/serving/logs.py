@@ -43,11 +43,26 @@ class JsonFormatter(logging.Formatter):
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
 
+# Control characters as escapes (a newline as \n): a request path such as "/x%0a2026-... INFO ..."
+# must not be able to write a line of its own.
+_ESCAPES = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F)} | {0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"}
+
+
+class TextFormatter(logging.Formatter):
+    """Plain text, one line per record: control characters in the message are escaped (a
+    traceback still follows on its own lines)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = record.message.translate(_ESCAPES)
+        return super().formatMessage(record)
+
 
 def logging_config(level: str = "info", fmt: str = "json") -> dict[str, Any]:
     """A ``logging.config.dictConfig`` for the service and uvicorn (uvicorn's access log is off:
     the service writes its own access records, with request ids)."""
-    formatter: dict[str, Any] = {"()": JsonFormatter} if fmt == "json" else {"format": TEXT_FORMAT}
+    formatter: dict[str, Any] = (
+        {"()": JsonFormatter} if fmt == "json" else {"()": TextFormatter, "fmt": TEXT_FORMAT}
+    )
     handler = {
         "class": "logging.StreamHandler",
         "formatter": "default",

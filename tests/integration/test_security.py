@@ -154,6 +154,32 @@ def test_json_log_lines_carry_the_request_id():
     assert line["status"] == 200 and line["level"] == "info" and line["logger"] == "app.access"
 
 
+def test_text_log_lines_cannot_be_forged_through_the_request_path():
+    """In the text format a request path carrying a newline (``%0a`` in the URL) stays on its own
+    record's line, escaped; a traceback still follows on lines of its own."""
+    import logging.config
+
+    from app.serving.logs import logging_config
+
+    config = logging_config("info", "text")
+    formatter = logging.config.DictConfigurator(config).configure_custom(
+        dict(config["formatters"]["default"])
+    )
+    forged = "/x\n2026-01-01 00:00:00,000 INFO app.access [admin]: POST /v1/models/m/explain 200"
+    record = logging.LogRecord("app.access", logging.INFO, __file__, 1, "GET %s %d", (forged, 404), None)
+    record.request_id = "rid-2"
+    line = formatter.format(record)
+    assert "\n" not in line and "\\n2026-01-01" in line and line.endswith(" 404")
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        import sys
+
+        failing = logging.LogRecord("app", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+    failing.request_id = None
+    assert "Traceback" in formatter.format(failing).split("\n", 1)[1]
+
+
 async def test_access_log_records_each_request(client, caplog):
     caplog.set_level(logging.INFO, logger="app.access")
     await client.get("/v1/models/tiny", headers={"X-Request-ID": "trace-9"})
