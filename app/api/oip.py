@@ -63,6 +63,8 @@ INPUT_TENSOR = "pixel_values"
 OUTPUT_LOGITS = "logits"
 OUTPUT_PROBABILITIES = "probabilities"
 OUTPUT_MAPS = "maps"
+# pixel_values are normalised pixels, within a few units of 0; beyond this, only overflow is gained
+MAX_PIXEL_VALUE = 1e4
 OUTPUT_TARGETS = "targets"
 OUTPUTS = (OUTPUT_LOGITS, OUTPUT_PROBABILITIES, OUTPUT_MAPS, OUTPUT_TARGETS)
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -486,12 +488,13 @@ def _parse_body(
     if declared is None:
         header, binary = body, b""
     else:
-        if not declared.strip().isdigit() or not 0 < int(declared) <= len(body):
+        digits = declared.strip()
+        if not (digits.isascii() and digits.isdigit()) or not 0 < int(digits) <= len(body):
             raise bad_request(
                 f"{HEADER_LENGTH} {declared!r} must be a positive byte count no larger than the body "
                 f"({len(body)} bytes)"
             )
-        length = int(declared)
+        length = int(digits)
         header, binary = body[:length], body[length:]
     try:
         document = json.loads(header)
@@ -660,7 +663,7 @@ def _images_from_tensor(
     else:
         try:
             array = np.asarray(tensor.data, dtype=np.float32)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, OverflowError) as exc:
             raise bad_request(f"input {INPUT_TENSOR!r}: 'data' is not a list of numbers ({exc})") from exc
         if array.size != expected:
             raise bad_request(
@@ -668,6 +671,11 @@ def _images_from_tensor(
             )
     if not np.isfinite(array).all():
         raise bad_request(f"input {INPUT_TENSOR!r} holds NaN or infinite values")
+    if array.size and float(np.abs(array).max()) > MAX_PIXEL_VALUE:
+        raise bad_request(
+            f"input {INPUT_TENSOR!r} holds values beyond +-{MAX_PIXEL_VALUE:g}: it takes normalised pixels "
+            "(a few units at most), and values this large only make the model's outputs overflow"
+        )
     images = torch.from_numpy(array.reshape(shape).copy())
     return list(images.unbind(0))
 

@@ -217,6 +217,8 @@ def fp32_input(shape: list[int], data: Any = None, **extra: Any) -> dict[str, An
         (fp32_input([1, 3, 32, 32], data=["a"] * 3072), ["numbers"]),
         (fp32_input([1, 3, 32, 32], data=[[0.0, 1.0], [2.0]]), ["pixel_values"]),
         (fp32_input([1, 3, 32, 32], data=[float("nan")] + [0.0] * 3071), ["NaN"]),
+        (fp32_input([1, 3, 32, 32], data=[1e30] + [0.0] * 3071), ["beyond", "normalised"]),
+        (fp32_input([1, 3, 32, 32], data=[10**400] + [0.0] * 3071), ["numbers"]),
         (
             {"inputs": [{"name": "pixel_values", "shape": [1, 3, 32, 32], "datatype": "FP64", "data": [0]}]},
             ["FP32"],
@@ -236,6 +238,10 @@ async def test_bad_bodies_and_binary_framing(client: httpx.AsyncClient) -> None:
     assert_oip_error(await client.post(INFER, content=b""), 400, "empty")
     assert_oip_error(await client.post(INFER, content=b"{not json"), 400, "JSON")
     assert_oip_error(await client.post(INFER, content=b"[1, 2]"), 400, "JSON object")
+    # a header length in digits that are not ASCII ("²" in Latin-1)
+    body, _ = binary_body(image_request(image_bytes(1)))
+    length = {"Inference-Header-Content-Length": "\xb2".encode("latin-1")}
+    assert_oip_error(await client.post(INFER, content=body, headers=length), 400, "byte count")
     # an integer past Python's 4300-digit conversion limit, and nesting past the recursion limit
     assert_oip_error(await client.post(INFER, content=b'{"id": ' + b"9" * 5000 + b"}"), 400, "JSON")
     assert_oip_error(await client.post(INFER, content=b"[" * 100_000 + b"]" * 100_000), 400, "nested")
