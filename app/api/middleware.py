@@ -108,8 +108,10 @@ class RequestContextMiddleware:
             await send(message)
 
         path = scope.get("path", "")
-        # Probes, scrapes and CORS preflights are never refused, and do not take a slot.
-        limited = bool(self.max_concurrent) and not _exempt(path, method, headers)
+        # Probes, scrapes and CORS preflights are never refused, and do not take a slot; none of them
+        # takes a body, so none is read for them either (a POST there is a 405 that reads nothing).
+        exempt = _exempt(path, method, headers)
+        limited = bool(self.max_concurrent) and not exempt
         admitted = not limited or self.active < self.max_concurrent
         if limited and admitted:
             self.active += 1
@@ -129,7 +131,7 @@ class RequestContextMiddleware:
                 )
                 return
             app_receive = receive
-            if method in _BODY_METHODS:
+            if method in _BODY_METHODS and not exempt:
                 try:
                     app_receive = await self._buffered_body(headers, receive)
                 except _BodyTooLarge:

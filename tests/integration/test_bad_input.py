@@ -537,9 +537,11 @@ async def _post_endless_body(
     return reads, sent
 
 
-async def _post_raw(app: Any, headers: list[tuple[bytes, bytes]], receive: Any) -> list[dict[str, Any]]:
-    """POST to /v1/models/tiny/predict at the raw ASGI level, the body from ``receive``; returns
-    the messages the app sent."""
+async def _post_raw(
+    app: Any, headers: list[tuple[bytes, bytes]], receive: Any, path: str = "/v1/models/tiny/predict"
+) -> list[dict[str, Any]]:
+    """POST to ``path`` at the raw ASGI level, the body from ``receive``; returns the messages the
+    app sent."""
     sent: list[dict[str, Any]] = []
 
     async def send(message: dict[str, Any]) -> None:
@@ -551,8 +553,8 @@ async def _post_raw(app: Any, headers: list[tuple[bytes, bytes]], receive: Any) 
         "http_version": "1.1",
         "method": "POST",
         "scheme": "http",
-        "path": "/v1/models/tiny/predict",
-        "raw_path": b"/v1/models/tiny/predict",
+        "path": path,
+        "raw_path": path.encode(),
         "query_string": b"",
         "root_path": "",
         "headers": headers,
@@ -616,6 +618,24 @@ async def test_a_stalled_upload_times_out_and_frees_its_slot(tiny_weights):
         app, [(b"content-type", b"image/png"), (b"content-length", b"50000000")]
     )
     assert after[0]["status"] == 413
+
+
+async def test_probe_paths_never_read_a_body(tiny_weights):
+    """Probes and the scrape are exempt from the concurrency limit, so a body posted to them must not
+    be read either (it would be held in memory outside the limit's bound): 405 with nothing read."""
+    app = create_app(tiny_settings(tiny_weights, limits={"max_concurrent_requests": 1}))
+    for path in ("/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/models/tiny/ready"):
+        reads = 0
+
+        async def receive() -> dict[str, Any]:
+            nonlocal reads
+            reads += 1
+            return {"type": "http.request", "body": b"x" * 100, "more_body": True}
+
+        headers = [(b"content-type", b"application/octet-stream"), (b"transfer-encoding", b"chunked")]
+        sent = await asyncio.wait_for(_post_raw(app, headers, receive, path), timeout=10)
+        assert sent[0]["status"] == 405, (path, sent[0])
+        assert reads == 0, path
 
 
 def test_concurrency_limit_comes_from_the_settings(tiny_weights):
