@@ -160,6 +160,22 @@ class RequestContextMiddleware:
                     response["status"] = 499
                     return
             await self.app(scope, app_receive, send_with_id)
+        except asyncio.CancelledError:
+            # The server cancels the requests still running when its graceful shutdown ends: answer
+            # the unanswered ones in the service's shape, as a retryable 503, instead of leaving the
+            # server to send a plain-text 500.
+            if not response["started"]:
+                await _send_error(
+                    self._error_send(scope, send_with_id),
+                    503,
+                    "shutting_down",
+                    "the service shut down before this request could finish; retry",
+                    request_id,
+                    path=path,
+                    close=True,
+                    headers=[(b"retry-after", b"1")],
+                )
+            raise
         except Exception as exc:
             error_logger.exception("unhandled error: %s", type(exc).__name__)
             if not response["started"]:

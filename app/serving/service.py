@@ -180,7 +180,7 @@ class Service:
         # One deadline for the whole drain: the server's graceful shutdown already used part of it
         # since SIGTERM, so the queues get what is left (shutdown stays within the orchestrator's grace).
         elapsed = time.monotonic() - self._drain_started
-        await self.registry.close(max(1.0, self.settings.drain_timeout_s - elapsed))
+        await self.registry.close(max(0.0, self.settings.drain_timeout_s - elapsed))
         self.io_pool.shutdown(wait=False, cancel_futures=True)
         self._restore_sigterm()
         logger.info("service stopped")

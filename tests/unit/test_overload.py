@@ -172,3 +172,38 @@ def test_exempt_paths_are_exactly_the_apps_probe_and_metrics_routes():
         seen += is_probe
     # GET and HEAD /healthz and /readyz, /metrics, and four /v2 health and model-ready probes
     assert seen == 9
+
+
+async def test_a_request_cancelled_by_the_server_shutdown_gets_a_json_503():
+    """The server cancels the requests still running when its graceful shutdown ends: the
+    unanswered one gets a retryable 503 shutting_down in the service's shape (not the server's
+    plain-text 500), the cancellation still propagates, and the slot is freed."""
+    import json
+
+    inner = _Inner()
+    app = RequestContextMiddleware(inner, metrics=ServiceMetrics(), max_body_bytes=1000, max_concurrent=2)
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"x", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/slow",
+        "headers": [(b"content-length", b"1")],
+        "query_string": b"",
+    }
+    task = asyncio.create_task(app(scope, receive, send))
+    await _wait_for(lambda: inner.calls == ["/slow"])
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert sent[0]["status"] == 503
+    headers = dict(sent[0]["headers"])
+    assert headers[b"retry-after"] == b"1" and headers[b"connection"] == b"close"
+    assert json.loads(sent[1]["body"])["error"]["code"] == "shutting_down"
+    assert app.active == 0
