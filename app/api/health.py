@@ -30,7 +30,11 @@ async def healthz() -> dict[str, str]:
     summary="Readiness: 200 when every model has settled, one at least serves, and not draining",
 )
 async def readyz(service: Service = Depends(get_service)) -> JSONResponse:
-    return JSONResponse(service.readiness(), status_code=200 if service.ready else 503)
+    auth = service.settings.auth
+    # Why a model is unavailable (file paths, error texts) only for callers who could read it from
+    # /v1/models anyway: no keys configured, or keys required here too.
+    reasons = not auth.api_keys or auth.protect_health
+    return JSONResponse(service.readiness(reasons=reasons), status_code=200 if service.ready else 503)
 
 
 @router.head("/healthz", dependencies=[Depends(require_api_key_for_health)], include_in_schema=False)

@@ -49,6 +49,7 @@ from app.serving.batcher import BatchItem
 from app.serving.errors import ServiceError
 from app.serving.images import ImageDecodeError
 from app.serving.pipeline import json_bytes
+from app.serving.registry import ModelEntry
 from app.serving.service import Service
 
 logger = logging.getLogger(__name__)
@@ -292,7 +293,7 @@ async def model_version_metadata(
     summary="Model readiness: 200 ready, 400 not ready, 404 unknown",
 )
 async def model_ready(name: str, service: Service = Depends(get_service)) -> Response:
-    entry = service.registry.get(name)
+    entry = _probed_entry(service, name)
     if entry.status != "ready" or service.draining:
         return oip_error_response(400, f"model {name!r} is not ready ({entry.status})")
     return Response(status_code=200)
@@ -306,8 +307,19 @@ async def model_ready(name: str, service: Service = Depends(get_service)) -> Res
     summary="Model readiness of one version",
 )
 async def model_version_ready(name: str, version: str, service: Service = Depends(get_service)) -> Response:
-    _check_version(service, name, version)
+    _probed_entry(service, name)
+    if version != MODEL_VERSION:
+        raise OipError(404, f"model {name!r} has no version {version!r}")
     return await model_ready(name, service)
+
+
+def _probed_entry(service: Service, name: str) -> ModelEntry:
+    """The model a readiness probe asks about. Probes may need no key, so an unknown name is a 404
+    that does not list the models (the key-protected routes do)."""
+    entry = service.registry.entries.get(name)
+    if entry is None:
+        raise OipError(404, f"no model named {name!r}")
+    return entry
 
 
 def describe_model(name: str, loaded: LoadedModel) -> dict[str, Any]:

@@ -138,7 +138,9 @@ class Service:
     def ready(self) -> bool:
         return not self.draining and self.registry.settled and self.registry.any_ready
 
-    def readiness(self) -> dict[str, Any]:
+    def readiness(self, *, reasons: bool = True) -> dict[str, Any]:
+        """The readiness answer: overall status and each model's; ``reasons`` adds why a model is
+        unavailable (server paths, error texts: only for callers who may read /v1/models too)."""
         if self.draining:
             status = "draining"
         elif not self.registry.settled:
@@ -150,7 +152,7 @@ class Service:
         return {
             "status": status,
             "models": [
-                {"name": entry.name, "status": entry.status, "reason": entry.reason}
+                {"name": entry.name, "status": entry.status, **({"reason": entry.reason} if reasons else {})}
                 for entry in self.registry.entries.values()
             ],
         }

@@ -284,3 +284,31 @@ async def test_cors_preflight_from_a_foreign_origin_is_refused(tiny_weights):
         )
         assert oip.status_code == 400
         assert set(oip.json()) == {"error"} and "method" in oip.json()["error"]
+
+
+async def test_open_probes_reveal_no_model_list_or_failure_details(tiny_weights):
+    """With API keys set, the probes that need none say whether the service and a model are ready,
+    but not which models exist (an unknown name is a plain 404) nor why one is unavailable (server
+    paths, error texts): /v1/models, behind the key, does. Without keys, /readyz gives the reasons."""
+    from app.config import ModelSettings
+
+    models = [
+        ModelSettings(name="tiny", weights=str(tiny_weights)),
+        ModelSettings(name="broken", weights="/srv/private/broken.safetensors"),
+    ]
+    async with running_service(
+        tiny_settings(tiny_weights, models=models, auth={"api_keys": [KEY]})
+    ) as client:
+        ready = await client.get("/readyz")
+        assert ready.status_code == 200
+        assert {m["name"]: m["status"] for m in ready.json()["models"]} == {
+            "tiny": "ready",
+            "broken": "unavailable",
+        }
+        assert "/srv/private" not in ready.text and "reason" not in ready.text
+        unknown = await client.get("/v2/models/nosuch/ready")
+        assert unknown.status_code == 404 and "tiny" not in unknown.text and "broken" not in unknown.text
+        listed = await client.get("/v1/models", headers={"X-API-Key": KEY})
+        assert "/srv/private" in listed.text
+    async with running_service(tiny_settings(tiny_weights, models=models)) as client:
+        assert "/srv/private" in (await client.get("/readyz")).text
