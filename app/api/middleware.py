@@ -36,6 +36,27 @@ UNLIMITED_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live
 UNLIMITED_PATTERN = re.compile(r"/v2/models/[^/]+(?:/versions/[^/]+)?/ready")
 
 
+# Every response: no content sniffing. The demo page (``/`` and ``/static/``): a Content-Security-Policy
+# that allows only its own script, styles and API calls (images also from data: and blob: URLs, which
+# the page makes itself), no framing by other sites, and no Referer. /docs (Swagger UI from a CDN, with
+# an inline script) keeps FastAPI's own page and no policy.
+NOSNIFF = (b"x-content-type-options", b"nosniff")
+PAGE_HEADERS = (
+    (
+        b"content-security-policy",
+        b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+        b"connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; "
+        b"frame-ancestors 'none'",
+    ),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+)
+
+
+def _page_path(path: str) -> bool:
+    return path == "/" or path.startswith("/static/")
+
+
 class _BodyTooLarge(Exception):
     pass
 
@@ -95,6 +116,7 @@ class RequestContextMiddleware:
         token = request_id_var.set(request_id)
         response: dict[str, Any] = {"status": 500, "started": False}
         method = scope.get("method", "GET")
+        page = _page_path(scope.get("path", ""))
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -104,6 +126,9 @@ class RequestContextMiddleware:
                     (k, v) for k, v in message.get("headers", []) if k.lower() != REQUEST_ID_HEADER.encode()
                 ]
                 raw_headers.append((REQUEST_ID_HEADER.encode(), request_id.encode()))
+                raw_headers.append(NOSNIFF)
+                if page:
+                    raw_headers.extend(PAGE_HEADERS)
                 message = {**message, "headers": raw_headers}
             await send(message)
 

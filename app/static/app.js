@@ -194,8 +194,10 @@
       item.setAttribute("role", "button");
       item.setAttribute("aria-pressed", String(prediction.class_id === state.active));
       const pct = (100 * prediction.probability).toFixed(1);
-      item.innerHTML = `<span class="label"></span><span class="prob">${pct}%</span><span class="bar"><span style="width:${pct}%"></span></span>`;
+      item.innerHTML = `<span class="label"></span><span class="prob">${pct}%</span><span class="bar"><span></span></span>`;
       item.querySelector(".label").textContent = prediction.label;
+      // set through the CSSOM, which the page's Content-Security-Policy (style-src 'self') allows
+      item.querySelector(".bar > span").style.width = `${pct}%`;
       const choose = () => {
         if (!hasMap) return;
         state.active = prediction.class_id;

@@ -148,6 +148,13 @@ def test_upload_explain_switch_class_and_errors(
     items = driver.find_elements(By.CSS_SELECTOR, "#predictions li")
     labels = [item.find_element(By.CSS_SELECTOR, ".label").text for item in items]
     assert all(label in LABELS for label in labels) and len(set(labels)) == 3
+    # each probability bar is as wide as its percentage (set through the CSSOM: the page's CSP
+    # refuses inline style attributes)
+    for item in items:
+        percent = item.find_element(By.CSS_SELECTOR, ".prob").text
+        bar = item.find_element(By.CSS_SELECTOR, ".bar > span")
+        width = driver.execute_script("return arguments[0].style.width;", bar)
+        assert width.endswith("%") and float(width[:-1]) == pytest.approx(float(percent[:-1])), width
     first_class = items[0].get_attribute("data-class-id")
     canvas = driver.find_element(By.ID, "canvas")
     assert canvas.get_attribute("data-class-id") == first_class
