@@ -417,6 +417,12 @@ async def _infer(name: str, request: Request, service: Service) -> Response:
         )
     tensor_input = inference.inputs[0]
     raw = _binary_inputs(inference.inputs, binary)[0]
+    declared = tensor_input.shape[0] if tensor_input.shape else None
+    if isinstance(declared, int) and 0 < declared <= limits.max_images_per_request:
+        # before any decoding, as /v1 does: room in the queue, and an answer of bounded size (a
+        # malformed input is refused by its own checks below)
+        batcher.check_room(declared)
+        _check_json_maps(outputs, options, targets, declared, loaded, limits.max_json_map_values)
     if tensor_input.name == INPUT_BYTES:
         tensors = await _images_from_bytes(tensor_input, raw, service, loaded)
     elif tensor_input.name == INPUT_TENSOR:
@@ -429,7 +435,6 @@ async def _infer(name: str, request: Request, service: Service) -> Response:
             f"image files) or {INPUT_TENSOR!r} (FP32 [N, 3, H, W])"
         )
     request.state.images = len(tensors)
-    _check_json_maps(outputs, options, targets, len(tensors), loaded, limits.max_json_map_values)
 
     items = [
         BatchItem(image=tensor, options=cam_options, targets=targets, top_k=options.top_k)

@@ -373,6 +373,9 @@ async def test_maps_as_json_numbers_are_bounded(tiny_weights: Path) -> None:
         parameters = {"top_k": 2, "map_size": "input"}  # 2 x 32 x 32 = 2048 numbers
         refused = await client.post(INFER, json=image_request(image_bytes(1), parameters=parameters))
         assert_oip_error(refused, 400, "binary_data", "2048")
+        # checked before decoding: a file that is no image is not even looked at
+        early = await client.post(INFER, json=image_request(b"not an image", parameters=parameters))
+        assert_oip_error(early, 400, "binary_data", "2048")
         binary = {"top_k": 2, "map_size": "input", "binary_data_output": True}
         served = await client.post(INFER, json=image_request(image_bytes(1), parameters=binary))
         assert served.status_code == 200, served.text
