@@ -44,8 +44,13 @@ class JsonFormatter(logging.Formatter):
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
 
 # Control characters as escapes (a newline as \n): a request path such as "/x%0a2026-... INFO ..."
-# must not be able to write a line of its own.
-_ESCAPES = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F)} | {0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"}
+# must not be able to write a line of its own. C0 and C1 controls, DEL, and the Unicode line and
+# paragraph separators (log viewers and str.splitlines break lines there too).
+_ESCAPES = (
+    {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
+    | {0x2028: "\\u2028", 0x2029: "\\u2029"}
+    | {0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"}
+)
 
 
 class TextFormatter(logging.Formatter):

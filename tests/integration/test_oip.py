@@ -242,6 +242,9 @@ async def test_bad_bodies_and_binary_framing(client: httpx.AsyncClient) -> None:
     body, _ = binary_body(image_request(image_bytes(1)))
     length = {"Inference-Header-Content-Length": "\xb2".encode("latin-1")}
     assert_oip_error(await client.post(INFER, content=body, headers=length), 400, "byte count")
+    # one longer than Python converts to an integer (4300 digits)
+    length = {"Inference-Header-Content-Length": "1" * 5000}
+    assert_oip_error(await client.post(INFER, content=body, headers=length), 400, "byte count")
     # an integer past Python's 4300-digit conversion limit, and nesting past the recursion limit
     assert_oip_error(await client.post(INFER, content=b'{"id": ' + b"9" * 5000 + b"}"), 400, "JSON")
     assert_oip_error(await client.post(INFER, content=b"[" * 100_000 + b"]" * 100_000), 400, "nested")

@@ -170,6 +170,9 @@ def test_text_log_lines_cannot_be_forged_through_the_request_path():
     record.request_id = "rid-2"
     line = formatter.format(record)
     assert "\n" not in line and "\\n2026-01-01" in line and line.endswith(" 404")
+    # other characters that end a line for str.splitlines and log viewers: C1 NEL, Unicode separators
+    record.args = ("/x\x85a\u2028b\u2029c\x1ed", 404)
+    assert len(formatter.format(record).splitlines()) == 1
     try:
         raise RuntimeError("boom")
     except RuntimeError:
@@ -287,9 +290,9 @@ async def test_cors_preflight_from_a_foreign_origin_is_refused(tiny_weights):
 
 
 async def test_open_probes_reveal_no_model_list_or_failure_details(tiny_weights):
-    """With API keys set, the probes that need none say whether the service and a model are ready,
-    but not which models exist (an unknown name is a plain 404) nor why one is unavailable (server
-    paths, error texts): /v1/models, behind the key, does. Without keys, /readyz gives the reasons."""
+    """With API keys set, the probes that need none say whether the service and each model are ready,
+    but not why one is unavailable (server paths, error texts), and an unknown name is a plain 404:
+    /v1/models, behind the key, gives the reasons. Without keys, /readyz gives them too."""
     from app.config import ModelSettings
 
     models = [
