@@ -52,8 +52,8 @@ RECIPROCAM_VARIANTS: dict[str, CamOptions] = {
 METHODS: dict[str, str] = {
     "reciprocam": "ViT-ReciproCAM, 3x3 Gaussian masks, class token kept, last block (the published method)",
     "reciprocam-dirac": "ViT-ReciproCAM, Dirac (1x1) masks",
-    "reciprocam-noprefix": "ViT-ReciproCAM, prefix tokens dropped in the masked copies",
-    "reciprocam-dirac-noprefix": "ViT-ReciproCAM, Dirac masks, prefix tokens dropped",
+    "reciprocam-noprefix": "ViT-ReciproCAM, prefix tokens zeroed in the masked copies",
+    "reciprocam-dirac-noprefix": "ViT-ReciproCAM, Dirac masks, prefix tokens zeroed",
     "reciprocam-block-2": "ViT-ReciproCAM on the second-to-last block",
     "rollout": "attention rollout (Abnar & Zuidema 2020), head mean, residual identity",
     "grad-rollout": "gradient-weighted attention rollout (Chefer et al. 2021, generic rule)",

@@ -41,8 +41,11 @@ ModelFn = Callable[[torch.Tensor], torch.Tensor]  # (N, 3, H, W) -> (N, C) logit
 
 
 def average_drop(confidence: torch.Tensor, masked_confidence: torch.Tensor) -> torch.Tensor:
-    """Per-image ``max(0, Y - O) / Y`` (``Y`` = confidence on the image, ``O`` on the masked one)."""
-    return (confidence - masked_confidence).clamp(min=0) / confidence
+    """Per-image ``max(0, Y - O) / Y`` (``Y`` = confidence on the image, ``O`` on the masked one).
+    Where ``Y`` is 0 (a float32 softmax underflows past a logit gap of about 104) there is no
+    confidence to lose: the drop is 0 instead of 0/0, which would make the whole mean NaN."""
+    drop = (confidence - masked_confidence).clamp(min=0)
+    return torch.where(confidence > 0, drop / confidence.clamp(min=torch.finfo(confidence.dtype).tiny), 0.0)
 
 
 def increase_in_confidence(confidence: torch.Tensor, masked_confidence: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,17 @@ def test_average_drop_and_increase_by_hand():
     assert metrics.increase_in_confidence(confidence, masked).tolist() == [0.0, 1.0, 0.0, 0.0]
 
 
+def test_average_drop_of_an_image_without_confidence_is_zero_not_nan():
+    """A float32 softmax underflows to exactly 0 past a logit gap of about 104: such an image has no
+    confidence to lose (drop 0, not 0/0), so the dataset mean stays a number; a tiny positive
+    confidence is still divided by."""
+    confidence = torch.tensor([120.0, 0.0]).softmax(-1)[1:].repeat(2)  # exactly 0.0
+    assert confidence.tolist() == [0.0, 0.0]
+    drops = metrics.average_drop(torch.tensor([0.0, 0.0, 1e-30]), torch.tensor([0.0, 0.3, 0.0]))
+    assert drops.tolist() == [0.0, 0.0, 1.0]
+    assert torch.isfinite(drops).all()
+
+
 def test_pearson_and_coherency_by_hand():
     a = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])
     same_shape_scaled = 2 * a + 5
