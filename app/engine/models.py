@@ -53,12 +53,12 @@ class WeightsSource:
         text = "hub" if source is None else str(source).strip()
         if text in ("", "hub", "pretrained"):
             return cls("hub")
-        if text.startswith("random"):
+        if text == "random" or text.startswith("random:"):
             _, _, seed = text.partition(":")
-            try:
-                return cls("random", seed=int(seed) if seed else 0)
-            except ValueError as exc:
-                raise ModelLoadError(f"invalid weights source {text!r}: expected random:SEED") from exc
+            if seed and not (seed.isascii() and seed.isdigit()):
+                raise ModelLoadError(f"invalid weights source {text!r}: expected random or random:SEED")
+            return cls("random", seed=int(seed) if seed else 0)
+        # anything else is a file, also one whose name starts with "random" (random_init.safetensors)
         return cls("file", path=Path(text).expanduser())
 
     def describe(self) -> str:

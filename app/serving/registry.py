@@ -124,7 +124,7 @@ class ModelRegistry:
     async def load_all(self) -> None:
         """Load every enabled model, local files first (they are quick), then hub downloads."""
         pending = [entry for entry in self.entries.values() if entry.status == "loading"]
-        pending.sort(key=lambda entry: WeightsSource.parse(entry.settings.weights).kind == "hub")
+        pending.sort(key=lambda entry: _is_hub(entry.settings.weights))
         for entry in pending:
             await self._load_one(entry)
 
@@ -251,3 +251,12 @@ def _hub_weights_cached(arch: str) -> bool:
     except Exception:
         return False
     return False
+
+
+def _is_hub(weights: str | None) -> bool:
+    """Whether a model's weights come from the hub (loaded last); an invalid source is not, so that
+    its model fails quickly with its own reason instead of stopping the others from loading."""
+    try:
+        return WeightsSource.parse(weights).kind == "hub"
+    except ModelLoadError:
+        return False

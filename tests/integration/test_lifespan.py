@@ -4,7 +4,7 @@ answers; the first stop's drained state does not leak into the second run."""
 from __future__ import annotations
 
 from app.main import create_app
-from tests.integration.conftest import image_bytes, serving, tiny_settings
+from tests.integration.conftest import image_bytes, running_service, serving, tiny_settings
 
 
 async def _explain_once(app) -> tuple[dict, object]:
@@ -36,3 +36,20 @@ async def test_the_same_app_can_be_started_again_after_a_stop(tiny_weights):
         'reciprocam_http_requests_total{method="POST",route="/v1/models/{name}/explain",status="200"} 2.0'
         in metrics
     )
+
+
+async def test_an_invalid_weights_source_fails_its_model_only(tiny_weights):
+    """A model with weights "random:abc" is unavailable with the reason; the other models load and
+    the service turns ready (the bad source once stopped every model's loading for good)."""
+    from app.config import ModelSettings
+
+    models = [
+        ModelSettings(name="bad", arch="deit_tiny_patch16_224", weights="random:abc"),
+        ModelSettings(name="tiny", weights=str(tiny_weights)),
+    ]
+    async with running_service(tiny_settings(tiny_weights, models=models)) as client:
+        ready = await client.get("/readyz")
+        assert ready.status_code == 200, ready.text
+        statuses = {m["name"]: m for m in ready.json()["models"]}
+        assert statuses["tiny"]["status"] == "ready"
+        assert statuses["bad"]["status"] == "unavailable" and "random:SEED" in statuses["bad"]["reason"]

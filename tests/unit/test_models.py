@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +24,11 @@ def test_weights_source_parsing():
     assert WeightsSource.parse("/tmp/x.pth").kind == "file"
     with pytest.raises(ModelLoadError, match="random:SEED"):
         WeightsSource.parse("random:abc")
+    assert WeightsSource.parse("random") == WeightsSource("random", seed=0)
+    # a file whose name starts with "random" is a file, not random weights
+    assert WeightsSource.parse("random_init.safetensors") == WeightsSource(
+        "file", path=Path("random_init.safetensors")
+    )
 
 
 def test_random_weights_are_seeded_and_described(caplog):
