@@ -107,9 +107,20 @@ def _run_explain(args: argparse.Namespace) -> int:
 _EXTRA_COMMANDS: list[str] = ["app.serving.cli", "app.eval.cli"]
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m app", description=__doc__)
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default="info", type=str.lower, choices=LOG_LEVELS)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_explain(sub)
     for module_name in _EXTRA_COMMANDS:
@@ -125,4 +136,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     handler: Handler = args.handler
-    return int(handler(args) or 0)
+    from app.engine.models import ModelLoadError
+
+    try:
+        return int(handler(args) or 0)
+    except (ModelLoadError, ValueError, OSError) as exc:
+        # Mistakes in what was asked (settings, files, models, option values) end with their message,
+        # not a traceback; with --log-level debug the traceback is kept.
+        if logging.getLogger().isEnabledFor(logging.DEBUG):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -201,8 +201,13 @@ class Settings(BaseSettings):
     hub_probe_timeout_s: float = Field(
         3.0, ge=0, description="quick reachability check of the model hub before a hub download (0 = off)"
     )
-    log_level: str = "info"
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     log_format: Literal["json", "text"] = "json"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _unique_model_names(self) -> Settings:
@@ -240,9 +245,15 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
             import yaml
         except ImportError as exc:  # pragma: no cover - PyYAML ships with uvicorn[standard]
             raise ValueError("reading a YAML config file needs PyYAML; use JSON instead") from exc
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"config file {file_path} is not valid YAML: {exc}") from exc
     else:
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"config file {file_path} is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise ValueError(f"config file {file_path} must hold a mapping at the top level")
     return data

@@ -137,10 +137,13 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
         from safetensors import safe_open
 
         tensors: dict[str, torch.Tensor] = {}
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
-            for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
-                tensors[key] = handle.get_tensor(key)
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = dict(handle.metadata() or {})
+                for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    tensors[key] = handle.get_tensor(key)
+        except Exception as exc:  # the Rust reader's own error type, or an OSError
+            raise ModelLoadError(f"cannot read {path} as a safetensors file: {exc}") from exc
         return tensors, metadata
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
@@ -171,12 +174,18 @@ def load_labels(source: str | os.PathLike[str] | list[str] | None, num_classes: 
         path = Path(source)
         if not path.is_file():
             raise ModelLoadError(f"labels file {path} does not exist")
-        text = path.read_text(encoding="utf-8")
-        if path.suffix == ".json":
-            data = json.loads(text)
-            labels = [str(v) for v in (data if isinstance(data, list) else data["labels"])]
-        else:
-            labels = [line.strip() for line in text.splitlines() if line.strip()]
+        try:
+            text = path.read_text(encoding="utf-8")
+            if path.suffix == ".json":
+                data = json.loads(text)
+                labels = [str(v) for v in (data if isinstance(data, list) else data["labels"])]
+            else:
+                labels = [line.strip() for line in text.splitlines() if line.strip()]
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ModelLoadError(
+                f"labels file {path} is not UTF-8 text with one label a line, or a JSON list or "
+                f'{{"labels": [...]}}: {type(exc).__name__}: {exc}'
+            ) from exc
     if len(labels) != num_classes:
         raise ModelLoadError(f"{len(labels)} labels given for a model with {num_classes} classes")
     return labels
@@ -223,7 +232,12 @@ def create_model(
         assert source.path is not None
         state, metadata = read_state_dict(source.path)
         if "model_kwargs" in metadata:
-            kwargs = {**json.loads(metadata["model_kwargs"]), **kwargs}
+            try:
+                kwargs = {**json.loads(metadata["model_kwargs"]), **kwargs}
+            except (json.JSONDecodeError, TypeError) as exc:
+                raise ModelLoadError(
+                    f"{source.path}: its model_kwargs metadata is not a JSON object"
+                ) from exc
         arch = arch or metadata.get("arch")
         file_classes = _num_classes_in(state)
         if num_classes is None and file_classes is not None:

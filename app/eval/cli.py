@@ -8,6 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
+from app.cli import positive_int
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "shapes_vit.safetensors"
@@ -30,7 +32,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--train-count", type=int, default=defaults.train_count)
     parser.add_argument("--val-seed", type=int, default=defaults.val_seed)
     parser.add_argument("--val-count", type=int, default=defaults.val_count)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs)
     parser.add_argument(
@@ -55,7 +57,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--embed-dim", type=int, default=MODEL_KWARGS["embed_dim"], help="token width")
     parser.add_argument("--heads", type=int, default=MODEL_KWARGS["num_heads"], help="attention heads")
     parser.add_argument("--init", default=None, help="continue from these weights (.safetensors)")
-    parser.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads")
+    parser.add_argument("--threads", type=positive_int, default=defaults.threads, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(handler=_run_train)
 
@@ -157,7 +159,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         default="rollout",
         help="method the others' pointing hits are paired against (wins, losses, exact McNemar p)",
     )
-    parser.add_argument("--batch-size", type=int, default=25)
+    parser.add_argument("--batch-size", type=positive_int, default=25)
     parser.add_argument("--figure-images", type=int, default=6, help="rows in the PNG grid")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")

@@ -19,13 +19,29 @@ from app.config import CONFIG_FILE_ENV
 def add_commands(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("serve", help="run the HTTP inference-and-explanation service")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 in containers)")
-    parser.add_argument("--port", type=int, default=8000)
+    from app.cli import LOG_LEVELS, positive_int
+
+    parser.add_argument("--port", type=_port, default=8000)
     parser.add_argument("--config", default=None, help="settings file (JSON or YAML)")
-    parser.add_argument("--workers", type=int, default=1, help="worker processes (each loads the models)")
     parser.add_argument(
-        "--log-level", dest="serve_log_level", default=None, help="debug | info | warning (default: settings)"
+        "--workers", type=positive_int, default=1, help="worker processes (each loads the models)"
+    )
+    parser.add_argument(
+        "--log-level",
+        dest="serve_log_level",
+        default=None,
+        type=str.lower,
+        choices=LOG_LEVELS,
+        help="default: the log_level setting",
     )
     parser.set_defaults(handler=run_serve)
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 0 to 65535, not {value}")
+    return value
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -110,3 +110,31 @@ async def test_the_service_applies_its_torch_threads_setting(monkeypatch):
     finally:
         torch.set_num_threads(before)
         await service.stop()
+
+
+def test_mistakes_end_with_a_message_not_a_traceback(tmp_path, capsys, monkeypatch):
+    """A corrupt weights file, a labels file in the wrong shape, a config file that does not parse
+    and out-of-range option values: exit status 2 and one clear message on stderr."""
+    import pytest
+
+    image = tmp_path / "img.png"
+    Image.new("RGB", (40, 40), (10, 200, 30)).save(image)
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x00\x01not safetensors")
+    assert main(["explain", str(image), "--weights", str(corrupt), "--model", "vit_tiny_patch16_224"]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    weights = save_self_describing(tmp_path / "tiny.safetensors", "deit_tiny")
+    labels = tmp_path / "labels.json"
+    labels.write_text('{"names": ["a"]}', encoding="utf-8")
+    assert main(["explain", str(image), "--weights", str(weights), "--labels", str(labels)]) == 2
+    assert "labels file" in capsys.readouterr().err
+    bad_yaml = tmp_path / "settings.yaml"
+    bad_yaml.write_text("batch: [unclosed\n", encoding="utf-8")
+    # serve passes the file on to its workers through the environment: restored after the test
+    monkeypatch.setenv("RECIPROCAM_CONFIG_FILE", str(bad_yaml))
+    assert main(["serve", "--config", str(bad_yaml)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    for argv in (["serve", "--port", "99999"], ["serve", "--workers", "0"], ["--log-level", "loud", "serve"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2, argv
