@@ -43,6 +43,28 @@ class ModelSettings(BaseModel):
     target_block: int = Field(-1, description="default target block of the explanation (-1 = last)")
     enabled: bool = True
 
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        """A device torch knows by name (whether it is present is found out when the model loads)."""
+        if value == "auto":
+            return value
+        import torch
+
+        try:
+            torch.device(value)
+        except (RuntimeError, ValueError) as exc:
+            raise ValueError(f"device {value!r} is not auto, cpu, cuda or cuda:N") from exc
+        return value
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_source(cls, value: str) -> str:
+        text = value.strip()
+        if text.startswith("random:") and not text[len("random:") :].isdigit():
+            raise ValueError(f"weights {value!r}: random weights are random or random:SEED (an integer)")
+        return value
+
 
 def default_models() -> list[ModelSettings]:
     return [
@@ -149,7 +171,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
         env_nested_delimiter="__",
-        extra="ignore",
+        extra="forbid",  # a misspelt key in a config file is an error, not a silent default
         protected_namespaces=(),
     )
 

@@ -39,14 +39,15 @@ async def test_the_same_app_can_be_started_again_after_a_stop(tiny_weights):
 
 
 async def test_an_invalid_weights_source_fails_its_model_only(tiny_weights):
-    """A model with weights "random:abc" is unavailable with the reason; the other models load and
-    the service turns ready (the bad source once stopped every model's loading for good)."""
+    """A model whose weights source cannot be parsed is unavailable with the reason; the other models
+    load and the service turns ready (such a source once stopped every model's loading for good).
+    The settings refuse "random:abc" already; built past that check, the registry must still cope."""
     from app.config import ModelSettings
 
-    models = [
-        ModelSettings(name="bad", arch="deit_tiny_patch16_224", weights="random:abc"),
-        ModelSettings(name="tiny", weights=str(tiny_weights)),
-    ]
+    bad = ModelSettings.model_construct(
+        **{**ModelSettings(name="bad").model_dump(), "arch": "deit_tiny_patch16_224", "weights": "random:abc"}
+    )
+    models = [bad, ModelSettings(name="tiny", weights=str(tiny_weights))]
     async with running_service(tiny_settings(tiny_weights, models=models)) as client:
         ready = await client.get("/readyz")
         assert ready.status_code == 200, ready.text

@@ -81,3 +81,29 @@ def test_invalid_settings_are_refused():
         Settings(cuda_wait="yield")
     with pytest.raises(ValidationError):
         Settings(torch_threads=0)
+
+
+def test_mistakes_in_settings_are_refused_at_start_up(tmp_path, monkeypatch):
+    """A misspelt key in a config file, a device torch does not know and a malformed random:SEED
+    are errors when the settings load, not silent defaults or failures later."""
+    import json
+
+    import pytest
+    from pydantic import ValidationError
+
+    from app.config import ModelSettings, Settings
+
+    typo = tmp_path / "settings.json"
+    typo.write_text(json.dumps({"batchs": {"max_batch_images": 4}}), encoding="utf-8")
+    monkeypatch.setenv("RECIPROCAM_CONFIG_FILE", str(typo))
+    with pytest.raises(ValidationError, match="batchs"):
+        Settings()
+    monkeypatch.delenv("RECIPROCAM_CONFIG_FILE")
+    with pytest.raises(ValidationError, match="device 'gpu'"):
+        ModelSettings(name="m", device="gpu")
+    with pytest.raises(ValidationError, match="random:SEED"):
+        ModelSettings(name="m", weights="random:abc")
+    assert ModelSettings(name="m", device="cuda:1", weights="random:7").device == "cuda:1"
+    assert Settings(log_level="DEBUG").log_level == "debug"
+    with pytest.raises(ValidationError):
+        Settings(log_level="verbose")
