@@ -16,6 +16,17 @@ DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "shapes_v
 DEFAULT_EVAL_SEED = 1000  # training uses seeds 0 (train) and 1 (validation)
 
 
+def _safetensors_path(text: str) -> Path:
+    """argparse type: the weights are written as safetensors, so the name must say so (a .pth name
+    would be read back as a torch checkpoint, and fail)."""
+    path = Path(text)
+    if path.suffix != ".safetensors":
+        raise argparse.ArgumentTypeError(
+            f"{text}: the weights are written as safetensors; name the file *.safetensors"
+        )
+    return path
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     _add_train(sub)
     _add_eval(sub)
@@ -26,7 +37,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
     defaults = TrainConfig()
     parser = sub.add_parser("train", help="train the small shapes ViT on synthetic data")
-    parser.add_argument("--out", type=Path, default=DEFAULT_WEIGHTS, help="output .safetensors file")
+    parser.add_argument(
+        "--out", type=_safetensors_path, default=DEFAULT_WEIGHTS, help="output .safetensors file"
+    )
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
     parser.add_argument("--seed", type=int, default=defaults.seed, help="training data and init seed")
     parser.add_argument("--train-count", type=int, default=defaults.train_count)

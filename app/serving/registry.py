@@ -168,8 +168,18 @@ class ModelRegistry:
 
     def _load_blocking(self, model_settings: ModelSettings) -> LoadedModel:
         weights = resolve_weights(model_settings.weights)
-        if weights == "hub" and self.settings.hub_probe_timeout_s > 0:
-            check_hub_reachable(model_settings.arch, self.settings.hub_probe_timeout_s)
+        if weights == "hub":
+            # a misspelt or missing architecture is its own reason, not "the hub cannot be reached"
+            import timm
+
+            if not model_settings.arch:
+                raise ModelLoadError(
+                    "hub weights need an architecture (arch), such as deit_small_patch16_224"
+                )
+            if not timm.is_model(model_settings.arch):
+                raise ModelLoadError(f"unknown timm architecture {model_settings.arch!r}")
+            if self.settings.hub_probe_timeout_s > 0:
+                check_hub_reachable(model_settings.arch, self.settings.hub_probe_timeout_s)
         loaded = load_model(
             model_settings.arch,
             weights,

@@ -134,7 +134,12 @@ def test_mistakes_end_with_a_message_not_a_traceback(tmp_path, capsys, monkeypat
     monkeypatch.setenv("RECIPROCAM_CONFIG_FILE", str(bad_yaml))
     assert main(["serve", "--config", str(bad_yaml)]) == 2
     assert "not valid YAML" in capsys.readouterr().err
-    for argv in (["serve", "--port", "99999"], ["serve", "--workers", "0"], ["--log-level", "loud", "serve"]):
+    for argv in (
+        ["serve", "--port", "99999"],
+        ["serve", "--workers", "0"],
+        ["--log-level", "loud", "serve"],
+        ["train", "--out", str(tmp_path / "weights.pth")],  # written as safetensors whatever the name
+    ):
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
         assert exit_info.value.code == 2, argv

@@ -42,3 +42,22 @@ def test_the_cuda_wait_setting_reaches_the_engine(wait):
     settings = Settings(models=[model], cuda_wait=wait)
     loaded = ModelRegistry(settings, ServiceMetrics())._load_blocking(settings.models[0])
     assert loaded.engine.host_wait == wait
+
+
+def test_a_misspelt_or_missing_hub_architecture_is_named_as_such(monkeypatch):
+    """Hub weights for an architecture timm does not know, or for none at all, are refused with that
+    reason before the hub is tried (not "the hub cannot be reached")."""
+    from app.config import Settings
+    from app.serving.metrics import ServiceMetrics
+    from app.serving.registry import ModelRegistry
+
+    def unreachable(arch, timeout_s):
+        raise AssertionError("the hub was probed")
+
+    monkeypatch.setattr("app.serving.registry.check_hub_reachable", unreachable)
+    settings = Settings(models=[{"name": "typo", "arch": "deit_smal_patch16_224"}, {"name": "none"}])
+    registry = ModelRegistry(settings, ServiceMetrics())
+    with pytest.raises(ModelLoadError, match="unknown timm architecture 'deit_smal_patch16_224'"):
+        registry._load_blocking(settings.models[0])
+    with pytest.raises(ModelLoadError, match="need an architecture"):
+        registry._load_blocking(settings.models[1])
