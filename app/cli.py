@@ -107,7 +107,7 @@ def _run_explain(args: argparse.Namespace) -> int:
 _EXTRA_COMMANDS: list[str] = ["app.serving.cli", "app.eval.cli"]
 
 
-LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_LEVELS = ("trace", "debug", "info", "warning", "error", "critical")  # trace: uvicorn's, below debug
 
 
 def positive_int(text: str) -> int:
@@ -132,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    logging.addLevelName(5, "TRACE")  # uvicorn's level below DEBUG
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -61,7 +61,7 @@ class ModelSettings(BaseModel):
     @classmethod
     def _weights_source(cls, value: str) -> str:
         text = value.strip()
-        if text.startswith("random:") and not text[len("random:") :].isdigit():
+        if text.startswith("random:") and not re.fullmatch(r"-?[0-9]{1,19}", text[len("random:") :]):
             raise ValueError(f"weights {value!r}: random weights are random or random:SEED (an integer)")
         return value
 
@@ -223,7 +223,7 @@ class Settings(BaseSettings):
     hub_probe_timeout_s: float = Field(
         3.0, ge=0, description="quick reachability check of the model hub before a hub download (0 = off)"
     )
-    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    log_level: Literal["trace", "debug", "info", "warning", "error", "critical"] = "info"
     log_format: Literal["json", "text"] = "json"
 
     @field_validator("log_level", mode="before")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -32,6 +33,10 @@ logger = logging.getLogger(__name__)
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _WRAPPER_KEYS = ("model", "state_dict", "model_state", "model_state_dict", "module")
+
+
+# the seed of "random:SEED" weights: an integer in ASCII digits
+RANDOM_SEED = re.compile(r"-?[0-9]{1,19}")
 
 
 class ModelLoadError(RuntimeError):
@@ -54,8 +59,8 @@ class WeightsSource:
         if text in ("", "hub", "pretrained"):
             return cls("hub")
         if text == "random" or text.startswith("random:"):
-            _, _, seed = text.partition(":")
-            if seed and not (seed.isascii() and seed.isdigit()):
+            _, colon, seed = text.partition(":")
+            if colon and not RANDOM_SEED.fullmatch(seed):
                 raise ModelLoadError(f"invalid weights source {text!r}: expected random or random:SEED")
             return cls("random", seed=int(seed) if seed else 0)
         # anything else is a file, also one whose name starts with "random" (random_init.safetensors)

@@ -45,7 +45,8 @@ def average_drop(confidence: torch.Tensor, masked_confidence: torch.Tensor) -> t
     Where ``Y`` is 0 (a float32 softmax underflows past a logit gap of about 104) there is no
     confidence to lose: the drop is 0 instead of 0/0, which would make the whole mean NaN."""
     drop = (confidence - masked_confidence).clamp(min=0)
-    return torch.where(confidence > 0, drop / confidence.clamp(min=torch.finfo(confidence.dtype).tiny), 0.0)
+    positive = confidence > 0
+    return torch.where(positive, drop / torch.where(positive, confidence, torch.ones_like(confidence)), 0.0)
 
 
 def increase_in_confidence(confidence: torch.Tensor, masked_confidence: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,9 @@ def test_average_drop_of_an_image_without_confidence_is_zero_not_nan():
     assert confidence.tolist() == [0.0, 0.0]
     drops = metrics.average_drop(torch.tensor([0.0, 0.0, 1e-30]), torch.tensor([0.0, 0.3, 0.0]))
     assert drops.tolist() == [0.0, 0.0, 1.0]
+    # subnormal confidences (a logit gap of 87 to 104) are divided by as they are
+    subnormal = metrics.average_drop(torch.tensor([1e-40, 1e-40]), torch.tensor([5e-41, 0.0]))
+    assert subnormal.tolist() == pytest.approx([0.5, 1.0], rel=1e-3)
     assert torch.isfinite(drops).all()
 
 
