@@ -114,9 +114,24 @@ async def _serve(request: Request, service: Service, name: str, *, explain: bool
         else:
             height, width = loaded.preprocessor.config.input_size
             sizes = [(width, height)] * len(images)
-        _check_map_pixels(sizes, render.map_size, classes, limits.max_map_pixels)
+        _check_map_count(
+            sizes,
+            render.map_size,
+            classes,
+            limits.max_map_pixels,
+            what="map pixels",
+            advice="map_size=input or grid",
+        )
         if "json" in render.encodings:
-            _check_json_values(sizes, render.map_size, classes, limits.max_json_map_values)
+            # as text a JSON number takes about 9 bytes, about 6 times the pixel's 8-bit PNG
+            _check_map_count(
+                sizes,
+                render.map_size,
+                classes,
+                limits.max_json_map_values,
+                what="JSON numbers",
+                advice="the png or heatmap encoding, map_size=grid",
+            )
     keep_original = render is not None and render.map_size == "original" and "overlay" in render.encodings
     # Originals kept for overlays on the posted image stay in memory until the answer is written:
     # their pixels count against a budget shared by all requests in flight.
@@ -184,38 +199,27 @@ def _upright_sizes(
     return sizes
 
 
-def _check_json_values(sizes: list[tuple[int, int]], map_size: str, classes: int, limit: int) -> None:
-    """Refuse, before decoding and compute, maps asked for as JSON numbers beyond ``limit`` values:
-    as text they take about 9 bytes each, about 6 times the pixels' 8-bit PNG."""
-    total = classes * sum(width * height for width, height in sizes)
-    if total > limit:
-        raise ServiceError(
-            422,
-            "maps_too_large",
-            f"{len(sizes)} image(s) x {classes} class(es) at map_size={map_size} would be {total} JSON "
-            f"numbers, more than the limit of {limit}; ask for the png or heatmap encoding, "
-            "map_size=grid, fewer classes or fewer images per request",
-        )
-
-
 def _decode_error(exc: ImageDecodeError, count: int) -> ServiceError:
     """The API error of an image that cannot be used, naming it when the request holds several."""
     prefix = f"image {exc.index}: " if count > 1 else ""
     return ServiceError(exc.status, exc.code, f"{prefix}{exc}")
 
 
-def _check_map_pixels(sizes: list[tuple[int, int]], map_size: str, classes: int, limit: int) -> None:
+def _check_map_count(
+    sizes: list[tuple[int, int]], map_size: str, classes: int, limit: int, *, what: str, advice: str
+) -> None:
     """Refuse, before decoding and compute, a request whose maps would hold more than ``limit``
-    pixels (``sizes``: each image's map (width, height); unreadable headers count as 0, and their
-    decoding then reports the error)."""
+    values (``sizes``: each image's map (width, height); unreadable headers count as 0, and their
+    decoding then reports the error). ``what``: the values counted, ``advice``: what to ask for
+    instead."""
     total = classes * sum(width * height for width, height in sizes)
     if total > limit:
         raise ServiceError(
             422,
             "maps_too_large",
-            f"{len(sizes)} image(s) x {classes} class(es) at map_size={map_size} would be {total} map "
-            f"pixels, more than the limit of {limit}; ask for map_size=input or grid, fewer classes or "
-            "fewer images per request",
+            f"{len(sizes)} image(s) x {classes} class(es) at map_size={map_size} would be {total} "
+            f"{what}, more than the limit of {limit}; ask for {advice}, fewer classes or fewer images "
+            "per request",
         )
 
 
