@@ -333,7 +333,10 @@ class ModelListSource(PydanticBaseSettingsSource):
             parts = match.group(2).lower().split("__")
             for part in parts[:-1]:
                 target = target.setdefault(part, {})
-            target[parts[-1]] = _parse_env_value(raw)
+            # model_kwargs are free-form (dict[str, Any]): "64" or "true" there means the number or
+            # the boolean, which timm needs; typed fields are converted by their own validation
+            free_form = parts[0] == "model_kwargs" and len(parts) > 1
+            target[parts[-1]] = _parse_env_value(raw, scalars=free_form)
         if not overrides:
             return {}
         base: list[dict[str, Any]]
@@ -358,12 +361,14 @@ class ModelListSource(PydanticBaseSettingsSource):
         return {"models": merged}
 
 
-def _parse_env_value(raw: str) -> Any:
+def _parse_env_value(raw: str, *, scalars: bool = False) -> Any:
+    """JSON lists and objects as such; with ``scalars``, also JSON numbers, booleans and null; any
+    other text as the string it is."""
     text = raw.strip()
-    if text[:1] in ("[", "{"):
+    if text[:1] in ("[", "{") or scalars:
         try:
             return json.loads(text)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             return raw
     return raw
 

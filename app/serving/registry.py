@@ -118,6 +118,8 @@ class ModelRegistry:
 
     # ---------------------------------------------------------------- loading
     def start_loading(self) -> asyncio.Task[None]:
+        if not any(entry.settings.enabled for entry in self.entries.values()):
+            logger.warning("no model is configured and enabled: readiness will stay 503 (unavailable)")
         self._load_task = asyncio.get_running_loop().create_task(self.load_all(), name="model-loading")
         return self._load_task
 

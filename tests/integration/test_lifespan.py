@@ -54,3 +54,15 @@ async def test_an_invalid_weights_source_fails_its_model_only(tiny_weights):
         statuses = {m["name"]: m for m in ready.json()["models"]}
         assert statuses["tiny"]["status"] == "ready"
         assert statuses["bad"]["status"] == "unavailable" and "random:SEED" in statuses["bad"]["reason"]
+
+
+async def test_a_service_without_models_says_so(tiny_weights, caplog):
+    """An empty model list is allowed (tests use it) but can never be ready: a warning at start-up
+    says so, and readiness answers 503 unavailable."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="app.serving.registry")
+    async with running_service(tiny_settings(tiny_weights, models=[]), wait_ready=False) as client:
+        ready = await client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["status"] == "unavailable"
+    assert any("no model is configured" in record.getMessage() for record in caplog.records)

@@ -107,3 +107,17 @@ def test_mistakes_in_settings_are_refused_at_start_up(tmp_path, monkeypatch):
     assert Settings(log_level="DEBUG").log_level == "debug"
     with pytest.raises(ValidationError):
         Settings(log_level="verbose")
+
+
+def test_indexed_model_kwargs_keep_their_json_types(monkeypatch):
+    """RECIPROCAM_MODELS__0__MODEL_KWARGS__<KEY> feeds timm.create_model, which needs numbers and
+    booleans, not their text; text that is not JSON stays a string."""
+    from app.config import Settings
+
+    monkeypatch.setenv("RECIPROCAM_MODELS__0__MODEL_KWARGS__IMG_SIZE", "64")
+    monkeypatch.setenv("RECIPROCAM_MODELS__0__MODEL_KWARGS__CLASS_TOKEN", "false")
+    monkeypatch.setenv("RECIPROCAM_MODELS__0__MODEL_KWARGS__GLOBAL_POOL", "avg")
+    monkeypatch.setenv("RECIPROCAM_MODELS__0__TARGET_BLOCK", "-2")
+    model = Settings().models[0]
+    assert model.model_kwargs == {"img_size": 64, "class_token": False, "global_pool": "avg"}
+    assert model.target_block == -2
