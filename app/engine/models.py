@@ -178,7 +178,8 @@ def load_labels(source: str | os.PathLike[str] | list[str] | None, num_classes: 
     else:
         path = Path(source)
         if not path.is_file():
-            raise ModelLoadError(f"labels file {path} does not exist")
+            what = "is a directory, not a file" if path.is_dir() else "does not exist"
+            raise ModelLoadError(f"labels file {path} {what}")
         try:
             text = path.read_text(encoding="utf-8")
             if path.suffix == ".json":

@@ -78,6 +78,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     from app.eval.train import MODEL_KWARGS, TrainConfig, model_card, save_weights, train
 
+    args.out.parent.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails now, not after training
+
     config = TrainConfig(
         seed=args.seed,
         train_count=args.train_count,
@@ -211,6 +213,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails now, not after the work
     methods = [name.strip() for name in args.methods.split(",") if name.strip()]
     unknown = [name for name in methods if name not in METHODS]
     if unknown or not methods:
@@ -279,14 +282,16 @@ def _run_eval(args: argparse.Namespace) -> int:
     (args.out / "results.md").write_text(
         f"{summary}\n\n{table}\n" + (f"\n{pairs}" if pairs else ""), encoding="utf-8"
     )
+    written = [args.out / "results.csv", args.out / "results.md"]
     if report.figure_pixels is not None:
         figure(report).save(args.out / "eval_grid.png", optimize=True)
+        written.append(args.out / "eval_grid.png")
     print(summary)
     print(text_table(report))
     if pairs:
         print()
         print(pairs.rstrip())
-    print(f"wrote {args.out / 'results.csv'}, {args.out / 'results.md'}, {args.out / 'eval_grid.png'}")
+    print("wrote " + ", ".join(str(path) for path in written))
     return 0
 
 

@@ -134,6 +134,12 @@ def test_mistakes_end_with_a_message_not_a_traceback(tmp_path, capsys, monkeypat
     monkeypatch.setenv("RECIPROCAM_CONFIG_FILE", str(bad_yaml))
     assert main(["serve", "--config", str(bad_yaml)]) == 2
     assert "not valid YAML" in capsys.readouterr().err
+    # an output path under a file cannot be made: found before any work, not after it
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x", encoding="utf-8")
+    assert main(["eval", "--out", str(blocker / "out"), "--limit", "2"]) == 2
+    assert main(["train", "--out", str(blocker / "w.safetensors"), "--epochs", "1"]) == 2
+    assert "a-file" in capsys.readouterr().err
     for argv in (
         ["serve", "--port", "99999"],
         ["serve", "--workers", "0"],
