@@ -308,8 +308,7 @@ async def model_ready(name: str, service: Service = Depends(get_service)) -> Res
 )
 async def model_version_ready(name: str, version: str, service: Service = Depends(get_service)) -> Response:
     _probed_entry(service, name)
-    if version != MODEL_VERSION:
-        raise OipError(404, f"model {name!r} has no version {version!r}")
+    _require_version(name, version)
     return await model_ready(name, service)
 
 
@@ -345,6 +344,10 @@ def describe_model(name: str, loaded: LoadedModel) -> dict[str, Any]:
 
 def _check_version(service: Service, name: str, version: str) -> None:
     service.registry.get(name)
+    _require_version(name, version)
+
+
+def _require_version(name: str, version: str) -> None:
     if version != MODEL_VERSION:
         raise OipError(404, f"model {name!r} has no version {version!r} (versions: {MODEL_VERSION})")
 

@@ -260,7 +260,6 @@ def _run_eval(args: argparse.Namespace) -> int:
         figure_images=args.figure_images,
         progress=not args.no_progress,
     )
-    args.out.mkdir(parents=True, exist_ok=True)
     accuracy = "n/a" if report.accuracy is None else f"{100 * report.accuracy:.2f}%"
     summary = (
         f"model: {loaded.name} ({loaded.weights}); data: {source}; images: {report.images}; "
@@ -310,7 +309,6 @@ def _run_pairs(args: argparse.Namespace, loaded, methods: list[str]) -> int:  # 
         figure_images=args.figure_images,
         progress=not args.no_progress,
     )
-    args.out.mkdir(parents=True, exist_ok=True)
     summary = (
         f"model: {loaded.name} ({loaded.weights}); data: two-object synthetic shapes, seed {args.seed}; "
         f"images: {report.images} ({2 * report.images} objects); the two most probable classes are the "

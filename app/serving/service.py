@@ -180,7 +180,7 @@ class Service:
         self._stopped = True  # even if closing fails below, a later start() begins afresh
         self.begin_drain()
         # One deadline for the whole drain: the server's graceful shutdown already used part of it
-        # since SIGTERM, so the queues get what is left (shutdown stays within the orchestrator's grace).
+        # since SIGTERM, so the queues get what is left (a batch already computing still ends first).
         elapsed = time.monotonic() - self._drain_started
         await self.registry.close(max(0.0, self.settings.drain_timeout_s - elapsed))
         self.io_pool.shutdown(wait=False, cancel_futures=True)
