@@ -60,9 +60,13 @@ class ModelSettings(BaseModel):
     @field_validator("weights")
     @classmethod
     def _weights_source(cls, value: str) -> str:
-        text = value.strip()
-        if text.startswith("random:") and not re.fullmatch(r"-?[0-9]{1,19}", text[len("random:") :]):
-            raise ValueError(f"weights {value!r}: random weights are random or random:SEED (an integer)")
+        """A source the model loader can parse (``random:SEED`` with an integer seed, say)."""
+        from app.engine.models import ModelLoadError, WeightsSource
+
+        try:
+            WeightsSource.parse(value)
+        except ModelLoadError as exc:
+            raise ValueError(str(exc)) from exc
         return value
 
 
