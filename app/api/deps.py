@@ -38,10 +38,7 @@ def _check_key(service: Service, bearer: HTTPAuthorizationCredentials | None, he
     valid = [key_is_valid(candidate, accepted) for candidate in candidates]  # each one checked
     if not any(valid):
         raise ServiceError(
-            401,
-            "unauthorized",
-            "a valid API key is required (Authorization: Bearer <key> or X-API-Key: <key>)",
-            headers={"WWW-Authenticate": "Bearer"},
+            "unauthorized", "a valid API key is required (Authorization: Bearer <key> or X-API-Key: <key>)"
         )
 
 

@@ -9,6 +9,8 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
+from app.serving.options import COLORMAPS
+
 # Anchor colours sampled from the usual perceptual colour maps, interpolated linearly to 256 entries.
 _ANCHORS: dict[str, list[tuple[int, int, int]]] = {
     "viridis": [
@@ -35,7 +37,6 @@ _ANCHORS: dict[str, list[tuple[int, int, int]]] = {
     ],
     "gray": [(0, 0, 0), (255, 255, 255)],
 }
-COLORMAPS: tuple[str, ...] = ("jet", "viridis", "inferno", "gray")
 
 
 @lru_cache(maxsize=8)
