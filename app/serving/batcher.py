@@ -334,7 +334,7 @@ class Batcher:
                 continue
             job.future.set_result(
                 BatchOutcome(
-                    results=results,  # type: ignore[arg-type]
+                    results=[r for r in results if isinstance(r, ImageExplanation)],
                     queue_ms=(started - job.enqueued) * 1000.0,
                     compute_ms=compute_ms,
                     batch_images=len(items),

@@ -38,7 +38,7 @@ async def gather_all(awaitables: Iterable[Awaitable[T]]) -> list[T]:
     for result in results:
         if isinstance(result, BaseException):
             raise result
-    return results  # type: ignore[return-value]
+    return [result for result in results if not isinstance(result, BaseException)]
 
 
 class Service:

@@ -143,7 +143,7 @@ def _serialize(array: np.ndarray, datatype: str) -> bytes:
 def _json_data(array: np.ndarray, datatype: str) -> list[Any]:
     if datatype == "BYTES":
         return [str(element) for element in array.ravel()]
-    values = array.ravel().tolist()
+    values: list[Any] = array.ravel().tolist()
     if datatype == "FP32" and not np.isfinite(array).all():
         return [value if math.isfinite(value) else None for value in values]
     return values

@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException
 
 from app.api.encoding import decode_base64
 from app.api.errors import describe_validation_errors
+from app.api.v1.schemas import ImageData
 from app.serving.errors import ServiceError
 
 OptionsT = TypeVar("OptionsT", bound=BaseModel)
@@ -146,7 +147,8 @@ def _from_json(body: bytes, json_model: type[BaseModel]) -> tuple[list[bytes], d
         validated = json_model.model_validate(document)
     except ValidationError as exc:
         raise ServiceError("invalid_options", describe_validation_errors(exc.errors())) from exc
-    images = [decode_base64(entry.data, index) for index, entry in enumerate(validated.images)]  # type: ignore[attr-defined]
+    entries: list[ImageData] = getattr(validated, "images", [])
+    images = [decode_base64(entry.data, index) for index, entry in enumerate(entries)]
     options = {key: value for key, value in document.items() if key != "images"}
     return images, options
 
