@@ -81,7 +81,16 @@ async def run(
             for index, (result, image) in enumerate(zip(outcome.results, prepared, strict=True))
         )
     kind = "explain" if explain is not None else "predict"
-    service.metrics.images.labels(request.model, kind).inc(count)
+    metrics = service.metrics
+    metrics.images.labels(request.model, kind).inc(count)
+    metrics.observe_stage(request.model, "queue", outcome.queue_ms / 1000.0 * count, count)
+    per_image_compute = outcome.compute_ms / 1000.0 / max(1, outcome.batch_images)
+    metrics.observe_stage(request.model, "compute", per_image_compute * count, count)
+    for image, rendered_image in zip(prepared, rendered, strict=True):
+        if image is not None:
+            for stage in ("decode", "preprocess"):
+                metrics.observe_stage(request.model, stage, image.cpu_seconds.get(stage, 0.0))
+        metrics.observe_stage(request.model, "render", rendered_image.render_seconds)
     return InferenceResult(
         model=request.model,
         images=rendered,

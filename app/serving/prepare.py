@@ -3,6 +3,7 @@ uint8 pixels until the batch is normalised on the model's device."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,6 +30,8 @@ class PreparedImage:
     input_pixels: np.ndarray  # (H, W, 3) uint8: the model input before normalisation
     original: np.ndarray | None  # (H0, W0, 3) uint8, kept only when an overlay on it is wanted
     preprocessor: Preprocessor = field(repr=False)
+    # CPU seconds of the decoding thread: {"decode": ..., "preprocess": ...}
+    cpu_seconds: dict[str, float] = field(default_factory=dict, repr=False)
 
     @property
     def pixels(self) -> torch.Tensor:
@@ -67,6 +70,7 @@ def prepare_image(
     ``Preprocessor.to_pixels``'s ``window_only``).
     """
     reduce = reduced_jpeg_decode and not keep_original
+    started = time.thread_time()
     decoded = decode(
         data,
         max_pixels=max_pixels,
@@ -75,6 +79,7 @@ def prepare_image(
     )
     image = decoded.image
     _check_resize(preprocessor, decoded.original_size, max_pixels)
+    decoded_at = time.thread_time()
     pixels, geometry = preprocessor.to_pixels(
         image,
         decoded.original_size,
@@ -82,7 +87,14 @@ def prepare_image(
         window_only=window_resize,
     )
     original = np.asarray(image) if keep_original else None
-    return PreparedImage(geometry=geometry, input_pixels=pixels, original=original, preprocessor=preprocessor)
+    cpu_seconds = {"decode": decoded_at - started, "preprocess": time.thread_time() - decoded_at}
+    return PreparedImage(
+        geometry=geometry,
+        input_pixels=pixels,
+        original=original,
+        preprocessor=preprocessor,
+        cpu_seconds=cpu_seconds,
+    )
 
 
 def _check_resize(preprocessor: Preprocessor, original_size: tuple[int, int], max_pixels: int) -> None:

@@ -97,6 +97,7 @@ class ImageResult:
     logits: torch.Tensor  # (C,) float32
     maps: list[MapResult] | None
     prepared: PreparedImage | None  # None for client-preprocessed tensors
+    render_seconds: float = 0.0  # CPU seconds of the rendering thread
 
 
 @dataclass

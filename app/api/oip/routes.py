@@ -59,6 +59,7 @@ from app.api.oip.schemas import (
 from app.engine.models import LoadedModel
 from app.serving import pipeline
 from app.serving import request as domain
+from app.serving.metrics import timed
 from app.serving.registry import ModelEntry
 from app.serving.service import Service
 
@@ -238,7 +239,8 @@ async def _infer(name: str, request: Request, service: Service) -> Response:
     limits = service.settings.limits
     body = await request.body()
     # Parsing and encoding large tensors run in the I/O pool, off the event loop.
-    inference, options, binary = await service.run_io(
+    (inference, options, binary), parse_seconds = await service.run_io(
+        timed,
         parse_body,
         body,
         request.headers.get("content-encoding", ""),
@@ -254,8 +256,11 @@ async def _infer(name: str, request: Request, service: Service) -> Response:
     tensor_input = inference.inputs[0]
     raw = binary_inputs(inference.inputs, binary)[0]
     loaded, _ = service.registry.require_ready(name)
-    images = await service.run_io(read_images, tensor_input, raw, loaded, limits.max_images_per_request)
+    images, read_seconds = await service.run_io(
+        timed, read_images, tensor_input, raw, loaded, limits.max_images_per_request
+    )
     request.state.images = len(images)
+    service.metrics.observe_stage(name, "parse", parse_seconds + read_seconds, len(images))
     result = await pipeline.run(
         service,
         _to_request(name, images, options, wants_maps(outputs), outputs),
@@ -271,7 +276,9 @@ async def _infer(name: str, request: Request, service: Service) -> Response:
         "total_ms": round((time.perf_counter() - started) * 1000.0, 3),
         "batch_images": result.batch_images,
     }
-    return await service.run_io(encode_response, header, result, outputs)
+    response, seconds = await service.run_io(timed, encode_response, header, result, outputs)
+    service.metrics.observe_stage(name, "encode", seconds, len(images))
+    return response
 
 
 def _to_request(

@@ -27,6 +27,7 @@ from app.api.v1.schemas import (
 )
 from app.serving import pipeline
 from app.serving.images import ImageDecodeError
+from app.serving.metrics import timed
 from app.serving.service import Service
 
 router = APIRouter(prefix="/v1", tags=["v1"], dependencies=[Depends(require_api_key)])
@@ -78,6 +79,7 @@ async def explain(name: str, request: Request, service: Service = Depends(get_se
 async def _serve(request: Request, service: Service, name: str, *, explain: bool) -> Response:
     service.registry.require_ready(name)  # before reading the body
     request.state.model = name
+    parse_started = time.thread_time()  # the body is already read: parsing does not wait
     images, options = await parse_request(
         request,
         ExplainOptions if explain else PredictOptions,
@@ -85,6 +87,7 @@ async def _serve(request: Request, service: Service, name: str, *, explain: bool
         max_images=service.settings.limits.max_images_per_request,
     )
     request.state.images = len(images)
+    service.metrics.observe_stage(name, "parse", time.thread_time() - parse_started, len(images))
     try:
         result = await pipeline.run(
             service, to_request(name, images, options), disconnected=request.is_disconnected
@@ -95,7 +98,8 @@ async def _serve(request: Request, service: Service, name: str, *, explain: bool
     body = response_body(result, options, request_id=request.state.request_id, started=started)
     if isinstance(options, ExplainOptions) and "json" in options.encodings:
         # Maps as numbers can be large (50,000 floats per 224x224 map): encode them off the event loop.
-        content = await service.run_io(json_bytes, body)
+        content, seconds = await service.run_io(timed, json_bytes, body)
     else:
-        content = json_bytes(body)
+        content, seconds = timed(json_bytes, body)
+    service.metrics.observe_stage(name, "encode", seconds, len(images))
     return Response(content, media_type="application/json")
