@@ -43,8 +43,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.api.deps import get_service, require_api_key, require_api_key_for_health
 from app.api.errors import describe_validation_errors
 from app.api.parsing import decode_base64
+from app.engine.maps import normalize_maps, upsample_maps
 from app.engine.models import LoadedModel
-from app.engine.reciprocam import CamOptions, ImageExplanation, normalize_maps, upsample_maps
+from app.engine.options import CamOptions
+from app.engine.results import ImageExplanation
 from app.serving.batcher import BatchItem
 from app.serving.errors import ServiceError
 from app.serving.images import ImageDecodeError

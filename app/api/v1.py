@@ -23,7 +23,7 @@ from app.api.schemas import (
     error_responses,
 )
 from app.engine.models import LoadedModel
-from app.engine.reciprocam import CamOptions
+from app.engine.options import CamOptions
 from app.serving.batcher import BatchItem
 from app.serving.errors import ServiceError
 from app.serving.images import ImageDecodeError, check_pixel_count, upright_size

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 import torch
 
 from app.config import BatchSettings
-from app.engine.reciprocam import CamOptions, ImageExplanation
+from app.engine.options import CamOptions
+from app.engine.results import ImageExplanation
 from app.serving.errors import (
     ClientDisconnectedError,
     DeadlineExceededError,

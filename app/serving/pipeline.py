@@ -14,8 +14,9 @@ import numpy as np
 import orjson
 import torch
 
+from app.engine.maps import normalize_maps, upsample_maps
 from app.engine.preprocess import Geometry, Preprocessor, project_to_original
-from app.engine.reciprocam import ImageExplanation, normalize_maps, upsample_maps
+from app.engine.results import ImageExplanation
 from app.serving.images import ImageDecodeError, decode
 from app.serving.render import heatmap_png, overlay_rgb, png_bytes, to_uint8
 
