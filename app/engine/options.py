@@ -7,13 +7,13 @@ the type) for checks at run time and for messages.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, TypeVar, get_args
+from typing import Literal, get_args
 
 Kernel = Literal["gaussian", "dirac"]
 Score = Literal["logit", "probability"]
-EnginePath = Literal["auto", "reduced", "reference"]
-# The evaluation an engine runs: ``EnginePath`` without "auto".
+# The evaluation an engine runs; "auto" picks one per model.
 Evaluation = Literal["reduced", "reference"]
+EnginePath = Literal["auto", Evaluation]
 HostWait = Literal["block", "spin"]
 DType = Literal["fp32", "fp16", "bf16"]
 
@@ -23,15 +23,10 @@ ENGINE_PATHS: tuple[EnginePath, ...] = get_args(EnginePath)
 HOST_WAITS: tuple[HostWait, ...] = get_args(HostWait)
 DTYPE_NAMES: tuple[DType, ...] = get_args(DType)
 
-_Choice = TypeVar("_Choice", bound=str)
 
-
-def choose(value: object, choices: tuple[_Choice, ...]) -> _Choice | None:
-    """``value`` as one of ``choices`` (typed as the vocabulary), or None when it is none of them."""
-    for choice in choices:
-        if value == choice:
-            return choice
-    return None
+def one_of(choices: tuple[str, ...]) -> str:
+    """``choices`` for a message: "a, b or c"."""
+    return " or ".join(filter(None, (", ".join(choices[:-1]), choices[-1])))
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from torch import nn
 from app.engine.anatomy import TimmModule, UnsupportedModelError, grid_for_tokens, inspect_model
 from app.engine.devices import to_device
 from app.engine.evaluator import LastBlockState, MaskedEvaluator
-from app.engine.options import ENGINE_PATHS, HOST_WAITS, CamOptions, EnginePath, HostWait, Kernel
+from app.engine.options import ENGINE_PATHS, HOST_WAITS, CamOptions, EnginePath, HostWait, Kernel, one_of
 from app.engine.reduced import ReducedEvaluator
 from app.engine.reduced_support import reduced_support_reason
 from app.engine.reference import ReferenceEvaluator
@@ -59,9 +59,9 @@ class ReciproCAM:
         host_wait: HostWait = "block",
     ) -> None:
         if path not in ENGINE_PATHS:
-            raise ValueError(f"unknown path {path!r}; expected auto, reduced or reference")
+            raise ValueError(f"unknown path {path!r}; expected {one_of(ENGINE_PATHS)}")
         if host_wait not in HOST_WAITS:
-            raise ValueError(f"unknown host_wait {host_wait!r}; expected block or spin")
+            raise ValueError(f"unknown host_wait {host_wait!r}; expected {one_of(HOST_WAITS)}")
         self.host_wait = host_wait
         self.model = model
         self.anatomy = inspect_model(model)
