@@ -38,9 +38,10 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
 def _run_explain(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from app.engine.maps import normalize_maps, upsample_maps
     from app.engine.models import ModelLoadError, load_model
+    from app.engine.options import CamOptions
     from app.engine.preprocess import project_to_original
-    from app.engine.reciprocam import CamOptions, normalize_maps, upsample_maps
     from app.serving.images import ImageDecodeError, decode_image
     from app.serving.render import overlay_rgb, png_bytes
 

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from app.engine.maps import normalize_maps, upsample_maps
 from app.engine.models import LoadedModel
-from app.engine.reciprocam import normalize_maps, upsample_maps
 from app.eval import metrics
 from app.eval.baselines import make_method
 from app.serving.render import overlay_rgb
