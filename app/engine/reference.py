@@ -95,7 +95,8 @@ def reference_masked_logits(
 def masked_block_forward(block: TimmModule, x_masked: torch.Tensor, z_masked: torch.Tensor) -> torch.Tensor:
     """The target block with the mask applied after norm1: residual from the masked raw input."""
     y: torch.Tensor = x_masked + block.ls1(block.attn(z_masked))
-    return y + block.ls2(block.mlp(block.norm2(y)))
+    out: torch.Tensor = y + block.ls2(block.mlp(block.norm2(y)))
+    return out
 
 
 def _mosaic_rows(

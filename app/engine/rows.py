@@ -67,8 +67,9 @@ def finish_block(
     out = attn.norm(attended)
     if gate is not None:
         out = out * gate
-    y = residual + block.ls1(attn.proj(out))
-    return y + block.ls2(block.mlp(block.norm2(y)))
+    y: torch.Tensor = residual + block.ls1(attn.proj(out))
+    result: torch.Tensor = y + block.ls2(block.mlp(block.norm2(y)))
+    return result
 
 
 def block_on_rows(
