@@ -67,7 +67,7 @@ class ImageHeader:
 
 @dataclass
 class DeviceImage:
-    """An upright 8-bit RGB image as a (3, H, W) uint8 tensor, and the upright (width, height) of
+    """An upright 8-bit RGB image as a (3, H, W) uint8 tensor (any strides), and the upright (width, height) of
     the full image. ``decoder`` names what decoded it: ``nvjpeg``, ``torchvision`` or ``pillow``."""
 
     pixels: torch.Tensor
@@ -193,7 +193,7 @@ def decode_batch(
                 continue
             header = headers[index]
             results[index] = DeviceImage(
-                orient(pixels, header.orientation).contiguous(),
+                orient(pixels, header.orientation),
                 header.upright_size,
                 "nvjpeg" if target.type == "cuda" else "torchvision",
             )
@@ -249,7 +249,7 @@ def _decode_png(
     if pixels.shape[0] == 1:
         pixels = pixels.expand(3, -1, -1)
     height, width = pixels.shape[-2:]
-    return DeviceImage(pixels.contiguous(), (int(width), int(height)), "torchvision")
+    return DeviceImage(pixels, (int(width), int(height)), "torchvision")
 
 
 def _pillow(
@@ -260,6 +260,5 @@ def _pillow(
     except ImageDecodeError as exc:
         exc.index = index
         return exc
-    array = np.asarray(decoded.image, dtype=np.uint8)
-    pixels = torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous().to(device)
+    pixels = torch.from_numpy(np.array(decoded.image, dtype=np.uint8)).permute(2, 0, 1).to(device)
     return DeviceImage(pixels, decoded.original_size, "pillow")

@@ -78,7 +78,7 @@ def preprocess_batch(
     for row, (pixels, geometry) in enumerate(zip(tensors, geometries, strict=True)):
         groups.setdefault((tuple(pixels.shape), geometry), []).append(row)
     for (_, geometry), rows in groups.items():
-        stacked = torch.stack([tensors[row] for row in rows])
+        stacked = tensors[rows[0]].unsqueeze(0) if len(rows) == 1 else torch.stack([tensors[r] for r in rows])
         batch[rows] = _transform(stacked, geometry, preprocessor)
     inputs = preprocessor.normalize(batch.permute(0, 2, 3, 1))
     return DeviceBatch(inputs, batch, geometries)
