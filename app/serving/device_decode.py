@@ -211,7 +211,7 @@ def _decode_jpegs(blobs: list[bytes], device: torch.device) -> list[torch.Tensor
     try:
         decoded = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
         return list(decoded)
-    except RuntimeError:
+    except (RuntimeError, ValueError):
         pass
     out: list[torch.Tensor | None] = []
     for tensor in tensors:
@@ -220,7 +220,7 @@ def _decode_jpegs(blobs: list[bytes], device: torch.device) -> list[torch.Tensor
             try:
                 pixels = decode_jpeg(tensor, mode=ImageReadMode.RGB, device=where).to(device)
                 break
-            except RuntimeError:
+            except (RuntimeError, ValueError):
                 continue
         out.append(pixels)
     return out
