@@ -5,8 +5,9 @@ bilinear upsampling to the model input, the same projection onto the original im
 crop :class:`Geometry`, the same ``floor(255 * x)`` levels, the same 256-entry colour lookup tables
 (built from :func:`app.serving.render.colormap_lut`) and the same float32 blend, so on the CPU the
 pictures equal the Pillow path's exactly. Encoding: ``torchvision.io.encode_jpeg`` takes CUDA tensors
-(nvJPEG) and CPU tensors alike; ``encode_png`` runs on the CPU. A heatmap is written as an RGB PNG
-(torchvision has no palette PNG): the decoded pixels are the Pillow path's palette PNG's.
+(nvJPEG) and CPU tensors alike; ``encode_png`` runs on the CPU. A PNG heatmap is the Pillow path's
+palette PNG of the 8-bit levels (torchvision writes no palette PNG; an RGB one would be three times
+the bytes to move and deflate for the same decoded colours).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torchvision.io import encode_jpeg, encode_png
 import app.serving.device_decode  # noqa: F401  (silences torchvision's codec deprecation warning)
 from app.engine.preprocess import Geometry
 from app.engine.reciprocam import upsample_maps
-from app.serving.render import colormap_lut
+from app.serving.render import colormap_lut, heatmap_png
 
 MAP_SIZES: tuple[str, ...] = ("grid", "input", "original")
 IMAGE_FORMATS: tuple[str, ...] = ("png", "jpeg")
@@ -159,7 +160,13 @@ def render_maps(
         levels = to_levels(sized)
         if "png" in encodings:
             pictures["png"] = levels.unsqueeze(1)
-        if "heatmap" in encodings:
+        if "heatmap" in encodings and image_format == "png":
+            # a palette PNG of the levels (the Pillow path's bytes): a third of the pixels to move to
+            # the host and to deflate, and the same decoded colours as the RGB heatmap
+            host_levels = levels.cpu().numpy()
+            for position in range(count):
+                per_map[position]["heatmap"] = heatmap_png(host_levels[position], colormap)
+        elif "heatmap" in encodings:
             pictures["heatmap"] = heatmaps(levels, colormap)
     if "overlay" in encodings:
         if map_size == "original":

@@ -206,7 +206,7 @@ def test_rendering_equals_the_pillow_renderer(map_size):
         values = expected[position].numpy()
         grey = np.asarray(Image.open(io.BytesIO(pictures["png"])))
         np.testing.assert_array_equal(grey, render.to_uint8(values))
-        colour = np.asarray(Image.open(io.BytesIO(pictures["heatmap"])))
+        colour = np.asarray(Image.open(io.BytesIO(pictures["heatmap"])).convert("RGB"))
         np.testing.assert_array_equal(colour, render.heatmap_rgb(values, "inferno"))
         on_base = size_maps(maps, geometry, "input")[position].numpy() if map_size == "grid" else values
         overlay = np.asarray(Image.open(io.BytesIO(pictures["overlay"])))
