@@ -7,11 +7,11 @@ written with torch/torchvision tensor operations so that one code runs on the CP
 Images of the same size are resized together in one call.
 
 The resize is torchvision's antialiased one (``transforms.v2.functional.resize``, ``antialias=True``),
-which uses Pillow's filter kernels (bicubic with a = -0.5, support scaled with the reduction).
-Pillow rounds to 8 bits between its horizontal and vertical passes and torch does not (except in its
-CPU uint8 bilinear kernel), so pixels may differ by a level or so; ``nearest`` uses ``nearest-exact``,
-Pillow's pixel-centre rule. ``box`` and ``hamming`` have no tensor kernel: those images go through
-the Pillow preprocessor and back.
+which uses Pillow's filter kernels (bicubic with a = -0.5, support scaled with the reduction), run as
+Pillow runs them: one pass per axis, in Pillow's order, each rounded to 8 bits. Pillow's fixed-point
+weights still make a pixel differ by a level now and then. ``nearest`` picks Pillow's source pixels
+exactly. ``box`` and ``hamming`` have no tensor kernel: those images go through the Pillow
+preprocessor and back.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
+import PIL
 import torch
 from PIL import Image
 from torchvision.transforms.v2 import InterpolationMode
@@ -28,6 +29,7 @@ from torchvision.transforms.v2 import functional as TF
 from app.engine.preprocess import Geometry, Preprocessor
 from app.serving.device_decode import DeviceImage
 
+_PILLOW_MAJOR = int(PIL.__version__.split(".")[0])
 _MODES: dict[str, InterpolationMode] = {
     "bilinear": InterpolationMode.BILINEAR,
     "bicubic": InterpolationMode.BICUBIC,
@@ -95,8 +97,44 @@ def _transform(pixels: torch.Tensor, geometry: Geometry, preprocessor: Preproces
     if mode is None:
         return _through_pillow(pixels, geometry, preprocessor)
     resized_w, resized_h = geometry.resized_size
-    resized = TF.resize(pixels, [resized_h, resized_w], interpolation=mode, antialias=True)
+    height, width = pixels.shape[-2:]
+    if mode == InterpolationMode.NEAREST_EXACT:
+        # Pillow's own picks (torch's nearest-exact computes the same rule in float32 and lands
+        # on the other neighbour at some pixel boundaries)
+        rows = _nearest_indices(height, resized_h, pixels.device)
+        columns = _nearest_indices(width, resized_w, pixels.device)
+        resized = pixels.index_select(-2, rows).index_select(-1, columns)
+    else:
+        # Pillow's two passes in Pillow's order, each rounded and clipped to 8 bits (each call on
+        # uint8 rounds and clips its result): a cubic or Lanczos filter overshoots at sharp edges,
+        # and which pass's overshoot is clipped moves such pixels by tens of levels.
+        if _vertical_first(width, height, resized_w, resized_h):
+            first = TF.resize(pixels, [resized_h, width], interpolation=mode, antialias=True)
+        else:
+            first = TF.resize(pixels, [height, resized_w], interpolation=mode, antialias=True)
+        resized = TF.resize(first, [resized_h, resized_w], interpolation=mode, antialias=True)
     return _crop_or_pad(resized, geometry, preprocessor)
+
+
+def _nearest_indices(size: int, new_size: int, device: torch.device) -> torch.Tensor:
+    """The source index of each output pixel as Pillow's nearest resize finds it: a float64
+    position started at half a step and advanced by one step per pixel (the rounding of the sum is
+    part of the result), truncated."""
+    step = size / new_size
+    position = step * 0.5
+    picks = []
+    for _ in range(new_size):
+        picks.append(min(int(position), size - 1))
+        position += step
+    return torch.tensor(picks, dtype=torch.long, device=device)
+
+
+def _vertical_first(width: int, height: int, new_width: int, new_height: int) -> bool:
+    """Whether Pillow runs the vertical pass first: from Pillow 13 on, when the height shrinks by
+    more than twice as many pixels as the width (before, always the horizontal pass first)."""
+    if _PILLOW_MAJOR < 13:
+        return False
+    return height - new_height > 0 and height - new_height > 2 * (width - new_width)
 
 
 def _crop_or_pad(resized: torch.Tensor, geometry: Geometry, preprocessor: Preprocessor) -> torch.Tensor:
