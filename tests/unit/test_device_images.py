@@ -169,6 +169,18 @@ def test_preprocessing_matches_the_pillow_preprocessor(name):
         torch.testing.assert_close(normalised, pre.normalize(_hwc(pixels)))
 
 
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_preprocessed_photos_stay_within_two_levels(interpolation):
+    """Varied sizes, aspects, formats and orientations: both Pillow pass orders come up."""
+    pre = Preprocessor(DataConfig((112, 112), interpolation, 0.875))
+    samples = photo_samples(40, seed=3)
+    reference = np.stack([pre.to_pixels(decode(s.data).image)[0] for s in samples]).astype(int)
+    decoded = [item for item in decode_batch([s.data for s in samples]) if isinstance(item, DeviceImage)]
+    pixels = preprocess_batch(decoded, pre).pixels.permute(0, 2, 3, 1).numpy().astype(int)
+    gap = np.abs(pixels - reference)
+    assert gap.max() <= 2 and gap.mean() < 0.02
+
+
 def test_same_size_images_are_batched_with_the_values_of_one_by_one():
     pre = Preprocessor(CONFIGS["deit-like"])
     tensors = [torch.from_numpy(np.array(photo_like(150, 100, seed=i))).permute(2, 0, 1) for i in range(3)]
