@@ -40,6 +40,12 @@ class ModelSettings(BaseModel):
     labels: str | list[str] | None = Field(None, description="labels file or list (default: from the model)")
     model_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model kwargs")
     path: Literal["auto", "reduced", "reference"] = "auto"
+    image_path: Literal["auto", "device", "pillow"] = Field(
+        "auto",
+        description="where posted images are decoded, resized and rendered: device (torch tensor code "
+        "on the model's device, nvJPEG on CUDA), pillow (Pillow on the host), or auto (device when "
+        "the model is on CUDA, pillow otherwise)",
+    )
     target_block: int = Field(-1, description="default target block of the explanation (-1 = last)")
     enabled: bool = True
 
