@@ -105,8 +105,9 @@ class ModelRegistry:
     def require_ready(self, name: str) -> tuple[LoadedModel, Batcher]:
         entry = self.get(name)
         if entry.status == "loading":
+            retry_after = str(self.settings.batch.retry_after_s)
             raise ServiceError(
-                503, "model_loading", f"model {name!r} is still loading", headers={"Retry-After": "5"}
+                503, "model_loading", f"model {name!r} is still loading", headers={"Retry-After": retry_after}
             )
         if entry.status != "ready" or entry.loaded is None or entry.batcher is None:
             raise ServiceError(
