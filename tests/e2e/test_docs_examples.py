@@ -149,7 +149,7 @@ def docs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DocsServer
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until_ready(url, process, 120, lambda: log.read_text(errors="replace")[-4000:])
+        wait_until_ready(url, process, 300, lambda: log.read_text(errors="replace")[-4000:])
         yield DocsServer(url=url, port=port, folder=folder)
     finally:
         process.terminate()
@@ -171,7 +171,11 @@ def all_commands() -> list[tuple[Block, str]]:
 
 
 def test_every_curl_example_gets_a_successful_answer(docs_server: DocsServer) -> None:
-    env = {**os.environ, "KEY": "any-key", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "KEY": "any-key",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
     ran = 0
     for block, command in all_commands():
         if not command.lstrip().startswith("curl "):
