@@ -159,7 +159,7 @@ class Timing(BaseModel):
 _CIRCLE = {"class_id": 0, "label": "circle", "probability": 0.7987, "logit": 2.8701}
 PREDICT_EXAMPLE: dict[str, Any] = {
     "model": "shapes",
-    "request_id": "71b27d2d0d7a4387b6fabdf210199649",
+    "request_id": "cf8bc1e5dead4a9daf377ae76a944b11",
     "images": [
         {
             "index": 0,
@@ -171,11 +171,11 @@ PREDICT_EXAMPLE: dict[str, Any] = {
             ],
         }
     ],
-    "timing": {"queue_ms": 0.4, "compute_ms": 6.2, "total_ms": 9.8, "batch_images": 1},
+    "timing": {"queue_ms": 5.7, "compute_ms": 5.0, "total_ms": 13.7, "batch_images": 1},
 }
 EXPLAIN_EXAMPLE: dict[str, Any] = {
     "model": "shapes",
-    "request_id": "5c5368373006437dbc0eacd61874c187",
+    "request_id": "7faa37b605394730932417967d20e0ce",
     "images": [
         {
             "index": 0,
@@ -194,7 +194,7 @@ EXPLAIN_EXAMPLE: dict[str, Any] = {
             ],
         }
     ],
-    "timing": {"queue_ms": 0.4, "compute_ms": 6.2, "total_ms": 9.8, "batch_images": 1},
+    "timing": {"queue_ms": 5.7, "compute_ms": 7.4, "total_ms": 16.2, "batch_images": 1},
 }
 SHAPES_MODEL_EXAMPLE: dict[str, Any] = {
     "name": "shapes",
