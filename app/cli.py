@@ -62,12 +62,12 @@ def prepare_weights(arch: str | None, weights: str) -> str:
     looked up from the project root; hub weights that are neither cached nor reachable fail within
     the service's quick probe (``hub_probe_timeout_s``), not after a minute of download retries."""
     from app.config import Settings
-    from app.engine.models import ModelLoadError
+    from app.engine.models import ModelLoadError, WeightsSource
     from app.serving.registry import check_hub_reachable, resolve_weights
 
     resolved = resolve_weights(weights)
     timeout = float(Settings.model_fields["hub_probe_timeout_s"].default)
-    if resolved in ("hub", "pretrained", "") and arch:
+    if arch and WeightsSource.parse(resolved).kind == "hub":
         try:
             check_hub_reachable(arch, timeout)
         except ModelLoadError as exc:

@@ -293,7 +293,7 @@ def _run_eval(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    explicit = getattr(args, "explicit", set())
+    explicit: set[str] = getattr(args, "explicit", set())
     given = sorted(explicit & {"--steps", "--target"})
     if args.data == "synthetic-pairs" and given:
         print(
