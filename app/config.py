@@ -313,7 +313,10 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A JSON or YAML (needs PyYAML) settings file as a dict."""
     file_path = Path(path)
     if not file_path.is_file():
-        raise ValueError(f"config file {file_path} does not exist")
+        raise SettingsProblem(
+            f"config file {file_path} does not exist: give the path of a JSON or YAML settings file "
+            f"(serve --config FILE or {CONFIG_FILE_ENV})"
+        )
     text = file_path.read_text(encoding="utf-8")
     if file_path.suffix in (".yaml", ".yml"):
         try:
@@ -330,7 +333,10 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         except json.JSONDecodeError as exc:
             raise ValueError(f"config file {file_path} is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
-        raise ValueError(f"config file {file_path} must hold a mapping at the top level")
+        raise SettingsProblem(
+            f"config file {file_path} must hold a mapping at the top level, with keys such as models, "
+            "batch and limits (docs/service.md lists them)"
+        )
     return data
 
 

@@ -211,3 +211,16 @@ def test_serve_stops_on_a_setting_mistake_with_status_2(clean_env, capsys):
     assert main(["serve"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "RECIPROCAM_DRAIN_TIMEOUT_S" in err and "Traceback" not in err
+
+
+def test_config_file_mistakes_say_what_to_give(clean_env, tmp_path):
+    from app.config import SettingsProblem, load_settings
+
+    clean_env.setenv("RECIPROCAM_CONFIG_FILE", str(tmp_path / "missing.yaml"))
+    with pytest.raises(SettingsProblem, match="does not exist: give the path of a JSON or YAML"):
+        load_settings()
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]", encoding="utf-8")
+    clean_env.setenv("RECIPROCAM_CONFIG_FILE", str(listed))
+    with pytest.raises(SettingsProblem, match="mapping at the top level, with keys such as models"):
+        load_settings()
