@@ -58,7 +58,7 @@ def _check_variable(settings_cls: type[BaseModel], name: str, parts: list[str], 
             return _check_model_list(name, raw)
         return _check_json(name, raw, field)
     if top == "models":
-        return _check_model_entry(name, parts, raw)
+        return _check_model_entry(_model_entry_class(settings_cls), name, parts, raw)
     inner = _model_class(field.annotation)
     if inner is None or len(parts) > 2 or parts[1] not in inner.model_fields:
         return _unknown(name, _variable_names(settings_cls))
@@ -80,9 +80,7 @@ def _check_model_list(name: str, raw: str) -> str | None:
     return None
 
 
-def _check_model_entry(name: str, parts: list[str], raw: str) -> str | None:
-    from app.config import ModelSettings
-
+def _check_model_entry(model_settings: type[BaseModel], name: str, parts: list[str], raw: str) -> str | None:
     if not parts[1].isdigit() or len(parts) < 3:
         return (
             f"{name} is not a model setting: write {ENV_PREFIX}MODELS__<n>__<FIELD> with n the entry's "
@@ -90,7 +88,7 @@ def _check_model_entry(name: str, parts: list[str], raw: str) -> str | None:
         )
     field_name = parts[2]
     prefix = f"{ENV_PREFIX}MODELS__{parts[1]}__"
-    fields = ModelSettings.model_fields
+    fields = model_settings.model_fields
     if field_name not in fields or (len(parts) > 3 and field_name != "model_kwargs"):
         return _unknown(name, [prefix + known.upper() for known in fields])
     if len(parts) == 3 and raw.strip()[:1] in ("[", "{"):
@@ -135,6 +133,15 @@ def _json_kind(annotation: Any) -> str | None:
     return None
 
 
+def _model_entry_class(settings_cls: type[BaseModel]) -> type[BaseModel]:
+    """The class of one entry of the settings' ``models`` list."""
+    (entry,) = typing.get_args(settings_cls.model_fields["models"].annotation)
+    model = _model_class(entry)
+    if model is None:
+        raise TypeError("the settings' models field is not a list of settings models")
+    return model
+
+
 def _model_class(annotation: Any) -> type[BaseModel] | None:
     return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
 
@@ -146,9 +153,8 @@ def _variable_names(settings_cls: type[BaseModel]) -> list[str]:
         inner = _model_class(field.annotation)
         if inner is not None:
             names.extend(f"{ENV_PREFIX}{top.upper()}__{sub.upper()}" for sub in inner.model_fields)
-    from app.config import ModelSettings
-
-    names.extend(f"{ENV_PREFIX}MODELS__0__{sub.upper()}" for sub in ModelSettings.model_fields)
+    entry = _model_entry_class(settings_cls)
+    names.extend(f"{ENV_PREFIX}MODELS__0__{sub.upper()}" for sub in entry.model_fields)
     return names
 
 

@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+from app.api import health
 from app.api.v1 import schemas
 from app.config import Settings
 from app.main import create_app
@@ -21,8 +22,8 @@ def test_response_schemas_carry_valid_examples():
         schemas.ExplainResponse,
         schemas.ModelInfo,
         schemas.ModelList,
-        schemas.Readiness,
-        schemas.Liveness,
+        health.Readiness,
+        health.Liveness,
     ):
         examples = components[model.__name__].get("examples")
         assert examples, model.__name__
