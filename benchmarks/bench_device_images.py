@@ -36,8 +36,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from app.engine.maps import normalize_maps, upsample_maps
 from app.engine.preprocess import DataConfig, Preprocessor
-from app.engine.reciprocam import normalize_maps, upsample_maps
 from app.serving import render
 from app.serving.device_decode import DeviceImage, decode_batch
 from app.serving.device_preprocess import preprocess_batch

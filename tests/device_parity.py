@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from app.engine.models import LoadedModel
-from app.engine.reciprocam import CamOptions
+from app.engine.options import CamOptions
 from app.serving.device_decode import DeviceImage, decode_batch
 from app.serving.device_preprocess import preprocess_batch
 from app.serving.images import decode

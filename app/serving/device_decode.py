@@ -28,9 +28,10 @@ from app.serving.images import (
     BACKGROUND,
     DEFAULT_MAX_PIXELS,
     ImageDecodeError,
-    _open_unguarded,
     check_pixel_count,
+    check_resize,
     decode,
+    open_unguarded,
 )
 
 # torchvision 0.29 marks its image codecs deprecated (in favour of TorchCodec) and warns on every call.
@@ -89,7 +90,7 @@ def read_header(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = _open_unguarded(data, allowed_formats)
+            image = open_unguarded(data, allowed_formats)
     except UnidentifiedImageError as exc:
         raise ImageDecodeError(
             f"the data is not an image in an accepted format ({accepted})", code="unsupported_image"
@@ -114,20 +115,6 @@ def read_header(
             orientation = 1
     late_exif = image.format == "PNG" and "exif" not in image.info and _EXIF_CHUNK.search(data) is not None
     return ImageHeader(str(image.format), image.mode, (width, height), orientation, late_exif)
-
-
-def check_resize(preprocessor: Preprocessor, original_size: tuple[int, int], max_pixels: int) -> None:
-    """413 ``too_many_pixels`` when the model's resize of an image of ``original_size`` would make
-    more than ``max_pixels`` pixels (a 1x100000 strip resized for a 224-pixel model)."""
-    width, height = preprocessor.geometry(original_size).resized_size
-    if width * height > max_pixels:
-        raise ImageDecodeError(
-            f"the image is {original_size[0]}x{original_size[1]}: resized for the model it would be "
-            f"{width}x{height} = {width * height} pixels, more than the limit of {max_pixels}; "
-            "crop it to a less elongated shape",
-            code="too_many_pixels",
-            status=413,
-        )
 
 
 def orient(pixels: torch.Tensor, orientation: int) -> torch.Tensor:

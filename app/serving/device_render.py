@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torchvision.io import encode_jpeg, encode_png
 
 import app.serving.device_decode  # noqa: F401  (silences torchvision's codec deprecation warning)
+from app.engine.maps import upsample_maps
 from app.engine.preprocess import Geometry
-from app.engine.reciprocam import upsample_maps
 from app.serving.render import colormap_lut, heatmap_png
 
 MAP_SIZES: tuple[str, ...] = ("grid", "input", "original")

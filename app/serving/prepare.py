@@ -12,7 +12,7 @@ import torch
 from app.engine.preprocess import Geometry, Preprocessor
 from app.serving.device_decode import DeviceImage, decode_batch
 from app.serving.device_preprocess import preprocess_batch
-from app.serving.images import ImageDecodeError, check_pixel_count, decode, upright_size
+from app.serving.images import ImageDecodeError, check_pixel_count, check_resize, decode, upright_size
 
 # Two-step resizing keeps at least twice the resize target before the model's filter, as the
 # reduced JPEG decode does.
@@ -81,7 +81,7 @@ def prepare_image(
         min_size=preprocessor.min_decode_size if reduce else None,
     )
     image = decoded.image
-    _check_resize(preprocessor, decoded.original_size, max_pixels)
+    check_resize(preprocessor, decoded.original_size, max_pixels)
     decoded_at = time.thread_time()
     pixels, geometry = preprocessor.to_pixels(
         image,
@@ -98,20 +98,6 @@ def prepare_image(
         preprocessor=preprocessor,
         cpu_seconds=cpu_seconds,
     )
-
-
-def _check_resize(preprocessor: Preprocessor, original_size: tuple[int, int], max_pixels: int) -> None:
-    """413 ``too_many_pixels`` for an image so elongated that the model's resize (shorter side to the
-    resize target) would make more than ``max_pixels`` pixels: a 1x100000 strip resized for a
-    224-pixel model would be 256 x 25.6 million."""
-    width, height = preprocessor.geometry(original_size).resized_size
-    if width * height > max_pixels:
-        raise ImageDecodeError(
-            f"the image is {original_size[0]}x{original_size[1]}: resized for the model it would be "
-            f"{width}x{height} = {width * height} pixels, more than the limit of {max_pixels}; "
-            "crop it to a less elongated shape",
-            code="too_many_pixels",
-        )
 
 
 def upright_sizes(

@@ -17,9 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
+from app.engine.maps import normalize_maps
 from app.engine.models import LoadedModel, load_model
 from app.engine.preprocess import DataConfig, Preprocessor
-from app.engine.reciprocam import normalize_maps
 from app.serving.device_decode import DeviceImage, decode_batch
 from app.serving.device_preprocess import preprocess_batch
 from app.serving.device_render import encode_images, render_maps
