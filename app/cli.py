@@ -10,6 +10,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from app.engine.options import DTYPE_NAMES, ENGINE_PATHS, KERNELS, SCORES
+from app.serving.options import COLORMAPS
+
 Handler = Callable[[argparse.Namespace], int]
 
 
@@ -98,95 +101,63 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
         default=1,
         help="explain the K most probable classes (at most the model's number of classes)",
     )
-    parser.add_argument("--kernel", choices=["gaussian", "dirac"], default="gaussian")
+    parser.add_argument("--kernel", choices=KERNELS, default="gaussian")
     parser.add_argument("--drop-prefix", action="store_true", help="zero the prefix tokens in masked copies")
-    parser.add_argument("--score", choices=["logit", "probability"], default="logit")
+    parser.add_argument("--score", choices=SCORES, default="logit")
     parser.add_argument("--target-block", type=int, default=-1)
-    parser.add_argument("--colormap", default="jet")
+    parser.add_argument("--colormap", choices=COLORMAPS, default="jet")
     parser.add_argument("--opacity", type=float, default=0.5)
     parser.add_argument("--device", type=device_name, default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
-    parser.add_argument("--path", choices=["auto", "reduced", "reference"], default="auto")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32")
+    parser.add_argument("--path", choices=ENGINE_PATHS, default="auto")
     parser.add_argument("--out", type=Path, default=Path("out"), help="directory for the overlay PNGs")
     parser.add_argument("--json", action="store_true", help="print the predictions as JSON")
     parser.set_defaults(handler=_run_explain)
 
 
 def _run_explain(args: argparse.Namespace) -> int:
-    import numpy as np
+    import asyncio
 
-    from app.engine.maps import normalize_maps, upsample_maps
-    from app.engine.models import ModelLoadError, load_model
-    from app.engine.options import CamOptions
-    from app.engine.preprocess import project_to_original
-    from app.serving.images import ImageDecodeError, decode_image
-    from app.serving.render import overlay_rgb, png_bytes
+    from app.config import ModelSettings
+    from app.serving.explain_files import FileError, explain_files
+    from app.serving.request import ExplainOptions
 
-    try:
-        loaded = load_model(
-            args.model,
-            prepare_weights(args.model, args.weights),
-            device=args.device,
-            dtype=args.dtype,
-            labels=args.labels,
-            path=args.path,
-            warmup=False,
-        )
-    except ModelLoadError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.top_k > loaded.num_classes:
-        # as the service's 422: asking for more classes than there are is a mistake, not a wish
-        print(
-            f"error: --top-k {args.top_k} is more than the {loaded.num_classes} classes of the model; "
-            f"write --top-k {loaded.num_classes} or less",
-            file=sys.stderr,
-        )
-        return 2
-    options = CamOptions(
+    model = ModelSettings(
+        name="cli",
+        arch=args.model,
+        weights=prepare_weights(args.model, args.weights),
+        device=args.device,
+        dtype=args.dtype,
+        labels=args.labels,
+        path=args.path,
+    )
+    explain = ExplainOptions(
         kernel=args.kernel, keep_prefix=not args.drop_prefix, score=args.score, target_block=args.target_block
     )
-    preprocessor = loaded.preprocessor
-    args.out.mkdir(parents=True, exist_ok=True)
-    report = []
-    for image_path in args.images:
-        try:
-            image = decode_image(image_path.read_bytes())
-        except (OSError, ImageDecodeError) as exc:
-            print(f"error: {image_path}: {exc}", file=sys.stderr)
-            return 2
-        tensor, geometry = preprocessor(image)
-        (result,) = loaded.engine.explain(tensor[None], options, top_k=args.top_k)
-        probabilities = result.probabilities
-        assert result.score_maps is not None and result.targets is not None
-        normalized = normalize_maps(result.score_maps)
-        on_input = upsample_maps(normalized, geometry.input_size)
-        on_original = project_to_original(on_input, geometry)
-        original = np.asarray(image.convert("RGB"))
-        entries = []
-        for rank, class_id in enumerate(result.targets.tolist()):
-            label = loaded.label(class_id)
-            out_path = args.out / f"{image_path.stem}_top{rank + 1}_{class_id}.png"
-            heat = on_original[rank].numpy()
-            out_path.write_bytes(
-                png_bytes(overlay_rgb(original, heat, colormap=args.colormap, opacity=args.opacity))
+    try:
+        explained = asyncio.run(
+            explain_files(
+                model,
+                list(args.images),
+                top_k=args.top_k,
+                explain=explain,
+                colormap=args.colormap,
+                opacity=args.opacity,
+                out=args.out,
             )
-            entry = {
-                "rank": rank + 1,
-                "class_id": class_id,
-                "label": label,
-                "probability": float(probabilities[class_id]),
-                "logit": float(result.logits[class_id]),
-                "overlay": str(out_path),
-            }
-            entries.append(entry)
-            if not args.json:
-                print(
-                    f"{image_path}: #{rank + 1} {label} (class {class_id}) p={entry['probability']:.4f} -> {out_path}"
-                )
-        report.append({"image": str(image_path), "predictions": entries})
+        )
+    except FileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.json:
-        print(json.dumps({"model": loaded.describe(), "results": report}, indent=2))
+        print(json.dumps({"model": explained.model, "results": explained.results}, indent=2))
+        return 0
+    for result in explained.results:
+        for entry in result["predictions"]:
+            print(
+                f"{result['image']}: #{entry['rank']} {entry['label']} (class {entry['class_id']}) "
+                f"p={entry['probability']:.4f} -> {entry['overlay']}"
+            )
     return 0
 
 

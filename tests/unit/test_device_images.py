@@ -143,7 +143,9 @@ def test_pixel_limits_hold_from_the_header():
     header_only = png_header(5000, 5000)  # declares 25 Mpx and holds none
     assert read_header(header_only, max_pixels=30_000_000).size == (5000, 5000)
     (result,) = decode_batch([header_only], max_pixels=1_000_000)
-    assert isinstance(result, ImageDecodeError) and result.code == "too_many_pixels" and status_of(result) == 413
+    assert (
+        isinstance(result, ImageDecodeError) and result.code == "too_many_pixels" and status_of(result) == 413
+    )
     strip = _encode(Image.new("RGB", (4000, 1)), "PNG")  # resized for a 64-pixel model: 256000 x 64
     pre = Preprocessor(CONFIGS["shapes"])
     (refused,) = decode_batch([strip], max_pixels=1_000_000, preprocessor=pre)
