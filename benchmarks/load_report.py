@@ -17,6 +17,10 @@ def _ms(value: float) -> str:
     return "–" if value != value else f"{value:.1f}"
 
 
+def _rounds(values: list[float]) -> str:
+    return " ".join(f"{value:.1f}" for value in values)
+
+
 def closed_table(results: list[LevelResult]) -> str:
     lines = [
         "| configuration | endpoint | concurrency | client processes | requests | errors | req/s | images/s "
@@ -142,7 +146,9 @@ def ratio_lines(results: list[LevelResult], engine: Any, args: argparse.Namespac
             lines.append(
                 f"- {where}: HTTP / engine only (batch {args.max_batch}) = {best.median_images_per_s:.2f} / "
                 f"{rate:.2f} images/s (medians of {len(best.round_images_per_s)} and "
-                f"{len(engine.rates[endpoint])} rounds) = **{best.median_images_per_s / rate:.2f}x**"
+                f"{len(engine.rates[endpoint])} rounds) = **{best.median_images_per_s / rate:.2f}x**; by round, "
+                f"HTTP {_rounds(best.round_images_per_s)}, engine only {_rounds(engine.rates[endpoint])}, "
+                f"engine CPU ms/image {_rounds(engine.cpu_ms[endpoint])}"
             )
             served_ms = best.server_cpu_ms_per_image
             if served_ms == served_ms:  # measured (not NaN)

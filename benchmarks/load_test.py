@@ -180,8 +180,9 @@ class LevelResult:
             )
         if self.mode == "open" and self.send_lag_percentile(99) > SEND_LAG_WARNING_MS:
             notes.append(
-                f"WARNING: the clients sent late (p99 {self.send_lag_percentile(99):.0f} ms behind schedule): "
-                "they did not keep up with the rate; add --client-processes"
+                f"WARNING: the clients sent late (p99 {self.send_lag_percentile(99):.0f} ms behind schedule), so "
+                "the offered rate was not fully met: busy client processes (add --client-processes) or a "
+                "machine short of CPU"
             )
         return notes
 
