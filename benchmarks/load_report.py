@@ -166,3 +166,21 @@ def ratio_lines(results: list[LevelResult], engine: Any, args: argparse.Namespac
                 f"server {_ms(best.server_cpu_ms_per_image)} ms per image"
             )
     return lines
+
+
+def print_level(result: LevelResult) -> None:
+    load = f"c={result.level:.0f}" if result.mode == "closed" else f"{result.level:g}/s"
+    print(
+        f"{result.config:>13} {result.endpoint:>7} {load:>8} x{result.processes} "
+        f"{result.images_per_s:7.2f} images/s (median {result.median_images_per_s:.2f}) "
+        f"p50 {result.percentile(50):6.0f} p99 {result.percentile(99):6.0f} ms batch {result.mean_batch:5.1f} "
+        f"server {result.server_cpu_ms_per_image:5.1f} ms/img client {result.client_cpu_ms_per_request:4.1f} "
+        f"ms/req ({100 * result.client_core_share:.0f}% core) errors {result.errors}",
+        flush=True,
+    )
+    for kind, count in result.error_kinds.items():
+        print(f"{'':>13} error x{count}: {kind}", flush=True)
+    if result.workers_lost:
+        print(f"{'':>13} {result.workers_lost} server worker process(es) ended", flush=True)
+    for note in result.warnings():
+        print(f"!!!!! {note}", flush=True)

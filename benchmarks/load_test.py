@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.load_engine import EngineOnly  # noqa: E402
-from benchmarks.load_report import ratio_lines, report_tables  # noqa: E402
+from benchmarks.load_report import print_level, ratio_lines, report_tables  # noqa: E402
 from benchmarks.load_servers import ServerProcess, child_pids, process_tree_cpu_seconds  # noqa: E402
 from benchmarks.load_stages import StageFigures, scrape_stages, stage_figures  # noqa: E402
 from benchmarks.loadgen import (  # noqa: E402
@@ -87,11 +87,11 @@ class LevelResult:
     client_cpu_s: float = 0.0  # user + system CPU of all client processes
     error_kinds: dict[str, int] = field(default_factory=dict)  # status and code, or exception
     workers_lost: int = 0  # server worker processes that ended during the level (killed, crashed)
-    send_seconds: float = 0.0  # first to last send
     send_lags_ms: list[float] = field(default_factory=list)
     max_in_flight: int = 0  # the sum of the processes' peaks
     core_shares: list[float] = field(default_factory=list)  # each client process's CPU s per second
     round_images_per_s: list[float] = field(default_factory=list)
+    round_sent_per_s: list[float] = field(default_factory=list)  # the processes' send rates, summed
     stages: list[StageFigures] = field(default_factory=list)
 
     @property
@@ -131,7 +131,10 @@ class LevelResult:
 
     @property
     def sent_per_s(self) -> float:
-        return self.requests / self.send_seconds if self.send_seconds > 0 else float("nan")
+        """The median over rounds of the send rate: each process's requests over its time from start
+        to last send, summed over the processes (one process's late last arrival, likely with
+        Poisson arrivals, would understate the others' rates)."""
+        return statistics.median(self.round_sent_per_s) if self.round_sent_per_s else float("nan")
 
     def percentile(self, q: float) -> float:
         return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
@@ -149,7 +152,9 @@ class LevelResult:
         started = min((c.started for c in active), default=0.0)
         seconds = max((c.finished for c in active), default=0.0) - started
         self.seconds += seconds
-        self.send_seconds += max((c.last_send for c in active), default=0.0) - started
+        self.round_sent_per_s.append(
+            sum(c.sent / (c.last_send - c.started) for c in active if c.last_send > c.started)
+        )
         served = 0
         for client in clients:
             self.requests += client.sent
@@ -244,24 +249,6 @@ def run_round(
     if figures is not None:
         result.stages.append(figures)
     result.add_round(clients, cpu, lost)
-
-
-def print_level(result: LevelResult) -> None:
-    load = f"c={result.level:.0f}" if result.mode == "closed" else f"{result.level:g}/s"
-    print(
-        f"{result.config:>13} {result.endpoint:>7} {load:>8} x{result.processes} "
-        f"{result.images_per_s:7.2f} images/s (median {result.median_images_per_s:.2f}) "
-        f"p50 {result.percentile(50):6.0f} p99 {result.percentile(99):6.0f} ms batch {result.mean_batch:5.1f} "
-        f"server {result.server_cpu_ms_per_image:5.1f} ms/img client {result.client_cpu_ms_per_request:4.1f} "
-        f"ms/req ({100 * result.client_core_share:.0f}% core) errors {result.errors}",
-        flush=True,
-    )
-    for kind, count in result.error_kinds.items():
-        print(f"{'':>13} error x{count}: {kind}", flush=True)
-    if result.workers_lost:
-        print(f"{'':>13} {result.workers_lost} server worker process(es) ended", flush=True)
-    for note in result.warnings():
-        print(f"!!!!! {note}", flush=True)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -276,6 +276,42 @@ def test_open_loop_cap_refuses_to_send_past_it(loadgen):
     assert capped > 0 and len(result.latencies_ms) == 20 - capped
 
 
+def test_a_round_adds_up_every_client_process(load_test, loadgen):
+    result = load_test.LevelResult("batching on", "explain", "open", 20.0, 2, 1)
+    first = loadgen.ClientResult(
+        sent=10,
+        latencies_ms=[1.0] * 9,
+        batch_images=[1] * 9,
+        error_kinds={"503 queue_full: retry": 1},
+        started=100.0,
+        finished=101.0,
+        last_send=100.5,
+        cpu_s=0.05,
+        send_lags_ms=[0.0] * 10,
+        max_in_flight=3,
+    )
+    second = loadgen.ClientResult(
+        sent=10,
+        latencies_ms=[2.0] * 10,
+        batch_images=[2] * 10,
+        started=100.0,
+        finished=102.0,
+        last_send=101.0,
+        cpu_s=0.15,
+        send_lags_ms=[1.0] * 10,
+        max_in_flight=2,
+    )
+    result.add_round([first, second], server_cpu_s=1.9, workers_lost=0)
+    assert (result.requests, result.errors, result.served_images) == (20, 1, 19)
+    assert result.seconds == pytest.approx(2.0) and result.images_per_s == pytest.approx(9.5)
+    assert result.sent_per_s == pytest.approx(30.0)  # 10 in 0.5 s and 10 in 1 s
+    assert result.client_cpu_ms_per_request == pytest.approx(10.0)  # 0.2 CPU s over 20 requests
+    assert result.core_shares == [pytest.approx(0.05), pytest.approx(0.075)]
+    assert result.server_cpu_ms_per_image == pytest.approx(100.0)
+    assert result.max_in_flight == 5 and result.error_kinds == {"503 queue_full: retry": 1}
+    assert len(result.latencies_ms) == 19 and result.mean_batch == pytest.approx(29 / 19)
+
+
 def test_a_busy_client_process_is_warned_about(load_test):
     result = load_test.LevelResult("batching on", "explain", "closed", 8, 1, 1)
     result.core_shares = [0.2]
