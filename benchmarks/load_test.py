@@ -404,7 +404,9 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 for server in servers.values():
                     server.wait_ready()
-                running = {config: (server.url, server.process.pid) for config, server in servers.items()}
+                running: dict[str, tuple[str, int | None]] = {
+                    config: (server.url, server.process.pid) for config, server in servers.items()
+                }
                 results = measure(args, running, "bench", images, engine)
             finally:
                 for server in servers.values():

@@ -222,8 +222,13 @@ async def run_client(spec: LevelSpec, between: Callable[[], None] | None = None)
             if response.status_code != 200:
                 errors[error_kind(response)] += 1
                 return
+            try:
+                batch = batch_images(response, template.api)
+            except (ValueError, KeyError, TypeError):  # a 200 without the service's timings
+                errors[f"200 unreadable answer: {response.content[:80]!r}"] += 1
+                return
             result.latencies_ms.append(elapsed_ms)
-            result.batch_images.append(batch_images(response, template.api))
+            result.batch_images.append(batch)
 
         warmup = min(spec.warmup, spec.requests)
         await asyncio.gather(*(one(i, time.monotonic()) for i in range(warmup)))

@@ -228,6 +228,17 @@ def test_errors_are_counted_by_kind(loadgen):
     assert len(result.latencies_ms) == 1 and result.batch_images == [1]
 
 
+def test_an_answer_without_timings_is_an_error_not_a_crash(loadgen):
+    import asyncio
+
+    with _Scripted([]) as server:
+        template = loadgen.RequestTemplate("v2", "/v2/models/m/infer", {}, [b"{}"])  # /v1's body on /v2
+        result = asyncio.run(loadgen.run_client(loadgen.LevelSpec(server.url, template, 2, 1, warmup=0)))
+    assert result.sent == 2 and result.latencies_ms == []
+    ((kind, count),) = result.error_kinds.items()
+    assert count == 2 and kind.startswith("200 unreadable answer")
+
+
 def test_closed_loop_from_several_processes_counts_every_request(loadgen):
     # 5 in flight from 2 processes (3 + 2), 11 requests (7 + 4), each process warming up with its share
     with _Scripted([]) as server, loadgen.ClientPool(2) as pool:
