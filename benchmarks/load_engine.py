@@ -25,6 +25,7 @@ class EngineOnly:
         )
         self.tensors = [self.loaded.preprocessor(decode_image(data))[0] for data in images]
         self.batch_size = args.max_batch
+        self.threads: int | None = args.engine_threads  # None: torch's default
         self.rates: dict[str, list[float]] = {}
         self.cpu_ms: dict[str, list[float]] = {}
 
@@ -40,12 +41,18 @@ class EngineOnly:
             count = min(self.batch_size, total_images - start)
             batches.append(torch.stack([self.tensors[(start + k) % len(self.tensors)] for k in range(count)]))
         options = CamOptions() if endpoint == "explain" else None
-        self.loaded.engine.explain(batches[0], options, top_k=1)  # warm-up at the measured batch size
-        started, cpu_started = time.perf_counter(), time.process_time()
-        for batch in batches:
-            self.loaded.engine.explain(batch, options, top_k=1)
-        if self.loaded.device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - started
+        threads = torch.get_num_threads()
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            self.loaded.engine.explain(batches[0], options, top_k=1)  # warm-up at the measured batch size
+            started, cpu_started = time.perf_counter(), time.process_time()
+            for batch in batches:
+                self.loaded.engine.explain(batch, options, top_k=1)
+            if self.loaded.device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - started
+        finally:
+            torch.set_num_threads(threads)
         self.rates.setdefault(endpoint, []).append(total_images / seconds)
         self.cpu_ms.setdefault(endpoint, []).append(1000 * (time.process_time() - cpu_started) / total_images)

@@ -306,6 +306,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(e.g. '{\"reduced_jpeg_decode\": false}'); the report gives variant / batching on",
     )
     parser.add_argument("--engine", action="store_true", help="with --url: also measure the engine alone")
+    parser.add_argument(
+        "--engine-threads",
+        type=int,
+        default=None,
+        help="torch threads of the engine-only run (default: torch's)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the report (markdown) here")
     args = parser.parse_args(argv)
     if args.concurrency is None:

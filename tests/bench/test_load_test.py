@@ -66,6 +66,9 @@ def _rows(report: str, prefix: str, header: str) -> list[list[str]]:
 def test_a_tiny_load_test_reports_throughput_ratios_and_cpu(load_test, tmp_path):
     """Two client processes, a closed-loop and an open-loop level, three real servers: every request
     sent is counted once, answered, and both sides' CPU is reported."""
+    import torch
+
+    threads = torch.get_num_threads()
     out = tmp_path / "report.md"
     code = load_test.main(
         [
@@ -83,11 +86,13 @@ def test_a_tiny_load_test_reports_throughput_ratios_and_cpu(load_test, tmp_path)
             "--image-size=48",
             "--max-batch=4",
             '--variant={"reduced_jpeg_decode": false}',
+            "--engine-threads=1",
             "--out",
             str(out),
         ]
     )
     assert code == 0
+    assert torch.get_num_threads() == threads  # the engine-only run's thread count was undone
     report = out.read_text()
     closed = _rows(report, "| ", "| concurrency | client processes |")
     assert [row[0] for row in closed] == ["batching on", "batching off", "variant"]
