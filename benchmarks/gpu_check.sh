@@ -37,8 +37,10 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep its output
     tail -n 25 "$OUT_DIR/$name.txt"
 }
 
-# 1. The CPU's exactness contracts, on the device (tests/unit/test_cuda.py).
-step cuda_tests 60 "$PY" -m pytest -q -p no:cacheprovider tests/unit/test_cuda.py
+# 1. The CPU's exactness contracts, on the device (tests/unit/test_cuda.py), and the tensor image
+#    path (nvJPEG decode, resize, rendering) against the Pillow path.
+step cuda_tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/unit/test_cuda.py \
+    tests/unit/test_device_images_cuda.py
 # 2. Explanation vs forward pass, batch 64, fp32/fp16/bf16 (targets: b/a >= 0.9, b/c >= 10).
 step bench_engine 120 "$PY" benchmarks/bench_engine.py --device cuda --reference-iters 2
 # 3. The same at batch 256 in fp16, where the forward is no longer bound by kernel launches.
@@ -50,9 +52,9 @@ step profile 45 "$PY" benchmarks/profile_explain.py --device cuda
 step profile_base 45 "$PY" benchmarks/profile_explain.py --device cuda --model deit_base_patch16_224
 # 5. HTTP load at 224 px, fp16, batches up to 128, WORKERS server processes (target: 3,000
 #    explained images/s); the variant server busy-waits for the GPU (cuda_wait spin, CUDA's default),
-#    against the default blocking wait. 8 images per request keep the single load-generator process below its
-#    own limit of a few hundred requests per second.
+#    against the default blocking wait. One 320x320 JPEG per request, decoded on the GPU (image_path
+#    auto), from 4 load-generator processes (each reports its own CPU, so it is seen not to be the limit).
 step load_test 210 "$PY" benchmarks/load_test.py --arch deit_small_patch16_224 --device cuda \
-    --dtype fp16 --endpoint explain --image-size 320 --images-per-request 8 \
-    --concurrency 8 32 64 --requests 256 --rounds 1 --max-batch 128 --workers "$WORKERS" \
+    --dtype fp16 --endpoint explain --image-size 320 --images-per-request 1 --client-processes 4 \
+    --concurrency 64 256 512 --requests 2048 --rounds 1 --max-batch 128 --workers "$WORKERS" \
     --variant '{"cuda_wait": "spin"}'
