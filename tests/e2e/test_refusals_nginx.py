@@ -84,3 +84,39 @@ def test_every_client_of_a_burst_through_nginx_gets_its_answer(
     finally:
         nginx.stop()
         shutil.rmtree(prefix, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    ("path", "shape"),
+    [(f"/v1/models/{MODEL_NAME}/predict", "service"), (f"/v2/models/{MODEL_NAME}/infer", "oip")],
+)
+def test_an_upload_over_the_limit_gets_a_json_413_from_nginx(
+    nginx_binary: str, path: str, shape: str
+) -> None:
+    """nginx refuses an upload over client_max_body_size itself, in the error shape of the path's API
+    (not its own HTML page), under the caller's request id, and the client, which sends its whole
+    body first, gets that answer."""
+    prefix = Path(tempfile.mkdtemp(prefix="reciprocam-nginx-"))
+    nginx = Nginx(nginx_binary, prefix, free_port())
+    try:
+        nginx.start([f"127.0.0.1:{free_port()}"])  # never asked
+        with httpx.Client(timeout=60) as client:
+            response = client.post(
+                f"{nginx.url}{path}",
+                content=bytes(20 * 1024 * 1024 + 1),
+                headers={"content-type": "application/octet-stream", "x-request-id": "big-1"},
+            )
+        assert response.status_code == 413
+        assert response.headers["content-type"] == "application/json"
+        assert response.headers["x-request-id"] == "big-1"
+        if shape == "service":
+            assert response.json()["error"] == {
+                "code": "payload_too_large",
+                "message": "the request body is larger than the limit of 20 MiB",
+                "request_id": "big-1",
+            }
+        else:
+            assert response.json() == {"error": "the request body is larger than the limit of 20 MiB"}
+    finally:
+        nginx.stop()
+        shutil.rmtree(prefix, ignore_errors=True)
