@@ -28,7 +28,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.engine.preprocess import DataConfig, Preprocessor
-from app.serving.pipeline import prepare_image
+from app.serving.prepare import prepare_image
 from benchmarks.timing import median_ms
 
 

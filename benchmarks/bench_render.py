@@ -25,7 +25,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.serving.pipeline import json_bytes
+from app.api.encoding import json_bytes
 from app.serving.render import heatmap_png, heatmap_rgb, png_bytes
 from benchmarks.timing import median_ms
 

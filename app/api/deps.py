@@ -17,7 +17,8 @@ api_key_scheme = APIKeyHeader(name="X-API-Key", auto_error=False, description="X
 async def get_service(request: Request) -> Service:
     """The running service. A coroutine, so that FastAPI resolves it on the event loop instead of
     sending every request through a worker thread for it."""
-    return request.app.state.service  # type: ignore[no-any-return]
+    service: Service = request.app.state.service
+    return service
 
 
 def key_is_valid(candidate: str, accepted: list[bytes]) -> bool:
@@ -38,10 +39,7 @@ def _check_key(service: Service, bearer: HTTPAuthorizationCredentials | None, he
     valid = [key_is_valid(candidate, accepted) for candidate in candidates]  # each one checked
     if not any(valid):
         raise ServiceError(
-            401,
-            "unauthorized",
-            "a valid API key is required (Authorization: Bearer <key> or X-API-Key: <key>)",
-            headers={"WWW-Authenticate": "Bearer"},
+            "unauthorized", "a valid API key is required (Authorization: Bearer <key> or X-API-Key: <key>)"
         )
 
 

@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 
 from app.api.deps import get_service, require_api_key_for_health, require_api_key_for_metrics
-from app.api.schemas import Liveness, Readiness
 from app.serving.service import Service
+
+
+class ModelStatusEntry(BaseModel):
+    name: str
+    status: str
+    reason: str | None = None
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "loading", "unavailable", "draining"]
+    models: list[ModelStatusEntry]
+
+
+class Liveness(BaseModel):
+    status: Literal["ok"]
+
 
 router = APIRouter(tags=["health"])
 

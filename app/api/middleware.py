@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.errors import error_body, is_protocol_path, path_error_response
+from app.api.errors import error_payload, error_response
 from app.serving.logs import request_id_var
 from app.serving.metrics import ServiceMetrics
 
@@ -379,8 +379,8 @@ async def _send_error(
     close: bool = False,
     headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
-    """An error response in the shape of the path's API (see ``path_error_response``)."""
-    payload = {"error": message} if is_protocol_path(path) else error_body(code, message, request_id)
+    """An error response in the shape of the path's API (see ``error_payload``)."""
+    payload = error_payload(path, code, message, request_id)
     body = json.dumps(payload).encode()
     headers = [
         (b"content-type", b"application/json"),
@@ -413,6 +413,6 @@ class CORSMiddleware(StarletteCORSMiddleware):
 def _refused_preflight(scope: Scope, plain: Response) -> Response:
     message = bytes(plain.body).decode("utf-8", "replace") or "Disallowed CORS request"
     headers = {k: v for k, v in plain.headers.items() if k.lower() not in ("content-length", "content-type")}
-    return path_error_response(
+    return error_response(
         Request(scope), 400, "cors_rejected", message + " (see the service's cors settings)", headers
     )

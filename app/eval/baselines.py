@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from types import MethodType
 
 import torch
@@ -33,12 +32,6 @@ from torch import nn
 from app.engine.reciprocam import CamOptions, ReciproCAM
 
 MapFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (inputs, class_ids) -> (B, h, w)
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    name: str
-    description: str
 
 
 RECIPROCAM_VARIANTS: dict[str, CamOptions] = {

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from app.config import BatchSettings
-from app.engine.reciprocam import CamOptions, ImageExplanation
+from app.engine.reciprocam import CamOptions, ImageExplanation, ReciproCAM
 from app.serving.errors import (
     ClientDisconnectedError,
     DeadlineExceededError,
@@ -41,18 +41,19 @@ DisconnectCheck = Callable[[], Awaitable[bool]]
 
 @dataclass
 class BatchItem:
-    """One preprocessed image and what to compute for it.
+    """One image and what to compute for it.
 
-    ``image`` is either the model input as uint8 pixels (H, W, 3), normalised with the batch on the
-    model's device, or an already normalised float tensor (3, H, W). ``options`` None means
-    prediction only. ``targets`` are explicit class ids to explain; otherwise the ``top_k`` most
-    probable classes are explained.
+    ``image`` is the model input (3, H, W): uint8 pixels, normalised with the batch on the model's
+    device, or with ``normalized`` a float tensor the client already normalised. ``options`` None
+    means prediction only. ``targets`` are explicit class ids to explain; otherwise the ``top_k``
+    most probable classes are explained.
     """
 
-    image: torch.Tensor  # (H, W, 3) uint8 pixels, or (3, H, W) normalised
+    image: torch.Tensor
     options: CamOptions | None = None
     targets: list[int] | None = None
     top_k: int = 1
+    normalized: bool = False
 
 
 @dataclass(frozen=True)
@@ -73,16 +74,18 @@ def batch_inputs(
     """The batch's model inputs (B, 3, H, W) in item order, on ``device``.
 
     uint8 pixels are stacked and moved as uint8 (a quarter of the bytes of float32), then
-    normalised in one call of ``normalize`` on the device; float items are taken as they are.
+    normalised in one call of ``normalize`` (which takes (..., H, W, 3) pixels) on the device;
+    normalised items are taken as they are.
     """
-    pixel_rows = [row for row, item in enumerate(items) if item.image.dtype == torch.uint8]
-    tensor_rows = [row for row, item in enumerate(items) if item.image.dtype != torch.uint8]
+    pixel_rows = [row for row, item in enumerate(items) if not item.normalized]
+    tensor_rows = [row for row, item in enumerate(items) if item.normalized]
     if not pixel_rows:
         stacked = torch.stack([item.image for item in items])
         return stacked if device is None else stacked.to(device)
     if normalize is None:
         raise ValueError("uint8 images need a normalize function")
-    pixels = torch.stack([items[row].image for row in pixel_rows])
+    # stacked as (B, H, W, 3), the layout of decoded pixels: copied once, moved as one block
+    pixels = torch.stack([items[row].image.movedim(0, -1) for row in pixel_rows])
     normalized = normalize(pixels if device is None else pixels.to(device))
     if not tensor_rows:
         return normalized
@@ -95,7 +98,7 @@ def batch_inputs(
 
 
 def run_engine_batch(
-    engine: object,
+    engine: ReciproCAM,
     items: Sequence[BatchItem],
     normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
     device: torch.device | str | None = None,
@@ -106,9 +109,7 @@ def run_engine_batch(
     options = [item.options for item in items]
     targets = [item.targets for item in items] if any(item.targets is not None for item in items) else None
     top_ks = [item.top_k for item in items if item.options is not None and item.targets is None]
-    results: list[ImageExplanation] = engine.explain(  # type: ignore[attr-defined]
-        images, options, targets=targets, top_k=max(top_ks, default=1)
-    )
+    results = engine.explain(images, options, targets=targets, top_k=max(top_ks, default=1))
     for result in results:
         # A NaN or an infinity (an fp16 overflow, broken weights) would reach clients as null where
         # a number is promised: fail the batch, so that splitting isolates the image it came from.
@@ -166,7 +167,6 @@ class Batcher:
         self._arrival = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
-        self._busy = False
         self._idle = asyncio.Event()
         self._idle.set()
         metrics.queue_depth.labels(model_name).set(0)
@@ -254,7 +254,6 @@ class Batcher:
                 self._arrival.clear()
                 await self._arrival.wait()
                 continue
-            self._busy = True
             try:
                 batch = await self._collect()
                 if batch:
@@ -263,8 +262,6 @@ class Batcher:
                 raise
             except Exception:  # pragma: no cover - the loop must survive anything
                 logger.exception("batch loop error for model %s", self.model_name)
-            finally:
-                self._busy = False
 
     async def _collect(self) -> list[_Job]:
         """Wait for the window of the oldest job, then take jobs that fit into one batch."""
@@ -337,7 +334,7 @@ class Batcher:
                 continue
             job.future.set_result(
                 BatchOutcome(
-                    results=results,  # type: ignore[arg-type]
+                    results=[r for r in results if isinstance(r, ImageExplanation)],
                     queue_ms=(started - job.enqueued) * 1000.0,
                     compute_ms=compute_ms,
                     batch_images=len(items),

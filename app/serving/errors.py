@@ -1,33 +1,36 @@
-"""Errors of the serving layer, each with an HTTP status and a stable machine-readable code."""
+"""Errors of the serving layer. Each has a stable machine-readable ``code``; how a protocol answers it
+(the HTTP status, the body's shape) is decided by the protocol's codec (``app.api.errors``)."""
 
 from __future__ import annotations
 
 
 class ServiceError(Exception):
-    """A request cannot be served; ``status`` and ``code`` say how the API answers it."""
+    """A request cannot be served. ``retry_after_s``: the condition is transient, retry after it."""
 
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        message: str,
-        *,
-        headers: dict[str, str] | None = None,
-    ) -> None:
+    def __init__(self, code: str, message: str, *, retry_after_s: int | None = None) -> None:
         super().__init__(message)
-        self.status = status
         self.code = code
         self.message = message
-        self.headers = dict(headers or {})
+        self.retry_after_s = retry_after_s
+
+
+class InvalidRequestError(ServiceError):
+    """The request cannot be read (body, encoding, an option that is not even well-formed)."""
+
+
+class InvalidOptionsError(ServiceError):
+    """Well-formed options that this model cannot honour (classes, blocks, limits on the answer)."""
+
+    def __init__(self, message: str, code: str = "invalid_options") -> None:
+        super().__init__(code, message)
 
 
 class QueueFullError(ServiceError):
     def __init__(self, model: str, retry_after_s: int) -> None:
         super().__init__(
-            503,
             "queue_full",
             f"model {model!r} has too much queued work; retry after {retry_after_s} s",
-            headers={"Retry-After": str(retry_after_s)},
+            retry_after_s=retry_after_s,
         )
 
 
@@ -36,10 +39,9 @@ class DeadlineExceededError(ServiceError):
 
     def __init__(self, model: str, timeout_s: float, retry_after_s: int = 1) -> None:
         super().__init__(
-            504,
             "deadline_exceeded",
             f"the request to model {model!r} could not start within {timeout_s:g} s",
-            headers={"Retry-After": str(retry_after_s)},
+            retry_after_s=retry_after_s,
         )
 
 
@@ -47,15 +49,13 @@ class ClientDisconnectedError(ServiceError):
     """The client went away before its work started; nobody reads this answer."""
 
     def __init__(self) -> None:
-        super().__init__(499, "client_disconnected", "the client disconnected before the work started")
+        super().__init__("client_disconnected", "the client disconnected before the work started")
 
 
 class ComputeFailedError(ServiceError):
     def __init__(self, model: str, cause: BaseException) -> None:
         super().__init__(
-            500,
-            "compute_failed",
-            f"model {model!r} failed on this request: {type(cause).__name__}: {cause}",
+            "compute_failed", f"model {model!r} failed on this request: {type(cause).__name__}: {cause}"
         )
         self.cause = cause
 
@@ -65,10 +65,9 @@ class OutOfMemoryError(ServiceError):
 
     def __init__(self, model: str, cause: BaseException, retry_after_s: int = 1) -> None:
         super().__init__(
-            503,
             "out_of_memory",
             f"model {model!r} ran out of memory on this request, even computed alone: {cause}",
-            headers={"Retry-After": str(retry_after_s)},
+            retry_after_s=retry_after_s,
         )
         self.cause = cause
 
@@ -81,8 +80,8 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 
 def compute_error(model: str, cause: BaseException, retry_after_s: int = 1) -> ServiceError:
-    """What a request whose image failed in the model gets: 503 + Retry-After when memory ran out
-    (a transient condition), 500 otherwise."""
+    """What a request whose image failed in the model gets: retryable when memory ran out (a
+    transient condition), a failure otherwise."""
     if is_out_of_memory(cause):
         return OutOfMemoryError(model, cause, retry_after_s)
     return ComputeFailedError(model, cause)
@@ -90,4 +89,4 @@ def compute_error(model: str, cause: BaseException, retry_after_s: int = 1) -> S
 
 class ShuttingDownError(ServiceError):
     def __init__(self) -> None:
-        super().__init__(503, "shutting_down", "the service is shutting down", headers={"Retry-After": "1"})
+        super().__init__("shutting_down", "the service is shutting down", retry_after_s=1)

@@ -10,18 +10,18 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from app.serving.errors import ServiceError
+
 ALLOWED_FORMATS: frozenset[str] = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"})
 DEFAULT_MAX_PIXELS = 40_000_000
 BACKGROUND = (255, 255, 255)
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(ServiceError, ValueError):
     """The bytes are not an acceptable image. ``code`` is a stable machine-readable reason."""
 
-    def __init__(self, message: str, *, code: str = "invalid_image", status: int = 400) -> None:
-        super().__init__(message)
-        self.code = code
-        self.status = status
+    def __init__(self, message: str, *, code: str = "invalid_image") -> None:
+        super().__init__(code, message)
         self.index: int | None = None  # position of the failing image in a request, when known
 
 
@@ -59,7 +59,6 @@ def check_pixel_count(size: tuple[int, int], max_pixels: int) -> None:
         raise ImageDecodeError(
             f"the image has {width}x{height} = {width * height} pixels, more than the limit of {max_pixels}",
             code="too_many_pixels",
-            status=413,
         )
 
 

@@ -11,6 +11,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -23,6 +26,14 @@ from prometheus_client import (
 )
 
 MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+T = TypeVar("T")
+
+
+def timed(function: Callable[..., T], *args: Any, **kwargs: Any) -> tuple[T, float]:
+    """``function``'s result and the CPU seconds the calling thread spent in it."""
+    started = time.thread_time()
+    result = function(*args, **kwargs)
+    return result, time.thread_time() - started
 
 
 def multiprocess_dir() -> str | None:
@@ -32,6 +43,9 @@ def multiprocess_dir() -> str | None:
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+# A request's stages, in order (see docs/service.md, "Where the time goes").
+STAGES = ("parse", "decode", "preprocess", "queue", "compute", "render", "encode")
 
 
 class ServiceMetrics:
@@ -109,6 +123,15 @@ class ServiceMetrics:
             ["model", "kind"],
             registry=r,
         )
+        self.stage_seconds = Histogram(
+            "reciprocam_stage_seconds",
+            "time per image in each stage of a request: CPU time of the thread doing the work for "
+            "parse, decode, preprocess, render and encode; waiting time for queue; the batch's compute "
+            "time divided by its images for compute",
+            ["model", "stage"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
         self.model_ready = Gauge(
             "reciprocam_model_ready",
             "1 when the model is loaded and serving",
@@ -116,6 +139,14 @@ class ServiceMetrics:
             registry=r,
             multiprocess_mode="livemin",  # 1 only when every live worker serves it
         )
+
+    def observe_stage(self, model: str, stage: str, seconds: float, images: int = 1) -> None:
+        """Record ``seconds`` spent on ``images`` images in ``stage``, as one observation per image."""
+        if images < 1:
+            return
+        child = self.stage_seconds.labels(model, stage)
+        for _ in range(images):
+            child.observe(seconds / images)
 
     def render(self) -> bytes:
         directory = multiprocess_dir()

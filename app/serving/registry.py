@@ -99,18 +99,15 @@ class ModelRegistry:
         entry = self.entries.get(name)
         if entry is None:
             known = ", ".join(sorted(self.entries)) or "none"
-            raise ServiceError(404, "model_not_found", f"no model named {name!r} (models: {known})")
+            raise ServiceError("model_not_found", f"no model named {name!r} (models: {known})")
         return entry
 
     def require_ready(self, name: str) -> tuple[LoadedModel, Batcher]:
         entry = self.get(name)
         if entry.status == "loading":
-            raise ServiceError(
-                503, "model_loading", f"model {name!r} is still loading", headers={"Retry-After": "5"}
-            )
+            raise ServiceError("model_loading", f"model {name!r} is still loading", retry_after_s=5)
         if entry.status != "ready" or entry.loaded is None or entry.batcher is None:
             raise ServiceError(
-                503,
                 "model_unavailable",
                 f"model {name!r} is {entry.status}: {entry.reason or 'unknown reason'}",
             )

@@ -9,6 +9,8 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
+from app.serving.options import COLORMAPS
+
 # Anchor colours sampled from the usual perceptual colour maps, interpolated linearly to 256 entries.
 _ANCHORS: dict[str, list[tuple[int, int, int]]] = {
     "viridis": [
@@ -35,7 +37,6 @@ _ANCHORS: dict[str, list[tuple[int, int, int]]] = {
     ],
     "gray": [(0, 0, 0), (255, 255, 255)],
 }
-COLORMAPS: tuple[str, ...] = ("jet", "viridis", "inferno", "gray")
 
 
 @lru_cache(maxsize=8)
@@ -72,7 +73,8 @@ def _row_blocks(height: int, width: int) -> Iterator[slice]:
 def to_uint8(normalized: np.ndarray) -> np.ndarray:
     """floor(255 * x) for x in [0, 1]."""
     if normalized.ndim != 2 or normalized.size <= _BLOCK_PIXELS:
-        return np.floor(np.clip(normalized, 0.0, 1.0) * 255).astype(np.uint8)
+        levels: np.ndarray = np.floor(np.clip(normalized, 0.0, 1.0) * 255).astype(np.uint8)
+        return levels
     out = np.empty(normalized.shape, dtype=np.uint8)
     for rows in _row_blocks(*normalized.shape):
         out[rows] = np.floor(np.clip(normalized[rows], 0.0, 1.0) * 255)
@@ -81,7 +83,8 @@ def to_uint8(normalized: np.ndarray) -> np.ndarray:
 
 def heatmap_rgb(normalized: np.ndarray, colormap: str = "jet") -> np.ndarray:
     """(H, W) map in [0, 1] -> (H, W, 3) uint8 colours."""
-    return colormap_lut(colormap)[to_uint8(normalized)]
+    colours: np.ndarray = colormap_lut(colormap)[to_uint8(normalized)]
+    return colours
 
 
 def overlay_rgb(

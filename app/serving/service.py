@@ -21,7 +21,7 @@ from app.engine.preprocess import Preprocessor
 from app.serving.errors import ServiceError
 from app.serving.images import ImageDecodeError
 from app.serving.metrics import ServiceMetrics
-from app.serving.pipeline import PreparedImage, prepare_image
+from app.serving.prepare import PreparedImage, prepare_image
 from app.serving.registry import ModelRegistry
 
 logger = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ async def gather_all(awaitables: Iterable[Awaitable[T]]) -> list[T]:
     for result in results:
         if isinstance(result, BaseException):
             raise result
-    return results  # type: ignore[return-value]
+    return [result for result in results if not isinstance(result, BaseException)]
 
 
 class Service:
@@ -72,11 +72,10 @@ class Service:
             self.metrics.rejections.labels(model, "originals_in_flight").inc()
             retry_after = self.settings.batch.retry_after_s
             raise ServiceError(
-                503,
                 "overloaded",
                 f"too many posted images are held for overlays on the original right now ({pixels} more "
                 f"pixels would exceed {limit}); retry after {retry_after} s",
-                headers={"Retry-After": str(retry_after)},
+                retry_after_s=retry_after,
             )
         self.original_pixels_held += pixels
         try:

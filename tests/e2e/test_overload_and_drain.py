@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from app.engine.models import load_model
-from app.serving.pipeline import prepare_image
+from app.serving.prepare import prepare_image
 
 BURST = 1000
 TOP_K = 3

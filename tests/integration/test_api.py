@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from app.api.schemas import ExplainResponse, ModelInfo, PredictResponse
+from app.api.v1.schemas import ExplainResponse, ModelInfo, PredictResponse
 from app.engine.reciprocam import CamOptions, normalize_maps
-from app.serving.pipeline import PreparedImage, prepare_image
+from app.serving.prepare import PreparedImage, prepare_image
 from app.serving.render import colormap_lut
 from tests.helpers import jpeg_bytes, photo_like
 from tests.integration.conftest import (
@@ -362,7 +362,7 @@ async def test_openapi_documents_both_bodies_and_error_shape(client):
 
 
 def test_tiny_png_example_decodes():
-    from app.api.schemas import _TINY_PNG
+    from app.api.v1.schemas import _TINY_PNG
     from app.serving.images import decode_image
 
     assert decode_image(base64.b64decode(_TINY_PNG)).size == (1, 1)

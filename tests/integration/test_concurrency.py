@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from app.engine.reciprocam import CamOptions, normalize_maps
-from app.serving.pipeline import prepare_image
+from app.serving.prepare import prepare_image
 from tests.bad_inputs import encode
 from tests.integration.conftest import assert_error, image_bytes, running_service, tiny_settings
 

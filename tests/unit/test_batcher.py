@@ -44,7 +44,7 @@ class FakeEngine:
 
 
 def item(value: float) -> BatchItem:
-    return BatchItem(image=torch.full((3, 2, 2), value))
+    return BatchItem(image=torch.full((3, 2, 2), value), normalized=True)
 
 
 @pytest.fixture
@@ -101,7 +101,7 @@ async def test_full_queue_rejects_with_retry_after(executor):
     await asyncio.sleep(0)
     with pytest.raises(QueueFullError) as refused:
         await batcher.submit([item(4)])
-    assert refused.value.status == 503 and refused.value.headers["Retry-After"] == "1"
+    assert refused.value.code == "queue_full" and refused.value.retry_after_s == 1
     engine.gate.set()
     assert values_of(await running) == [1]
     assert values_of(await queued) == [2, 3]
@@ -119,8 +119,8 @@ async def test_request_that_cannot_start_in_time_gets_504(executor):
     await asyncio.to_thread(engine.entered.wait, 5)
     with pytest.raises(DeadlineExceededError) as late:
         await batcher.submit([item(2)])
-    assert late.value.status == 504
-    assert late.value.headers == {"Retry-After": "7"}  # overload: the client is told when to come back
+    assert late.value.code == "deadline_exceeded"
+    assert late.value.retry_after_s == 7  # overload: the client is told when to come back
     engine.gate.set()
     assert values_of(await running) == [1]  # the one that started finishes, however long it takes
     await asyncio.sleep(0.05)
@@ -174,7 +174,7 @@ async def test_failing_batch_is_split_and_only_the_bad_item_fails(executor):
     batcher, metrics = make_batcher(engine, executor, max_batch_images=8, max_wait_ms=200)
     jobs = [[item(1)], [item(2), item(3)], [item(4), item(5)], [item(6)], [item(7), item(8)]]
     results = await asyncio.gather(*(batcher.submit(job) for job in jobs), return_exceptions=True)
-    assert isinstance(results[2], ComputeFailedError) and results[2].status == 500
+    assert isinstance(results[2], ComputeFailedError) and results[2].code == "compute_failed"
     assert "injected failure" in results[2].message
     for index in (0, 1, 3, 4):
         assert values_of(results[index]) == [float(x.image[0, 0, 0]) for x in jobs[index]]
@@ -210,9 +210,9 @@ async def test_engine_batch_call_per_image_options_and_top_k():
 
     dirac = CamOptions(kernel="dirac")
     items = [
-        BatchItem(torch.zeros(3, 4, 4), None, None, 5),
-        BatchItem(torch.zeros(3, 4, 4), CamOptions(), None, 2),
-        BatchItem(torch.zeros(3, 4, 4), dirac, [1], 1),
+        BatchItem(torch.zeros(3, 4, 4), None, None, 5, normalized=True),
+        BatchItem(torch.zeros(3, 4, 4), CamOptions(), None, 2, normalized=True),
+        BatchItem(torch.zeros(3, 4, 4), dirac, [1], 1, normalized=True),
     ]
     assert len(run_engine_batch(Recorder(), items)) == 3
     shape, options, targets, top_k = calls[0]
@@ -241,20 +241,22 @@ def test_batch_inputs_normalise_uint8_pixels_with_the_batch():
         return preprocessor.normalize(batch)
 
     one_by_one = [preprocessor.normalize(p) for p in pixels]
-    items = [BatchItem(image=torch.from_numpy(p)) for p in pixels]
+    items = [BatchItem(image=torch.from_numpy(p).permute(2, 0, 1)) for p in pixels]
     inputs = batch_inputs(items, normalize, "cpu")
     assert calls == [(3, 6, 5, 3)]
     assert inputs.shape == (3, 3, 6, 5) and inputs.dtype == torch.float32
     assert torch.equal(inputs, torch.stack(one_by_one))
 
     given = torch.randn(3, 6, 5)
-    mixed = [items[0], BatchItem(image=given), items[2]]
+    mixed = [items[0], BatchItem(image=given, normalized=True), items[2]]
     inputs = batch_inputs(mixed, normalize)
     assert torch.equal(inputs[0], one_by_one[0])
     assert torch.equal(inputs[1], given)
     assert torch.equal(inputs[2], one_by_one[2])
 
-    floats = batch_inputs([BatchItem(image=given), BatchItem(image=given * 2)])
+    floats = batch_inputs(
+        [BatchItem(image=given, normalized=True), BatchItem(image=given * 2, normalized=True)]
+    )
     assert torch.equal(floats, torch.stack([given, given * 2]))
     with pytest.raises(ValueError, match="normalize"):
         batch_inputs(items)
@@ -272,7 +274,7 @@ def test_run_engine_batch_refuses_non_finite_results():
         def explain(self, images, options, targets=None, top_k=1):
             return [ImageExplanation(logits=self.logits, score_maps=self.maps) for _ in range(len(images))]
 
-    items = [BatchItem(image=torch.zeros(3, 2, 2))]
+    items = [BatchItem(image=torch.zeros(3, 2, 2), normalized=True)]
     good = torch.tensor([0.5, -1.0])
     assert run_engine_batch(Engine(good, torch.zeros(1, 2, 2)), items)[0].logits is good
     for logits, maps in (

@@ -99,7 +99,7 @@ def test_uint8_batches_are_normalised_on_the_device_exactly():
     preprocessor = Preprocessor(DataConfig(input_size=(32, 48), mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3)))
     generator = torch.Generator().manual_seed(3)
     pixels = [torch.randint(0, 256, (32, 48, 3), dtype=torch.uint8, generator=generator) for _ in range(5)]
-    items = [BatchItem(image=p, options=None, targets=None, top_k=1) for p in pixels]
+    items = [BatchItem(image=p.permute(2, 0, 1), options=None, targets=None, top_k=1) for p in pixels]
     on_device = batch_inputs(items, preprocessor.normalize, DEVICE)
     assert on_device.device.type == torch.device(DEVICE).type
     on_cpu = torch.stack([preprocessor.normalize(p) for p in pixels])

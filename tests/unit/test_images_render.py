@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from app.api.errors import status_of
 from app.serving.images import ImageDecodeError, decode, decode_image
 from app.serving.render import colormap_lut, heatmap_png, heatmap_rgb, overlay_rgb, png_bytes, to_uint8
 from tests.helpers import photo_like
@@ -108,7 +109,7 @@ def test_rejections():
     png = _encode(Image.new("RGB", (64, 64), (1, 2, 3)), "PNG")
     with pytest.raises(ImageDecodeError) as big:
         decode_image(png, max_pixels=100)
-    assert big.value.status == 413
+    assert status_of(big.value) == 413
     jpeg = _encode(
         Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)), "JPEG"
     )
@@ -160,7 +161,7 @@ def test_bad_input_corpus_is_rejected_with_the_right_status():
     for bad in corpus():
         with pytest.raises(ImageDecodeError) as info:
             decode_image(bad.data)
-        assert info.value.status == bad.expected_status, bad.name
+        assert status_of(info.value) == bad.expected_status, bad.name
         names.append(bad.name)
     assert "png-bomb-20000x20000" in names and len(names) >= 20
 
@@ -173,11 +174,11 @@ def test_the_configured_pixel_limit_holds_both_ways():
 
     with pytest.raises(ImageDecodeError) as refused:
         decode(png_header(20_000, 20_000), max_pixels=40_000_000)
-    assert refused.value.code == "too_many_pixels" and refused.value.status == 413
+    assert refused.value.code == "too_many_pixels" and status_of(refused.value) == 413
     assert "20000x20000 = 400000000 pixels" in str(refused.value)
     with pytest.raises(ImageDecodeError) as undecodable:
         decode(png_header(10_000, 10_000), max_pixels=200_000_000)
-    assert undecodable.value.code == "corrupt_image" and undecodable.value.status == 400
+    assert undecodable.value.code == "corrupt_image" and status_of(undecodable.value) == 400
 
 
 def test_only_the_accepted_formats_are_parsed():
@@ -239,7 +240,7 @@ def test_palette_transparency_and_animated_gif_first_frame():
 def test_json_bytes_writes_numpy_maps_as_nested_rows():
     import json
 
-    from app.serving.pipeline import json_bytes
+    from app.api.encoding import json_bytes
 
     values = np.random.default_rng(5).random((3, 4)).round(6)
     body = {"map": values, "label": "café", "numbers": [1, 2.5, None], "nested": {"ok": True}}

@@ -49,6 +49,8 @@ async def _wait_for(condition: Any) -> None:
 
 
 async def test_requests_past_the_limit_get_a_json_503_and_probes_still_pass():
+    import app.api.oip  # (mounting /v2 registers its error shape)
+
     inner = _Inner()
     metrics = ServiceMetrics()
     app = RequestContextMiddleware(

@@ -79,7 +79,7 @@ def test_geometry_round_trip(size):
 def test_reduced_jpeg_decode_gives_the_same_geometry_and_nearly_the_same_pixels(size):
     """A camera-sized JPEG decoded at a reduced scale (at least twice the resize target) against the
     full decode: identical geometry, model inputs within a fraction of a grey level on average."""
-    from app.serving.pipeline import prepare_image
+    from app.serving.prepare import prepare_image
 
     width, height = size
     data = jpeg_bytes(photo_like(width, height, seed=1, cell=48, noise=20), quality=92)
@@ -105,7 +105,7 @@ def test_two_step_resize_keeps_the_geometry_and_nearly_the_pixels(fmt):
     yet not identical (the reduction happened); an image under four times the target is untouched."""
     import io
 
-    from app.serving.pipeline import prepare_image
+    from app.serving.prepare import prepare_image
 
     pre = Preprocessor(CONFIGS[0])  # resizes the shorter side to 256: 341x256 for 4:3
     common = {"max_pixels": 10**8, "allowed_formats": frozenset({fmt}), "keep_original": False}
@@ -178,7 +178,7 @@ def test_exif_rotated_jpeg_has_the_upright_geometry_on_every_decode_path():
     geometry of the upright image, and the kept original has its shape."""
     import io
 
-    from app.serving.pipeline import prepare_image
+    from app.serving.prepare import prepare_image
 
     rng = np.random.default_rng(2)
     coarse = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8))

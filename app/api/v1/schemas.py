@@ -7,9 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-Encoding = Literal["png", "heatmap", "overlay", "json"]
-MapSize = Literal["grid", "input", "original"]
-Colormap = Literal["jet", "viridis", "inferno", "gray"]
+from app.engine.options import Kernel, Score
+from app.serving.options import Colormap, Encoding, MapSize
 
 _TINY_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
 
@@ -29,6 +28,10 @@ def _split_list(value: Any) -> Any:
     return value
 
 
+def _default_encodings() -> list[Encoding]:
+    return ["heatmap"]
+
+
 class PredictOptions(BaseModel):
     """Options of ``/predict``."""
 
@@ -45,16 +48,16 @@ class ExplainOptions(PredictOptions):
         description="class ids to explain; when absent, the top_k predicted classes are explained",
         examples=[[3, 7]],
     )
-    kernel: Literal["gaussian", "dirac"] = Field("gaussian", description="spatial mask kernel")
+    kernel: Kernel = Field("gaussian", description="spatial mask kernel")
     keep_prefix: bool = Field(
         True, description="keep the class/distillation/register tokens in masked copies"
     )
-    score: Literal["logit", "probability"] = Field("logit", description="map values: raw logits or softmax")
+    score: Score = Field("logit", description="map values: raw logits or softmax")
     target_block: int | None = Field(
         None, description="encoder block whose input is masked (default: the model's setting, -1 = last)"
     )
     encodings: list[Encoding] = Field(
-        default_factory=lambda: ["heatmap"],
+        default_factory=_default_encodings,
         min_length=1,
         description="png: grayscale PNG; heatmap: colour-mapped PNG; overlay: PNG blended on the image; "
         "json: normalised values as nested lists (at least one)",
@@ -73,7 +76,7 @@ class ExplainOptions(PredictOptions):
 
     @field_validator("encodings")
     @classmethod
-    def _unique(cls, value: list[str]) -> list[str]:
+    def _unique(cls, value: list[Encoding]) -> list[Encoding]:
         return list(dict.fromkeys(value))
 
 
@@ -217,21 +220,6 @@ class ModelInfo(BaseModel):
 
 class ModelList(BaseModel):
     models: list[ModelInfo]
-
-
-class ModelStatusEntry(BaseModel):
-    name: str
-    status: str
-    reason: str | None = None
-
-
-class Readiness(BaseModel):
-    status: Literal["ready", "loading", "unavailable", "draining"]
-    models: list[ModelStatusEntry]
-
-
-class Liveness(BaseModel):
-    status: Literal["ok"]
 
 
 class ErrorDetail(BaseModel):

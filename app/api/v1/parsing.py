@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -14,7 +11,9 @@ from python_multipart.multipart import parse_options_header
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
+from app.api.encoding import decode_base64
 from app.api.errors import describe_validation_errors
+from app.api.v1.schemas import ImageData
 from app.serving.errors import ServiceError
 
 OptionsT = TypeVar("OptionsT", bound=BaseModel)
@@ -24,14 +23,8 @@ _MAX_FORM_FIELDS = 64
 _MAX_OPTION_BYTES = 64 * 1024
 
 
-@dataclass
-class ParsedRequest:
-    images: list[bytes]
-    options: BaseModel
-
-
-def invalid(message: str, code: str = "invalid_request", status: int = 400) -> ServiceError:
-    return ServiceError(status, code, message)
+def invalid(message: str, code: str = "bad_request") -> ServiceError:
+    return ServiceError(code, message)
 
 
 async def parse_request(
@@ -58,7 +51,6 @@ async def parse_request(
         raw_options = _query_options(request)
     else:
         raise ServiceError(
-            415,
             "unsupported_media_type",
             f"unsupported content type {content_type or '(none)'!r}; use multipart/form-data, "
             "application/json or an image/* body",
@@ -67,12 +59,12 @@ async def parse_request(
         raise invalid("the request holds no image (multipart field 'file' or 'files')", "no_images")
     if len(images) > max_images:
         raise ServiceError(
-            413, "too_many_images", f"{len(images)} images in one request; the limit is {max_images}"
+            "too_many_images", f"{len(images)} images in one request; the limit is {max_images}"
         )
     try:
         options = options_model.model_validate(raw_options)
     except ValidationError as exc:
-        raise ServiceError(422, "invalid_options", describe_validation_errors(exc.errors())) from exc
+        raise ServiceError("invalid_options", describe_validation_errors(exc.errors())) from exc
     return images, options
 
 
@@ -82,7 +74,6 @@ def _refuse_query_options(request: Request, where: str) -> None:
     if request.query_params:
         names = ", ".join(sorted(set(request.query_params.keys())))
         raise ServiceError(
-            422,
             "invalid_options",
             f"query parameters ({names}) are read only with a raw image body; send options as {where}",
         )
@@ -111,7 +102,6 @@ async def _from_multipart(request: Request, max_images: int) -> tuple[list[bytes
         detail = str(exc.detail)
         if detail.startswith("Too many files"):
             raise ServiceError(
-                413,
                 "too_many_images",
                 f"more than {max_images} files in one request; the limit is {max_images}",
             ) from exc
@@ -123,14 +113,13 @@ async def _from_multipart(request: Request, max_images: int) -> tuple[list[bytes
             if isinstance(value, UploadFile):
                 if key not in FILE_FIELDS:
                     raise ServiceError(
-                        422,
                         "invalid_request",
                         f"unexpected file field {key!r}; send images as 'file' or 'files'",
                     )
                 images.append(await value.read())
             elif key in FILE_FIELDS:
                 raise ServiceError(
-                    422, "invalid_request", f"field {key!r} must be a file upload, not a text value"
+                    "invalid_request", f"field {key!r} must be a file upload, not a text value"
                 )
             elif key in options:
                 previous = options[key]
@@ -157,23 +146,11 @@ def _from_json(body: bytes, json_model: type[BaseModel]) -> tuple[list[bytes], d
     try:
         validated = json_model.model_validate(document)
     except ValidationError as exc:
-        raise ServiceError(422, "invalid_options", describe_validation_errors(exc.errors())) from exc
-    images = [decode_base64(entry.data, index) for index, entry in enumerate(validated.images)]  # type: ignore[attr-defined]
+        raise ServiceError("invalid_options", describe_validation_errors(exc.errors())) from exc
+    entries: list[ImageData] = getattr(validated, "images", [])
+    images = [decode_base64(entry.data, index) for index, entry in enumerate(entries)]
     options = {key: value for key, value in document.items() if key != "images"}
     return images, options
-
-
-def decode_base64(text: str, index: int) -> bytes:
-    payload = text.strip()
-    if payload.startswith("data:"):
-        header, _, payload = payload.partition(",")
-        if ";base64" not in header:
-            raise invalid(f"image {index}: only base64 data URLs are accepted", "invalid_base64")
-    payload = "".join(payload.split())
-    try:
-        return base64.b64decode(payload + "=" * (-len(payload) % 4), validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise invalid(f"image {index}: the data is not valid base64 ({exc})", "invalid_base64") from exc
 
 
 def _query_options(request: Request) -> dict[str, Any]:

@@ -1,0 +1,71 @@
+"""Send the recorded requests to an in-process service and reduce each answer to what must not change
+(request ids and timings dropped)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from app.config import ModelSettings, Settings
+from tests.helpers import save_self_describing
+from tests.replay.cases import SHAPES_WEIGHTS, TINY_LABELS
+
+RECORDING = Path(__file__).with_name("recorded.json")
+KEPT_HEADERS = ("content-type", "retry-after", "allow")
+TIMINGS = ("queue_ms", "compute_ms", "total_ms")
+TINY_WEIGHTS = "<tiny weights>"
+
+
+def replay_settings(tmp_dir: Path) -> tuple[Settings, Path]:
+    tiny = save_self_describing(tmp_dir / "tiny.safetensors", "deit_tiny", seed=3, labels=TINY_LABELS)
+    settings = Settings(
+        models=[
+            ModelSettings(name="shapes", weights=SHAPES_WEIGHTS),
+            ModelSettings(name="tiny", weights=str(tiny)),
+        ],
+        batch={"max_wait_ms": 1},
+        io_workers=2,
+        log_format="text",
+    )
+    return settings, tiny
+
+
+async def answer(client: httpx.AsyncClient, case: dict[str, Any], tiny_path: Path) -> dict[str, Any]:
+    response = await client.request(
+        case["method"], case["path"], headers=case["headers"], content=base64.b64decode(case["body"])
+    )
+    return normalize(response, str(tiny_path))
+
+
+def normalize(response: httpx.Response, tiny_path: str) -> dict[str, Any]:
+    headers = {key: response.headers[key] for key in KEPT_HEADERS if key in response.headers}
+    content = response.content
+    length = response.headers.get("inference-header-content-length")
+    binary = ""
+    if length is not None:
+        content, tail = content[: int(length)], content[int(length) :]
+        binary = base64.b64encode(tail).decode("ascii")
+    body: Any
+    try:
+        body = _scrub(json.loads(content), tiny_path) if content else None
+    except ValueError:
+        body = {"text": content.decode("utf-8", "replace")}
+    return {"status": response.status_code, "headers": headers, "body": body, "binary": binary}
+
+
+def _scrub(value: Any, tiny_path: str) -> Any:
+    if isinstance(value, dict):
+        return {
+            key: _scrub(item, tiny_path)
+            for key, item in value.items()
+            if key != "request_id" and key not in TIMINGS
+        }
+    if isinstance(value, list):
+        return [_scrub(item, tiny_path) for item in value]
+    if isinstance(value, str) and tiny_path in value:
+        return value.replace(tiny_path, TINY_WEIGHTS)
+    return value

@@ -1,0 +1,32 @@
+"""The recorded requests get the recorded answers (request ids and timings aside)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from app.main import create_app
+from tests.integration.conftest import serving
+from tests.replay.replay import RECORDING, answer, replay_settings
+
+ENTRIES = json.loads(RECORDING.read_text())
+
+
+def test_recording_covers_both_protocols_and_errors() -> None:
+    paths = [entry["request"]["path"] for entry in ENTRIES]
+    statuses = [entry["response"]["status"] for entry in ENTRIES]
+    assert len(ENTRIES) >= 60
+    assert sum(path.startswith("/v1/") for path in paths) >= 30
+    assert sum(path.startswith("/v2") for path in paths) >= 20
+    assert sum(status >= 400 for status in statuses) >= 20
+
+
+async def test_replayed_answers_equal_the_recording(tmp_path: Path) -> None:
+    settings, tiny = replay_settings(tmp_path)
+    differences = []
+    async with serving(create_app(settings)) as client:
+        for entry in ENTRIES:
+            got = await answer(client, entry["request"], tiny)
+            if got != entry["response"]:
+                differences.append(entry["request"]["name"])
+    assert not differences, f"answers changed: {differences}"
