@@ -3,8 +3,9 @@ do the refusals cost the server?
 
 The script starts ``python -m app serve`` (one worker) on 127.0.0.1 with one tiny model with random
 weights, a small model queue (``--queue``) and a small ``limits.max_concurrent_requests``
-(``--concurrent``), then sends ``--clients`` uploads of one JPEG of about ``--jpeg-kb`` KB at once,
-each on its own connection. It prints how many clients got which answer (200, 503 or 429 with or
+(``--concurrent``), then sends ``--clients`` multipart uploads of one JPEG of about ``--jpeg-kb`` KB
+at once, each on its own connection (httpx writes a multipart body in pieces after its head, so the
+server sees each request before all of its body, as over a slower network). It prints how many clients got which answer (200, 503 or 429 with or
 without Retry-After, or a connection error), the server's CPU seconds during the burst (user + system,
 its whole process tree) and its resident memory (before, sampled peak during, after). Afterwards the
 server must still answer /readyz and a prediction. With ``--url`` it drives a running server (or a
