@@ -8,8 +8,76 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 Handler = Callable[[argparse.Namespace], int]
+
+
+class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows every option's default (argparse's own formatter skips options without help)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "%(default)" in text or _no_default(action.default):
+            return text
+        if not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
+def _no_default(value: object) -> bool:
+    """Nothing worth showing: no default, or the False of a flag (0 is a default like any other)."""
+    return value is None or value is False or value is argparse.SUPPRESS
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose help lists the defaults, for the program and each subcommand."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpWithDefaults)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        # the formatter only runs for options that have help text: give the others an empty one
+        if not kwargs.get("help") and not _no_default(kwargs.get("default")):
+            kwargs["help"] = "(default: %(default)s)"
+        return super().add_argument(*args, **kwargs)
+
+
+def device_name(text: str) -> str:
+    """argparse type: auto, or a device torch knows by name (cpu, cuda, cuda:N, ...)."""
+    if text == "auto":
+        return text
+    import torch
+
+    try:
+        torch.device(text)
+    except (RuntimeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}: write auto, cpu, cuda or cuda:N") from exc
+    return text
+
+
+def prepare_weights(arch: str | None, weights: str) -> str:
+    """The weights source as the service would read it: a relative path that does not exist here is
+    looked up from the project root; hub weights that are neither cached nor reachable fail within
+    the service's quick probe (``hub_probe_timeout_s``), not after a minute of download retries."""
+    from app.config import Settings
+    from app.engine.models import ModelLoadError, WeightsSource
+    from app.serving.registry import check_hub_reachable, resolve_weights
+
+    resolved = resolve_weights(weights)
+    timeout = float(Settings.model_fields["hub_probe_timeout_s"].default)
+    if arch and WeightsSource.parse(resolved).kind == "hub":
+        try:
+            check_hub_reachable(arch, timeout)
+        except ModelLoadError as exc:
+            raise ModelLoadError(
+                f"pretrained weights for {arch!r} are not in the local cache and the model hub cannot be "
+                f"reached ({exc.__cause__}). Without network access, download the weights elsewhere and "
+                f"pass the file: --weights /path/to/{arch}.safetensors (or .pth); --weights random:0 "
+                "runs a smoke test with random weights"
+            ) from exc
+    return resolved
 
 
 def _add_explain(sub: argparse._SubParsersAction) -> None:
@@ -18,16 +86,25 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--model", default=None, help="timm architecture (optional for self-describing files)"
     )
-    parser.add_argument("--weights", default="hub", help="hub | PATH (.safetensors/.pth) | random:SEED")
+    parser.add_argument(
+        "--weights",
+        default="hub",
+        help="hub | PATH (.safetensors/.pth; relative paths also from the project root) | random:SEED",
+    )
     parser.add_argument("--labels", default=None, help="labels file (one per line, or a JSON list)")
-    parser.add_argument("--top-k", type=int, default=1, help="explain the K most probable classes")
+    parser.add_argument(
+        "--top-k",
+        type=positive_int,
+        default=1,
+        help="explain the K most probable classes (at most the model's number of classes)",
+    )
     parser.add_argument("--kernel", choices=["gaussian", "dirac"], default="gaussian")
     parser.add_argument("--drop-prefix", action="store_true", help="zero the prefix tokens in masked copies")
     parser.add_argument("--score", choices=["logit", "probability"], default="logit")
     parser.add_argument("--target-block", type=int, default=-1)
     parser.add_argument("--colormap", default="jet")
     parser.add_argument("--opacity", type=float, default=0.5)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", type=device_name, default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     parser.add_argument("--path", choices=["auto", "reduced", "reference"], default="auto")
     parser.add_argument("--out", type=Path, default=Path("out"), help="directory for the overlay PNGs")
@@ -38,16 +115,17 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
 def _run_explain(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from app.engine.maps import normalize_maps, upsample_maps
     from app.engine.models import ModelLoadError, load_model
+    from app.engine.options import CamOptions
     from app.engine.preprocess import project_to_original
-    from app.engine.reciprocam import CamOptions, normalize_maps, upsample_maps
     from app.serving.images import ImageDecodeError, decode_image
     from app.serving.render import overlay_rgb, png_bytes
 
     try:
         loaded = load_model(
             args.model,
-            args.weights,
+            prepare_weights(args.model, args.weights),
             device=args.device,
             dtype=args.dtype,
             labels=args.labels,
@@ -56,6 +134,14 @@ def _run_explain(args: argparse.Namespace) -> int:
         )
     except ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.top_k > loaded.num_classes:
+        # as the service's 422: asking for more classes than there are is a mistake, not a wish
+        print(
+            f"error: --top-k {args.top_k} is more than the {loaded.num_classes} classes of the model; "
+            f"write --top-k {loaded.num_classes} or less",
+            file=sys.stderr,
+        )
         return 2
     options = CamOptions(
         kernel=args.kernel, keep_prefix=not args.drop_prefix, score=args.score, target_block=args.target_block
@@ -119,9 +205,9 @@ def positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m app", description=__doc__)
+    parser = Parser(prog="python -m app", description=__doc__)
     parser.add_argument("--log-level", default="info", type=str.lower, choices=LOG_LEVELS)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     _add_explain(sub)
     for module_name in _EXTRA_COMMANDS:
         module = __import__(module_name, fromlist=["add_commands"])

@@ -18,12 +18,27 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
 
-ENV_PREFIX = "RECIPROCAM_"
-CONFIG_FILE_ENV = "RECIPROCAM_CONFIG_FILE"
+from app.config_errors import (
+    CONFIG_FILE_ENV,
+    ENV_PREFIX,
+    SettingsProblem,
+    check_environment,
+    describe_validation_error,
+)
+
 MIB = 1024 * 1024
 
 
@@ -40,6 +55,12 @@ class ModelSettings(BaseModel):
     labels: str | list[str] | None = Field(None, description="labels file or list (default: from the model)")
     model_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model kwargs")
     path: Literal["auto", "reduced", "reference"] = "auto"
+    image_path: Literal["auto", "device", "pillow"] = Field(
+        "auto",
+        description="where posted images are decoded, resized and rendered: device (torch tensor code "
+        "on the model's device, nvJPEG on CUDA), pillow (Pillow on the host), or auto (device when "
+        "the model is on CUDA, pillow otherwise)",
+    )
     target_block: int = Field(-1, description="default target block of the explanation (-1 = last)")
     enabled: bool = True
 
@@ -131,10 +152,15 @@ class LimitSettings(BaseModel):
         "in flight per worker process (3 bytes each); a request that would exceed it gets 503 overloaded "
         "with Retry-After (one is always taken when none is held)",
     )
-    allowed_formats: list[str] = Field(
+    allowed_formats: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"],
         description="accepted image formats (Pillow names)",
     )
+
+    @field_validator("allowed_formats", mode="before")
+    @classmethod
+    def _split_formats(cls, value: Any) -> Any:
+        return text_list(value, example='["JPEG", "PNG"]')
 
 
 class AuthSettings(BaseModel):
@@ -149,24 +175,42 @@ class AuthSettings(BaseModel):
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                return json.loads(text)
-            return [key.strip() for key in text.split(",") if key.strip()]
-        return value
+        return text_list(value, example='["first-key", "second-key"]')
 
 
 class CorsSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    allow_origins: list[str] = Field(default_factory=list, description="origins allowed (empty = no CORS)")
+    allow_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="origins allowed (empty = no CORS)"
+    )
     allow_credentials: bool = False
-    allow_methods: list[str] = Field(default_factory=lambda: ["GET", "POST", "OPTIONS"])
-    allow_headers: list[str] = Field(
+    allow_methods: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["GET", "POST", "OPTIONS"])
+    allow_headers: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["Authorization", "Content-Type", "X-API-Key", "X-Request-ID"]
     )
     max_age: int = 600
+
+    @field_validator("allow_origins", "allow_methods", "allow_headers", mode="before")
+    @classmethod
+    def _split_lists(cls, value: Any) -> Any:
+        return text_list(value, example='["https://app.example", "https://admin.example"]')
+
+
+def text_list(value: Any, *, example: str) -> Any:
+    """A list of strings from the environment: a JSON list, or the items separated by commas."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            return json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise ValueError(
+                f"not a valid JSON list ({exc}): write a JSON list such as {example}, or the items "
+                "separated by commas"
+            ) from exc
+    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 class Settings(BaseSettings):
@@ -260,11 +304,25 @@ class Settings(BaseSettings):
         )
 
 
+def load_settings(**values: Any) -> Settings:
+    """``Settings(**values)``, with any mistake raised as one :class:`SettingsProblem` whose message
+    names the variable or config key, says what is wrong and what to write."""
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        raise SettingsProblem(describe_validation_error(exc, Settings, os.environ)) from exc
+    except SettingsError as exc:  # a source could not read a value (checked earlier in most cases)
+        raise SettingsProblem(f"invalid settings: {exc} ({exc.__cause__})") from exc
+
+
 def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A JSON or YAML (needs PyYAML) settings file as a dict."""
     file_path = Path(path)
     if not file_path.is_file():
-        raise ValueError(f"config file {file_path} does not exist")
+        raise SettingsProblem(
+            f"config file {file_path} does not exist: give the path of a JSON or YAML settings file "
+            f"(serve --config FILE or {CONFIG_FILE_ENV})"
+        )
     text = file_path.read_text(encoding="utf-8")
     if file_path.suffix in (".yaml", ".yml"):
         try:
@@ -281,7 +339,10 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         except json.JSONDecodeError as exc:
             raise ValueError(f"config file {file_path} is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
-        raise ValueError(f"config file {file_path} must hold a mapping at the top level")
+        raise SettingsProblem(
+            f"config file {file_path} must hold a mapping at the top level, with keys such as models, "
+            "batch and limits (docs/service.md lists them)"
+        )
     return data
 
 
@@ -328,6 +389,8 @@ class ModelListSource(PydanticBaseSettingsSource):
         return None, field_name, False  # pragma: no cover - __call__ does the work
 
     def __call__(self) -> dict[str, Any]:
+        # the first source that reads the environment: refuse what no source would read correctly
+        check_environment(self.settings_cls, os.environ)
         overrides: dict[int, dict[str, Any]] = {}
         for key, raw in os.environ.items():
             match = _INDEXED_MODEL.match(key)
@@ -359,8 +422,9 @@ class ModelListSource(PydanticBaseSettingsSource):
             elif index == len(merged):
                 merged.append(overrides[index])
             else:
-                raise ValueError(
-                    f"{ENV_PREFIX}MODELS__{index}__...: the model list has {len(merged)} entries"
+                raise SettingsProblem(
+                    f"{ENV_PREFIX}MODELS__{index}__...: the model list has {len(merged)} entries; "
+                    f"write an index from 0 to {len(merged)} ({len(merged)} adds an entry)"
                 )
         return {"models": merged}
 

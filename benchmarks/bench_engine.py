@@ -38,7 +38,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.engine.reciprocam import CamOptions, ReciproCAM
+from app.engine.options import CamOptions
+from app.engine.reciprocam import ReciproCAM
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CPU_MODELS = "deit_tiny_patch16_224,deit_small_patch16_224,deit_base_patch16_224"

@@ -357,7 +357,7 @@ def engine_only(
     import torch
 
     from app.engine.models import load_model
-    from app.engine.reciprocam import CamOptions
+    from app.engine.options import CamOptions
     from app.serving.images import decode_image
 
     loaded = load_model(

@@ -26,7 +26,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from app.engine.reciprocam import CamOptions, ReciproCAM  # noqa: E402
+from app.engine.options import CamOptions  # noqa: E402
+from app.engine.reciprocam import ReciproCAM  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

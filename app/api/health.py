@@ -6,24 +6,45 @@ from typing import Literal
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from app.api.deps import get_service, require_api_key_for_health, require_api_key_for_metrics
+from app.api.v1.schemas import UNAVAILABLE_REASON_EXAMPLE
 from app.serving.service import Service
 
 
 class ModelStatusEntry(BaseModel):
     name: str
     status: str
-    reason: str | None = None
+    reason: str | None = Field(
+        None,
+        description="why the model is not ready (null when it is); absent when API keys are set and "
+        "the probe is open (auth.protect_health false)",
+    )
 
 
 class Readiness(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "status": "ready",
+                    "models": [
+                        {"name": "shapes", "status": "ready", "reason": None},
+                        {"name": "deit_small", "status": "unavailable", "reason": UNAVAILABLE_REASON_EXAMPLE},
+                    ],
+                }
+            ]
+        }
+    )
+
     status: Literal["ready", "loading", "unavailable", "draining"]
     models: list[ModelStatusEntry]
 
 
 class Liveness(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "ok"}]})
+
     status: Literal["ok"]
 
 

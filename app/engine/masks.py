@@ -9,12 +9,10 @@ the centre cell only.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Literal
 
 import torch
 
-Kernel = Literal["gaussian", "dirac"]
-KERNELS: tuple[str, ...] = ("gaussian", "dirac")
+from app.engine.options import KERNELS, Kernel
 
 GAUSSIAN_3X3: tuple[tuple[float, float, float], ...] = (
     (1 / 16, 1 / 8, 1 / 16),
@@ -23,7 +21,7 @@ GAUSSIAN_3X3: tuple[tuple[float, float, float], ...] = (
 )
 
 
-def kernel_weights(kernel: str) -> torch.Tensor:
+def kernel_weights(kernel: Kernel) -> torch.Tensor:
     """The kernel as a (3, 3) float64 tensor, centre at [1, 1]."""
     if kernel == "gaussian":
         return torch.tensor(GAUSSIAN_3X3, dtype=torch.float64)
@@ -35,7 +33,7 @@ def kernel_weights(kernel: str) -> torch.Tensor:
 
 
 @lru_cache(maxsize=64)
-def _mask_matrix_f64(height: int, width: int, kernel: str) -> torch.Tensor:
+def _mask_matrix_f64(height: int, width: int, kernel: Kernel) -> torch.Tensor:
     weights = kernel_weights(kernel)
     n = height * width
     matrix = torch.zeros(n, n, dtype=torch.float64)
@@ -55,7 +53,7 @@ def _mask_matrix_f64(height: int, width: int, kernel: str) -> torch.Tensor:
 def mask_matrix(
     height: int,
     width: int,
-    kernel: str = "gaussian",
+    kernel: Kernel = "gaussian",
     *,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
@@ -67,7 +65,7 @@ def mask_matrix(
 
 
 @lru_cache(maxsize=64)
-def mask_supports(height: int, width: int, kernel: str = "gaussian") -> tuple[torch.Tensor, torch.Tensor]:
+def mask_supports(height: int, width: int, kernel: Kernel = "gaussian") -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse form of the masks: ``(indices, weights)``, each of shape (n, S).
 
     ``S`` is the largest support (9 for gaussian, 1 for dirac, capped by the grid). Row ``k`` lists

@@ -26,12 +26,14 @@ import timm
 import torch
 from torch import nn
 
+from app.engine.anatomy import ModelAnatomy, TimmModule
+from app.engine.options import DTYPE_NAMES, CamOptions, DType, EnginePath, HostWait
 from app.engine.preprocess import DataConfig, Preprocessor
-from app.engine.reciprocam import CamOptions, ModelAnatomy, ReciproCAM
+from app.engine.reciprocam import ReciproCAM
 
 logger = logging.getLogger(__name__)
 
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES: dict[DType, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _WRAPPER_KEYS = ("model", "state_dict", "model_state", "model_state_dict", "module")
 
 
@@ -84,7 +86,7 @@ class LoadedModel:
     labels: list[str]
     data_config: DataConfig
     device: torch.device
-    dtype: str
+    dtype: DType
     weights: str
     engine: ReciproCAM
     extra: dict[str, Any] = field(default_factory=dict)
@@ -304,24 +306,24 @@ def load_model(
     *,
     name: str | None = None,
     device: str | torch.device | None = "auto",
-    dtype: str = "fp32",
+    dtype: DType = "fp32",
     labels: str | os.PathLike[str] | list[str] | None = None,
     num_classes: int | None = None,
     model_kwargs: dict[str, Any] | None = None,
-    path: str = "auto",
+    path: EnginePath = "auto",
     warmup: bool = True,
-    host_wait: str = "block",
+    host_wait: HostWait = "block",
 ) -> LoadedModel:
     """Create, load, move and warm a model; the result is ready to serve."""
-    if dtype not in DTYPES:
-        raise ModelLoadError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    if dtype not in DTYPE_NAMES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPE_NAMES)}")
     target_device = resolve_device(device)
     model, arch, metadata, source = create_model(
         arch, weights, num_classes=num_classes, model_kwargs=model_kwargs
     )
     model.eval().requires_grad_(False)
     model.to(device=target_device, dtype=DTYPES[dtype])
-    engine = ReciproCAM(model, path=path, host_wait=host_wait)  # type: ignore[arg-type]
+    engine = ReciproCAM(model, path=path, host_wait=host_wait)
     count = engine.anatomy.num_classes
     resolved_labels = load_labels(labels, count)
     if resolved_labels is None and "labels" in metadata:
@@ -330,7 +332,8 @@ def load_model(
         resolved_labels = default_labels(model, count)
     timm_config = timm.data.resolve_model_data_config(model)
     # The pretrained config describes the hub weights; the model built here may use another size.
-    timm_config["input_size"] = (3, *(int(v) for v in model.patch_embed.img_size))
+    vit: TimmModule = model
+    timm_config["input_size"] = (3, *(int(v) for v in vit.patch_embed.img_size))
     if "data_config" in metadata:
         timm_config = {**timm_config, **json.loads(metadata["data_config"])}
     data_config = DataConfig.from_timm(timm_config)

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from app.engine.reciprocam import CamOptions, ReciproCAM
+from app.engine.options import CamOptions
+from app.engine.reciprocam import ReciproCAM
 
 MapFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (inputs, class_ids) -> (B, h, w)
 

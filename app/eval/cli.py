@@ -7,12 +7,15 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
-from app.cli import positive_int
+from app.cli import device_name, positive_int, prepare_weights
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "shapes_vit.safetensors"
+# the shipped model, as the service names it (a relative path is also looked up from the project root)
+DEFAULT_WEIGHTS = "app/weights/shapes_vit.safetensors"
+DEFAULT_TRAIN_OUT = Path("out") / "shapes_vit.safetensors"  # not the shipped model: see --force
 DEFAULT_EVAL_SEED = 1000  # training uses seeds 0 (train) and 1 (validation)
 
 
@@ -27,6 +30,29 @@ def _safetensors_path(text: str) -> Path:
     return path
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
+class _Explicit(argparse.Action):
+    """Stores the value and notes that it was given, so that an option that does not apply can be
+    refused instead of ignored."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, values)
+        given = set(getattr(namespace, "explicit", set()))
+        namespace.explicit = given | {option_string or self.dest}
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     _add_train(sub)
     _add_eval(sub)
@@ -38,7 +64,16 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     defaults = TrainConfig()
     parser = sub.add_parser("train", help="train the small shapes ViT on synthetic data")
     parser.add_argument(
-        "--out", type=_safetensors_path, default=DEFAULT_WEIGHTS, help="output .safetensors file"
+        "--out",
+        type=_safetensors_path,
+        default=DEFAULT_TRAIN_OUT,
+        help="output .safetensors file; its model card is written next to it (.md)",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite --out and its card if they exist (to replace the shipped model: "
+        f"--out {DEFAULT_WEIGHTS} --force)",
     )
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
     parser.add_argument("--seed", type=int, default=defaults.seed, help="training data and init seed")
@@ -78,6 +113,15 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     from app.eval.train import MODEL_KWARGS, TrainConfig, model_card, save_weights, train
 
+    card = args.out.with_suffix(".md")
+    existing = [str(path) for path in (args.out, card) if path.exists()]
+    if existing and not args.force:
+        print(
+            f"error: {' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; "
+            "add --force to overwrite, or write elsewhere with --out",
+            file=sys.stderr,
+        )
+        return 2
     args.out.parent.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails now, not after training
 
     config = TrainConfig(
@@ -93,7 +137,7 @@ def _run_train(args: argparse.Namespace) -> int:
         masked_loss_weight=args.masked_loss_weight,
         token_loss_weight=args.token_loss_weight,
         pattern_loss_weight=args.pattern_loss_weight,
-        init_weights=args.init,
+        init_weights=prepare_weights(None, args.init) if args.init else None,
         model_kwargs={
             **MODEL_KWARGS,
             "depth": args.depth,
@@ -113,8 +157,9 @@ def _run_train(args: argparse.Namespace) -> int:
     ]
     if args.init:
         options.append(f"--init {args.init}")
+    if args.force:
+        options.append("--force")
     command = " \\\n    ".join(["python -m app train", *options])
-    card = path.with_suffix(".md")
     card.write_text(model_card(config, result, path, command.strip()), encoding="utf-8")
     size_mb = path.stat().st_size / 1e6
     print(
@@ -159,15 +204,32 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="for an image folder: a file of 'NAME CLASS_ID' lines (else class folders give the ids)",
     )
-    parser.add_argument("--limit", type=int, default=200, help="number of images (0: all of a folder)")
+    parser.add_argument(
+        "--limit",
+        type=_non_negative_int,
+        default=200,
+        help="number of images (0: all of a folder; synthetic data needs at least 1)",
+    )
     parser.add_argument(
         "--methods",
         default=",".join(DEFAULT_METHODS),
         help=f"comma-separated, from: {', '.join(METHODS)}",
     )
     parser.add_argument("--seed", type=int, default=DEFAULT_EVAL_SEED, help="synthetic data / subset seed")
-    parser.add_argument("--target", choices=["label", "predicted"], default="label", help="class explained")
-    parser.add_argument("--steps", type=int, default=32, help="insertion/deletion steps (0: skip them)")
+    parser.add_argument(
+        "--target",
+        choices=["label", "predicted"],
+        default="label",
+        action=_Explicit,
+        help="class explained (the prediction for images without a label)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=_non_negative_int,
+        default=32,
+        action=_Explicit,
+        help="insertion/deletion steps (0: skip them)",
+    )
     parser.add_argument("--tolerance", type=float, default=4.0, help="pointing-game tolerance in pixels")
     parser.add_argument(
         "--pointing-reference",
@@ -176,7 +238,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--batch-size", type=positive_int, default=25)
     parser.add_argument("--figure-images", type=int, default=6, help="rows in the PNG grid")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", type=device_name, default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--out", type=Path, default=Path("eval-out"), help="directory for CSV, markdown, PNG")
     parser.add_argument("--no-progress", action="store_true")
@@ -189,8 +251,9 @@ def _load(args: argparse.Namespace):  # -> LoadedModel
     model = str(args.model)
     looks_like_file = Path(model).suffix in (".safetensors", ".pth", ".pt", ".bin") or Path(model).is_file()
     if looks_like_file:
-        return load_model(args.arch, model, device=args.device, warmup=False)
-    return load_model(model, args.weights or "hub", device=args.device, warmup=False)
+        return load_model(args.arch, prepare_weights(args.arch, model), device=args.device, warmup=False)
+    weights = prepare_weights(model, args.weights or "hub")
+    return load_model(model, weights, device=args.device, warmup=False)
 
 
 def _run_eval(args: argparse.Namespace) -> int:
@@ -222,6 +285,23 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.pointing_reference not in METHODS:
         print(f"error: unknown --pointing-reference {args.pointing_reference!r}", file=sys.stderr)
         return 2
+    synthetic = args.data in ("synthetic", "synthetic-pairs")
+    if synthetic and args.limit == 0:
+        print(
+            "error: --limit 0 means every image of a folder; synthetic data has no end: write the "
+            "number of images (--limit 200, say)",
+            file=sys.stderr,
+        )
+        return 2
+    explicit: set[str] = getattr(args, "explicit", set())
+    given = sorted(explicit & {"--steps", "--target"})
+    if args.data == "synthetic-pairs" and given:
+        print(
+            "error: --data synthetic-pairs measures class pointing only, always for each object's own "
+            f"class: {' and '.join(given)} {'do' if len(given) > 1 else 'does'} not apply; drop {'them' if len(given) > 1 else 'it'}",
+            file=sys.stderr,
+        )
+        return 2
     try:
         loaded = _load(args)
     except ModelLoadError as exc:
@@ -230,7 +310,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.data == "synthetic-pairs":
         return _run_pairs(args, loaded, methods)
     if args.data == "synthetic":
-        total = args.limit if args.limit > 0 else 200
+        total = args.limit
         batches = synthetic_batches(loaded, args.seed, total, args.batch_size)
         source = f"synthetic shapes, seed {args.seed}"
     else:
@@ -268,37 +348,51 @@ def _run_eval(args: argparse.Namespace) -> int:
     )
     table = markdown_table(report)
     pairs = pointing_pairs_table(report, args.pointing_reference)
+    missing_pairs = "" if pairs else _why_no_pairs(args, methods)
     if pairs:
         pairs = (
             f"Pointing game, paired against {args.pointing_reference} on the same images (wins: only "
             f"the method hits; losses: only {args.pointing_reference} hits; p: exact McNemar, "
             f"two-sided; 'correct': the correctly classified images):\n\n{pairs}\n"
         )
+    written = [args.out / "results.csv", args.out / "results.md"]
     (args.out / "results.csv").write_text(csv_text(report), encoding="utf-8")
     pairs_csv = pointing_pairs_csv(report, args.pointing_reference)
     if pairs_csv:
         (args.out / "pointing_pairs.csv").write_text(pairs_csv, encoding="utf-8")
+        written.append(args.out / "pointing_pairs.csv")
     (args.out / "results.md").write_text(
-        f"{summary}\n\n{table}\n" + (f"\n{pairs}" if pairs else ""), encoding="utf-8"
+        f"{summary}\n\n{table}\n" + (f"\n{pairs}" if pairs else f"\n{missing_pairs}\n"), encoding="utf-8"
     )
-    written = [args.out / "results.csv", args.out / "results.md"]
     if report.figure_pixels is not None:
         figure(report).save(args.out / "eval_grid.png", optimize=True)
         written.append(args.out / "eval_grid.png")
     print(summary)
     print(text_table(report))
-    if pairs:
-        print()
-        print(pairs.rstrip())
+    print()
+    print(pairs.rstrip() if pairs else missing_pairs)
     print("wrote " + ", ".join(str(path) for path in written))
     return 0
+
+
+def _why_no_pairs(args: argparse.Namespace, methods: list[str]) -> str:
+    """Why the paired pointing comparison is missing, in a line that says how to get it."""
+    reference = args.pointing_reference
+    if reference not in methods:
+        return (
+            f"No paired pointing comparison: its reference method, {reference}, was not run; add it to "
+            f"--methods or name one of {', '.join(methods)} with --pointing-reference."
+        )
+    if len(methods) == 1:
+        return f"No paired pointing comparison: {reference} is the only method run."
+    return "No paired pointing comparison: the images have no object masks to point at."
 
 
 def _run_pairs(args: argparse.Namespace, loaded, methods: list[str]) -> int:  # loaded: LoadedModel
     """``--data synthetic-pairs``: which object each class is, on two-object images."""
     from app.eval.evaluate import evaluate_pairs, pairs_csv, pairs_figure, pairs_markdown
 
-    total = args.limit if args.limit > 0 else 200
+    total = args.limit
     report = evaluate_pairs(
         loaded,
         methods,

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from app.engine.maps import normalize_maps, upsample_maps
 from app.engine.models import LoadedModel
-from app.engine.reciprocam import normalize_maps, upsample_maps
 from app.eval import metrics
 from app.eval.baselines import make_method
 from app.serving.render import overlay_rgb
@@ -292,6 +292,7 @@ def evaluate(
         return model(images.to(device=device, dtype=dtype)).float().cpu()
 
     correct, labelled, seen = 0, 0, 0
+    explained: set[str] = set()  # which class each batch explained: its labels, or the prediction
     report = EvalReport(methods=list(methods), scores=scores, images=0, accuracy=None, target=target)
     figure_pixels: list[np.ndarray] = []
     figure_maps: dict[str, list[np.ndarray]] = {name: [] for name in methods}
@@ -304,6 +305,7 @@ def evaluate(
             correct += int((predicted == batch.labels).sum())
             labelled += len(batch.labels)
         class_ids = batch.labels if target == "label" and batch.labels is not None else predicted
+        explained.add("label" if target == "label" and batch.labels is not None else "predicted")
         confidence = logits.softmax(-1).gather(1, class_ids[:, None])[:, 0]
         height, width = inputs.shape[-2:]
         keep_for_figure = max(0, min(len(class_ids), figure_images - len(figure_pixels)))
@@ -342,6 +344,13 @@ def evaluate(
     bar.close()
     report.images = seen
     report.accuracy = correct / labelled if labelled else None
+    if target == "label" and "predicted" in explained:
+        # asked for labels, but some images have none: say what was explained instead
+        report.target = (
+            "predicted (the images have no labels)"
+            if explained == {"predicted"}
+            else "label, predicted for the images without one"
+        )
     if figure_pixels:
         report.figure_pixels = np.stack(figure_pixels)
         report.figure_maps = {name: np.stack(maps) for name, maps in figure_maps.items()}

@@ -374,7 +374,7 @@ def named_params(named: list[tuple[str, nn.Parameter]]) -> list[nn.Parameter]:
 
 def save_weights(model: nn.Module, path: Path, config: TrainConfig, result: TrainResult) -> Path:
     """Write a self-describing safetensors file (see :func:`app.engine.models.load_model`)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     metadata = {
         "arch": ARCH,
@@ -396,7 +396,9 @@ def save_weights(model: nn.Module, path: Path, config: TrainConfig, result: Trai
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
-    save_file(state, str(path), metadata=metadata)
+    # written by Python, not by safetensors' save_file, which makes the file readable by its owner
+    # only (0600): a model is meant to be read by the service's user too (0644 under umask 022)
+    path.write_bytes(save(state, metadata=metadata))
     return path
 
 

@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 import torch
 
 from app.config import BatchSettings
-from app.engine.reciprocam import CamOptions, ImageExplanation, ReciproCAM
+from app.engine.options import CamOptions
+from app.engine.reciprocam import ReciproCAM
+from app.engine.results import ImageExplanation
 from app.serving.errors import (
     ClientDisconnectedError,
     DeadlineExceededError,

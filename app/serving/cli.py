@@ -50,10 +50,10 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.config:
         # Through the environment, so that every worker process reads the same file.
         os.environ[CONFIG_FILE_ENV] = os.path.abspath(args.config)
-    from app.config import Settings
+    from app.config import load_settings
     from app.serving.logs import logging_config
 
-    settings = Settings()
+    settings = load_settings()  # a mistake stops here, with one message (exit status 2)
     level = (args.serve_log_level or settings.log_level).lower()
     with (
         _sigterm_exits_zero(enabled=args.workers == 1),

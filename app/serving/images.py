@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from app.engine.preprocess import Preprocessor
 from app.serving.errors import ServiceError
 
 ALLOWED_FORMATS: frozenset[str] = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"})
@@ -69,7 +70,7 @@ def upright_size(data: bytes, allowed_formats: frozenset[str] = ALLOWED_FORMATS)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return _upright(_open_unguarded(data, allowed_formats))
+            return _upright(open_unguarded(data, allowed_formats))
     except Exception:
         return None
 
@@ -111,7 +112,7 @@ def decode(
         # header, before any pixel is decoded, so the configured limit holds in both directions.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = _open_unguarded(data, allowed_formats)
+            image = open_unguarded(data, allowed_formats)
     except UnidentifiedImageError as exc:
         raise ImageDecodeError(
             "the data is not an image in an accepted format "
@@ -146,7 +147,7 @@ def decode(
         ) from exc
 
 
-def _open_unguarded(data: bytes, allowed_formats: frozenset[str]) -> Image.Image:
+def open_unguarded(data: bytes, allowed_formats: frozenset[str]) -> Image.Image:
     """``Image.open`` restricted to ``allowed_formats`` (an MPO file opens through the JPEG parser)
     and without Pillow's fixed pixel guard, a process-wide setting: the caller checks its own limit
     from the header instead."""
@@ -195,3 +196,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def check_resize(preprocessor: Preprocessor, original_size: tuple[int, int], max_pixels: int) -> None:
+    """413 ``too_many_pixels`` when the model's resize of an image of ``original_size`` would make
+    more than ``max_pixels`` pixels (a 1x100000 strip resized for a 224-pixel model)."""
+    width, height = preprocessor.geometry(original_size).resized_size
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            f"the image is {original_size[0]}x{original_size[1]}: resized for the model it would be "
+            f"{width}x{height} = {width * height} pixels, more than the limit of {max_pixels}; "
+            "crop it to a less elongated shape",
+            code="too_many_pixels",
+        )

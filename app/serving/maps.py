@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
+from app.engine.maps import normalize_maps, upsample_maps
 from app.engine.preprocess import Geometry, project_to_original
-from app.engine.reciprocam import normalize_maps, upsample_maps
 from app.serving.options import MAP_SIZES, MapSize
 
 

@@ -10,6 +10,8 @@ own shape.
 
 from __future__ import annotations
 
+import torch
+
 from app.engine.models import LoadedModel
 from app.serving.batcher import BatchItem, DisconnectCheck
 from app.serving.prepare import PreparedImage, upright_sizes
@@ -57,7 +59,10 @@ async def run(
         prepared: list[PreparedImage | None]
         if isinstance(request.images, EncodedImages):
             decoded = await service.prepare_images(
-                request.images.files, loaded.preprocessor, keep_original=keep_original
+                request.images.files,
+                loaded.preprocessor,
+                keep_original=keep_original,
+                device=_image_device(service, request.model, loaded),
             )
             prepared = list(decoded)
             items = [
@@ -116,6 +121,15 @@ async def _map_sizes(
         )
     height, width = _input_size(loaded)
     return [(width, height)] * count
+
+
+def _image_device(service: Service, model: str, loaded: LoadedModel) -> torch.device | None:
+    """Where the model's posted images are decoded and preprocessed as tensors (its ``image_path``
+    setting); None: with Pillow on the host."""
+    choice = service.registry.get(model).settings.image_path
+    if choice == "device" or (choice == "auto" and loaded.device.type == "cuda"):
+        return loaded.device
+    return None
 
 
 def _input_size(loaded: LoadedModel) -> tuple[int, int]:

@@ -10,7 +10,9 @@ import numpy as np
 import torch
 
 from app.engine.preprocess import Geometry, Preprocessor
-from app.serving.images import ImageDecodeError, check_pixel_count, decode, upright_size
+from app.serving.device_decode import DeviceImage, decode_batch
+from app.serving.device_preprocess import preprocess_batch
+from app.serving.images import ImageDecodeError, check_pixel_count, check_resize, decode, upright_size
 
 # Two-step resizing keeps at least twice the resize target before the model's filter, as the
 # reduced JPEG decode does.
@@ -27,21 +29,22 @@ class PreparedImage:
     """
 
     geometry: Geometry
-    input_pixels: np.ndarray  # (H, W, 3) uint8: the model input before normalisation
+    pixels: torch.Tensor  # (3, H, W) uint8 model input before normalisation, on the decoding device
     original: np.ndarray | None  # (H0, W0, 3) uint8, kept only when an overlay on it is wanted
     preprocessor: Preprocessor = field(repr=False)
     # CPU seconds of the decoding thread: {"decode": ..., "preprocess": ...}
     cpu_seconds: dict[str, float] = field(default_factory=dict, repr=False)
 
     @property
-    def pixels(self) -> torch.Tensor:
-        """(3, H, W) uint8 model input: a view of ``input_pixels``."""
-        return torch.from_numpy(self.input_pixels).permute(2, 0, 1)
+    def input_pixels(self) -> np.ndarray:
+        """(H, W, 3) uint8 model input on the host (the base of input-size overlays)."""
+        array: np.ndarray = self.pixels.permute(1, 2, 0).cpu().numpy()
+        return array
 
     @property
     def tensor(self) -> torch.Tensor:
         """(3, H, W) normalised model input."""
-        return self.preprocessor.normalize(self.input_pixels)
+        return self.preprocessor.normalize(self.pixels.permute(1, 2, 0))
 
     @property
     def original_size(self) -> tuple[int, int]:
@@ -78,7 +81,7 @@ def prepare_image(
         min_size=preprocessor.min_decode_size if reduce else None,
     )
     image = decoded.image
-    _check_resize(preprocessor, decoded.original_size, max_pixels)
+    check_resize(preprocessor, decoded.original_size, max_pixels)
     decoded_at = time.thread_time()
     pixels, geometry = preprocessor.to_pixels(
         image,
@@ -90,25 +93,11 @@ def prepare_image(
     cpu_seconds = {"decode": decoded_at - started, "preprocess": time.thread_time() - decoded_at}
     return PreparedImage(
         geometry=geometry,
-        input_pixels=pixels,
+        pixels=torch.from_numpy(pixels).permute(2, 0, 1),  # a view: the batch stacks it as (H, W, 3)
         original=original,
         preprocessor=preprocessor,
         cpu_seconds=cpu_seconds,
     )
-
-
-def _check_resize(preprocessor: Preprocessor, original_size: tuple[int, int], max_pixels: int) -> None:
-    """413 ``too_many_pixels`` for an image so elongated that the model's resize (shorter side to the
-    resize target) would make more than ``max_pixels`` pixels: a 1x100000 strip resized for a
-    224-pixel model would be 256 x 25.6 million."""
-    width, height = preprocessor.geometry(original_size).resized_size
-    if width * height > max_pixels:
-        raise ImageDecodeError(
-            f"the image is {original_size[0]}x{original_size[1]}: resized for the model it would be "
-            f"{width}x{height} = {width * height} pixels, more than the limit of {max_pixels}; "
-            "crop it to a less elongated shape",
-            code="too_many_pixels",
-        )
 
 
 def upright_sizes(
@@ -126,3 +115,41 @@ def upright_sizes(
             raise
         sizes.append(size)
     return sizes
+
+
+def prepare_on_device(
+    files: list[bytes],
+    preprocessor: Preprocessor,
+    device: torch.device,
+    *,
+    max_pixels: int,
+    allowed_formats: frozenset[str],
+    keep_original: bool,
+) -> list[PreparedImage]:
+    """The decode stage as tensor code on ``device`` (nvJPEG on CUDA; see docs/image-path.md): every
+    image decoded, resized and cropped in batches. Raises the first image's ``ImageDecodeError``."""
+    started = time.thread_time()
+    decoded = decode_batch(
+        files, device, max_pixels=max_pixels, allowed_formats=allowed_formats, preprocessor=preprocessor
+    )
+    failure = next((image for image in decoded if isinstance(image, ImageDecodeError)), None)
+    if failure is not None:
+        raise failure
+    images = [image for image in decoded if isinstance(image, DeviceImage)]
+    decoded_at = time.thread_time()
+    batch = preprocess_batch(images, preprocessor, device)
+    # the batch's CPU time, shared evenly among its images
+    cpu_seconds = {
+        "decode": (decoded_at - started) / len(images),
+        "preprocess": (time.thread_time() - decoded_at) / len(images),
+    }
+    return [
+        PreparedImage(
+            geometry=geometry,
+            pixels=batch.pixels[row],
+            original=image.pixels.permute(1, 2, 0).cpu().numpy() if keep_original else None,
+            preprocessor=preprocessor,
+            cpu_seconds=cpu_seconds,
+        )
+        for row, (image, geometry) in enumerate(zip(images, batch.geometries, strict=True))
+    ]

@@ -105,7 +105,11 @@ class ModelRegistry:
     def require_ready(self, name: str) -> tuple[LoadedModel, Batcher]:
         entry = self.get(name)
         if entry.status == "loading":
-            raise ServiceError("model_loading", f"model {name!r} is still loading", retry_after_s=5)
+            raise ServiceError(
+                "model_loading",
+                f"model {name!r} is still loading",
+                retry_after_s=self.settings.batch.retry_after_s,
+            )
         if entry.status != "ready" or entry.loaded is None or entry.batcher is None:
             raise ServiceError(
                 "model_unavailable",

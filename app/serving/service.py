@@ -21,7 +21,7 @@ from app.engine.preprocess import Preprocessor
 from app.serving.errors import ServiceError
 from app.serving.images import ImageDecodeError
 from app.serving.metrics import ServiceMetrics
-from app.serving.prepare import PreparedImage, prepare_image
+from app.serving.prepare import PreparedImage, prepare_image, prepare_on_device
 from app.serving.registry import ModelRegistry
 
 logger = logging.getLogger(__name__)
@@ -106,13 +106,29 @@ class Service:
             raise
 
     async def prepare_images(
-        self, blobs: Sequence[bytes], preprocessor: Preprocessor, *, keep_original: bool = False
+        self,
+        blobs: Sequence[bytes],
+        preprocessor: Preprocessor,
+        *,
+        keep_original: bool = False,
+        device: torch.device | None = None,
     ) -> list[PreparedImage]:
-        """Decode and preprocess posted images in the I/O pool, all at once.
+        """Decode and preprocess posted images in the I/O pool: with Pillow, each image its own job,
+        or with ``device`` as tensor code on that device, the request's images in one batch.
 
         Raises the first failure; an ``ImageDecodeError`` carries the failing image's ``index``.
         """
         limits = self.settings.limits
+        if device is not None:
+            return await self.run_io(
+                prepare_on_device,
+                list(blobs),
+                preprocessor,
+                device,
+                max_pixels=limits.max_pixels,
+                allowed_formats=self.allowed_formats,
+                keep_original=keep_original,
+            )
 
         async def prepare(index: int, data: bytes) -> PreparedImage:
             try:

@@ -10,7 +10,8 @@ import torch
 
 from app.config import LimitSettings
 from app.engine.models import LoadedModel
-from app.engine.reciprocam import CamOptions, ImageExplanation
+from app.engine.options import CamOptions
+from app.engine.results import ImageExplanation
 from app.serving.errors import InvalidOptionsError, ServiceError
 from app.serving.maps import shape_maps
 from app.serving.prepare import PreparedImage

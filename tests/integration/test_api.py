@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from app.api.v1.schemas import ExplainResponse, ModelInfo, PredictResponse
-from app.engine.reciprocam import CamOptions, normalize_maps
+from app.engine.maps import normalize_maps
+from app.engine.options import CamOptions
 from app.serving.prepare import PreparedImage, prepare_image
 from app.serving.render import colormap_lut
 from tests.helpers import jpeg_bytes, photo_like

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from app.engine.reciprocam import CamOptions, normalize_maps
+from app.engine.maps import normalize_maps
+from app.engine.options import CamOptions
 from app.serving.prepare import prepare_image
 from tests.bad_inputs import encode
 from tests.integration.conftest import assert_error, image_bytes, running_service, tiny_settings

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from app.engine.maps import normalize_maps, upsample_maps
 from app.engine.models import load_model
-from app.engine.reciprocam import normalize_maps, upsample_maps
 from app.eval import metrics, shapes
 from app.eval.baselines import make_method
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.engine.reciprocam import CamOptions, ReciproCAM
+from app.engine.options import CamOptions
+from app.engine.reciprocam import ReciproCAM
 from app.eval import baselines
 from tests.helpers import make_tiny
 

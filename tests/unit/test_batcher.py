@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from app.config import BatchSettings
-from app.engine.reciprocam import ImageExplanation
+from app.engine.results import ImageExplanation
 from app.serving.batcher import Batcher, BatchItem
 from app.serving.errors import (
     ClientDisconnectedError,
@@ -198,7 +198,7 @@ async def test_close_drains_queued_work_then_refuses(executor):
 
 async def test_engine_batch_call_per_image_options_and_top_k():
     """run_engine_batch passes per-image options and targets, and the largest top_k, in one call."""
-    from app.engine.reciprocam import CamOptions
+    from app.engine.options import CamOptions
     from app.serving.batcher import run_engine_batch
 
     calls = []

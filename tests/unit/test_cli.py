@@ -149,3 +149,90 @@ def test_mistakes_end_with_a_message_not_a_traceback(tmp_path, capsys, monkeypat
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
         assert exit_info.value.code == 2, argv
+
+
+def _image(tmp_path):
+    path = tmp_path / "img.png"
+    Image.new("RGB", (40, 40), (10, 200, 30)).save(path)
+    return str(path)
+
+
+def test_explain_refuses_top_k_and_device_mistakes_without_a_traceback(tmp_path, capsys):
+    import pytest
+
+    image = _image(tmp_path)
+    weights = save_self_describing(tmp_path / "tiny.safetensors", "deit_tiny")  # 7 classes
+    for argv, words in (
+        (["--top-k", "-1"], "argument --top-k: must be at least 1, not -1"),
+        (["--top-k", "0"], "argument --top-k: must be at least 1, not 0"),
+        (["--device", "tpu"], "unknown device 'tpu': write auto, cpu, cuda or cuda:N"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["explain", image, "--weights", str(weights), *argv])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err
+    # more classes than the model has: refused as the service's 422 refuses it, nothing written
+    out = tmp_path / "out"
+    assert main(["explain", image, "--weights", str(weights), "--top-k", "10", "--out", str(out)]) == 2
+    assert "--top-k 10 is more than the 7 classes of the model; write --top-k 7 or less" in (
+        capsys.readouterr().err
+    )
+    assert not out.exists() or not list(out.iterdir())
+
+
+def test_explain_with_hub_weights_offline_fails_within_the_hub_probe(monkeypatch, capsys, tmp_path):
+    """No download retries: the service's quick reachability probe, with its timeout, runs first."""
+    import timm
+
+    from app.serving import registry
+
+    probes = []
+
+    def refuse(address, timeout):
+        probes.append(timeout)
+        raise OSError("network is unreachable")
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("no download may start when the hub cannot be reached")
+
+    for name in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(registry, "_hub_weights_cached", lambda arch: False)
+    monkeypatch.setattr(registry.socket, "create_connection", refuse)
+    monkeypatch.setattr(timm, "create_model", no_download)
+    assert main(["explain", _image(tmp_path), "--model", "deit_tiny_patch16_224"]) == 2
+    err = capsys.readouterr().err
+    assert probes == [3.0]  # the default of the service's hub_probe_timeout_s
+    assert "cannot be reached" in err and "--weights /path/to/deit_tiny_patch16_224.safetensors" in err
+
+
+def test_relative_weights_are_found_from_any_folder_as_the_service_finds_them(monkeypatch, tmp_path, capsys):
+    image = _image(tmp_path)
+    monkeypatch.chdir(tmp_path)  # outside the project
+    code = main(["explain", image, "--weights", "app/weights/shapes_vit.safetensors", "--out", "o", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"]["weights"].endswith("app/weights/shapes_vit.safetensors")
+    assert len(list((tmp_path / "o").glob("*.png"))) == 1
+
+
+def test_every_subcommand_shows_its_defaults_in_help(capsys):
+    import pytest
+
+    expected = {
+        "explain": ["--top-k TOP_K", "(default: 1)", "(default: hub)", "(default: gaussian)"],
+        "serve": ["(default: 8000)", "(default: 127.0.0.1)"],
+        "train": ["(default: out/shapes_vit.safetensors)", "(default: 30)", "--seed SEED"],
+        "eval": ["(default: 200)", "(default: synthetic)", "(default: eval-out)"],
+    }
+    for command, words in expected.items():
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+        text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+        for word in words:
+            assert word in text, (command, word)
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "training data and init seed (default: 0)" in " ".join(capsys.readouterr().out.split())

@@ -121,3 +121,106 @@ def test_indexed_model_kwargs_keep_their_json_types(monkeypatch):
     model = Settings().models[0]
     assert model.model_kwargs == {"img_size": 64, "class_token": False, "global_pool": "avg"}
     assert model.target_block == -2
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for key in list(__import__("os").environ):
+        if key.upper().startswith("RECIPROCAM_"):
+            monkeypatch.delenv(key)
+    return monkeypatch
+
+
+def test_a_model_object_without_brackets_is_refused_not_ignored(clean_env, tmp_path):
+    from app.config import SettingsProblem, load_settings
+
+    clean_env.setenv("RECIPROCAM_MODELS", '{"name": "x", "weights": "random:0"}')
+    with pytest.raises(SettingsProblem) as info:
+        load_settings()
+    assert "RECIPROCAM_MODELS" in str(info.value) and "brackets" in str(info.value)
+    assert '[{"name": "x", "weights": "random:0"}]' in str(info.value)  # what to write instead
+    clean_env.delenv("RECIPROCAM_MODELS")
+    config = tmp_path / "service.yaml"
+    config.write_text("models:\n  name: x\n", encoding="utf-8")
+    clean_env.setenv("RECIPROCAM_CONFIG_FILE", str(config))
+    with pytest.raises(SettingsProblem, match=r"models in .*service\.yaml.*write a list"):
+        load_settings()
+
+
+def test_unknown_variables_are_refused_with_the_closest_valid_name(clean_env):
+    from app.config import SettingsProblem, load_settings
+
+    for wrong, right in [
+        ("RECIPROCAM_DRAIN_TIMOUT_S", "RECIPROCAM_DRAIN_TIMEOUT_S"),
+        ("RECIPROCAM_BATCH__MAX_WAT_MS", "RECIPROCAM_BATCH__MAX_WAIT_MS"),
+        ("RECIPROCAM_MODELS__0__WIEGHTS", "RECIPROCAM_MODELS__0__WEIGHTS"),
+        ("reciprocam_log_levle", "RECIPROCAM_LOG_LEVEL"),
+    ]:
+        clean_env.setenv(wrong, "3")
+        with pytest.raises(SettingsProblem, match=rf"{wrong.upper()} is not a setting .did you mean {right}"):
+            load_settings()
+        clean_env.delenv(wrong)
+    clean_env.setenv("RECIPROCAM_TEST_DELAY_FILE", "/tmp/x")  # the test suite's own variables pass
+    clean_env.setenv("RECIPROCAM_DRAIN_TIMEOUT_S", "3")
+    assert load_settings().drain_timeout_s == 3
+
+
+def test_list_settings_take_commas_or_json_and_bad_json_says_what_to_write(clean_env):
+    from app.config import SettingsProblem, load_settings
+
+    clean_env.setenv("RECIPROCAM_CORS__ALLOW_ORIGINS", "https://a.example, https://b.example")
+    clean_env.setenv("RECIPROCAM_LIMITS__ALLOWED_FORMATS", "PNG,JPEG")
+    settings = load_settings()
+    assert settings.cors.allow_origins == ["https://a.example", "https://b.example"]
+    assert settings.limits.allowed_formats == ["PNG", "JPEG"]
+    clean_env.setenv("RECIPROCAM_CORS__ALLOW_ORIGINS", '["https://a.example", ')
+    with pytest.raises(SettingsProblem) as info:
+        load_settings()
+    message = str(info.value)
+    assert "RECIPROCAM_CORS__ALLOW_ORIGINS" in message and "EnvSettingsSource" not in message
+    assert "JSON list" in message and "separated by commas" in message
+    clean_env.delenv("RECIPROCAM_CORS__ALLOW_ORIGINS")
+    clean_env.setenv("RECIPROCAM_BATCH", '{"max_batch_images": ')
+    with pytest.raises(SettingsProblem, match=r"RECIPROCAM_BATCH is not valid JSON.*write a JSON object"):
+        load_settings()
+
+
+def test_value_errors_name_the_variable_and_what_to_write(clean_env, tmp_path):
+    from app.config import SettingsProblem, load_settings
+
+    clean_env.setenv("RECIPROCAM_BATCH__MAX_BATCH_IMAGES", "0")
+    clean_env.setenv("RECIPROCAM_IO_WORKERS", "two")
+    with pytest.raises(SettingsProblem) as info:
+        load_settings()
+    message = str(info.value)
+    assert "RECIPROCAM_BATCH__MAX_BATCH_IMAGES" in message and "greater than or equal to 1" in message
+    assert "RECIPROCAM_IO_WORKERS" in message and "write a whole number" in message
+    clean_env.delenv("RECIPROCAM_BATCH__MAX_BATCH_IMAGES")
+    clean_env.delenv("RECIPROCAM_IO_WORKERS")
+    config = tmp_path / "service.json"
+    config.write_text(json.dumps({"batch": {"max_wiat_ms": 2}}), encoding="utf-8")
+    clean_env.setenv("RECIPROCAM_CONFIG_FILE", str(config))
+    with pytest.raises(SettingsProblem, match=r"batch.max_wiat_ms in .*did you mean 'max_wait_ms'"):
+        load_settings()
+
+
+def test_serve_stops_on_a_setting_mistake_with_status_2(clean_env, capsys):
+    from app.cli import main
+
+    clean_env.setenv("RECIPROCAM_DRAIN_TIMOUT_S", "3")
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "RECIPROCAM_DRAIN_TIMEOUT_S" in err and "Traceback" not in err
+
+
+def test_config_file_mistakes_say_what_to_give(clean_env, tmp_path):
+    from app.config import SettingsProblem, load_settings
+
+    clean_env.setenv("RECIPROCAM_CONFIG_FILE", str(tmp_path / "missing.yaml"))
+    with pytest.raises(SettingsProblem, match="does not exist: give the path of a JSON or YAML"):
+        load_settings()
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]", encoding="utf-8")
+    clean_env.setenv("RECIPROCAM_CONFIG_FILE", str(listed))
+    with pytest.raises(SettingsProblem, match="mapping at the top level, with keys such as models"):
+        load_settings()

@@ -15,8 +15,9 @@ import pytest
 import timm
 import torch
 
+from app.engine.options import CamOptions
 from app.engine.preprocess import DataConfig, Preprocessor
-from app.engine.reciprocam import CamOptions, ReciproCAM
+from app.engine.reciprocam import ReciproCAM
 from app.serving.batcher import BatchItem, batch_inputs
 from tests.helpers import TINY_MODELS, make_tiny
 

@@ -5,7 +5,9 @@ import functools
 import pytest
 import torch
 
-from app.engine.reciprocam import CamOptions, ReciproCAM, normalize_maps, to_uint8, upsample_maps
+from app.engine.maps import normalize_maps, to_uint8, upsample_maps
+from app.engine.options import CamOptions
+from app.engine.reciprocam import ReciproCAM
 from tests.helpers import TINY_MODELS, make_tiny, naive_reciprocam
 
 
@@ -230,7 +232,7 @@ def test_invalid_block_and_options():
 
 def test_a_group_mixing_targets_and_top_k_costs_the_same_operations_at_any_size():
     # Explicit targets next to top-k members: picked with a fixed number of operations per group.
-    from app.engine.reciprocam import _collect, _Item
+    from app.engine.results import MapRequest, collect
 
     counts = []
     for size in (3, 9):
@@ -238,12 +240,13 @@ def test_a_group_mixing_targets_and_top_k_costs_the_same_operations_at_any_size(
         logits = torch.randn(size, 7, generator=generator)
         result = torch.randn(size, 16, 7, generator=generator)
         members = [
-            _Item(i, CamOptions(), torch.tensor([i % 7, 3]) if i % 3 == 0 else None, 1) for i in range(size)
+            MapRequest(i, CamOptions(), torch.tensor([i % 7, 3]) if i % 3 == 0 else None, 1)
+            for i in range(size)
         ]
-        collected = _collect(logits, [(members, result)], (4, 4), 2)
+        collected = collect(logits, [(members, result)], (4, 4), 2)
         for member, explanation in zip(members, collected, strict=True):
             classes = member.targets if member.targets is not None else logits[member.index].topk(2).indices
             assert torch.equal(explanation.targets, classes)
             assert torch.equal(explanation.score_maps, result[member.index][:, classes].T.reshape(-1, 4, 4))
-        counts.append(_count_ops(functools.partial(_collect, logits, [(members, result)], (4, 4), 2)))
+        counts.append(_count_ops(functools.partial(collect, logits, [(members, result)], (4, 4), 2)))
     assert counts[0] == counts[1], counts

@@ -270,3 +270,51 @@ def test_pair_report_summaries_are_counted_from_the_hits():
     wins, losses, p = report.paired("b")["a"]
     assert (wins, losses) == (3, 1)
     assert p == pytest.approx(0.625)  # 2 * P(X <= 1), X ~ Binomial(4, 1/2) = 2 * 5/16
+
+
+def test_eval_says_what_it_explained_and_why_pairs_are_missing(tiny_weights, tmp_path, capsys):
+    """A folder without labels explains the prediction and says so; without the reference method the
+    paired table is replaced by a line saying how to get it; every file written is listed."""
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(2):
+        Image.new("RGB", (30, 30), (40 * i, 90, 160)).save(flat / f"{i}.png")
+    common = ["eval", "--model", str(tiny_weights), "--steps", "0", "--figure-images", "0", "--no-progress"]
+    assert main([*common, "--data", str(flat), "--methods", "reciprocam", "--out", str(tmp_path / "a")]) == 0
+    printed = capsys.readouterr().out
+    assert "class explained: predicted (the images have no labels)" in printed
+    assert "class explained: label" not in printed
+    out = tmp_path / "b"
+    args = [*common, "--limit", "3", "--methods", "reciprocam", "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "its reference method, rollout, was not run; add it to --methods" in printed
+    assert "reference method, rollout" in (out / "results.md").read_text(encoding="utf-8")
+    out = tmp_path / "c"
+    assert main([*common, "--limit", "3", "--methods", "reciprocam,rollout", "--out", str(out)]) == 0
+    wrote = capsys.readouterr().out.strip().splitlines()[-1]
+    assert wrote == f"wrote {out / 'results.csv'}, {out / 'results.md'}, {out / 'pointing_pairs.csv'}"
+    assert (out / "pointing_pairs.csv").is_file()
+
+
+def test_eval_refuses_options_that_would_be_ignored(tiny_weights, tmp_path, capsys):
+    import pytest
+
+    base = ["eval", "--model", str(tiny_weights), "--out", str(tmp_path)]
+    assert main([*base, "--data", "synthetic-pairs", "--steps", "8"]) == 2
+    assert "--steps does not apply" in capsys.readouterr().err
+    assert main([*base, "--data", "synthetic-pairs", "--target", "predicted", "--steps", "4"]) == 2
+    assert "--steps and --target do not apply" in capsys.readouterr().err
+    for data in ("synthetic", "synthetic-pairs"):
+        assert main([*base, "--data", data, "--limit", "0"]) == 2
+        assert "write the number of images" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main([*base, "--limit", "-1"])
+    assert exit_info.value.code == 2
+
+
+def test_eval_finds_the_shipped_model_from_any_folder(monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = ["eval", "--limit", "2", "--methods", "reciprocam", "--steps", "0", "--figure-images", "0"]
+    assert main([*args, "--no-progress", "--model", "app/weights/shapes_vit.safetensors"]) == 0
+    assert "images: 2" in capsys.readouterr().out

@@ -11,13 +11,13 @@ import torch
 from timm.layers import RmsNorm, SwiGLUPacked
 from torch import nn
 
-from app.engine.reciprocam import (
-    CamOptions,
-    ReciproCAM,
-    UnsupportedModelError,
-    reference_masked_logits,
-)
-from app.engine.reduced import ReducedEvaluator, reduced_layout, reduced_support_reason
+from app.engine.anatomy import UnsupportedModelError
+from app.engine.options import CamOptions
+from app.engine.reciprocam import ReciproCAM
+from app.engine.reduced import ReducedEvaluator
+from app.engine.reduced_layout import reduced_layout
+from app.engine.reduced_support import reduced_support_reason
+from app.engine.reference import reference_masked_logits
 from tests.helpers import TINY, TINY_MODELS, make_tiny, perturb_
 
 FP32_TOL = 1e-5
@@ -169,7 +169,7 @@ def test_explain_equals_the_forward_and_the_reference_for_every_option_mix(name)
 def test_last_block_is_not_run_whole_where_the_head_reads_prefix_tokens(name, fused):
     model = VARIANTS[name]()
     cam = ReciproCAM(model)
-    assert cam._reduced is not None and cam._reduced.fuses_last_block is fused
+    assert isinstance(cam.evaluator, ReducedEvaluator) and cam.evaluator.fuses_last_block is fused
     calls: list[int] = []
     handle = model.blocks[-1].register_forward_hook(lambda *_: calls.append(1))
     try:

@@ -87,3 +87,35 @@ def test_mimetic_init_sets_position_embeddings_and_keeps_shapes():
     assert torch.allclose(model.pos_embed[0, 1:], expected)
     out = model(torch.zeros(1, 3, 64, 64))
     assert out.shape == (1, len(SHAPE_CLASSES))
+
+
+def test_train_writes_elsewhere_by_default_and_never_overwrites_without_force(tmp_path, monkeypatch, capsys):
+    import os
+    import stat
+
+    from app.cli import build_parser, main
+
+    assert str(build_parser().parse_args(["train"]).out) == "out/shapes_vit.safetensors"
+    target = tmp_path / "model.safetensors"
+    target.write_bytes(b"keep me")
+    assert main(["train", "--out", str(target), "--epochs", "1"]) == 2
+    assert "add --force to overwrite" in capsys.readouterr().err
+    assert target.read_bytes() == b"keep me"
+    card = tmp_path / "other.md"
+    card.write_text("card", encoding="utf-8")
+    assert main(["train", "--out", str(tmp_path / "other.safetensors")]) == 2  # the card alone counts
+    assert "other.md already exists" in capsys.readouterr().err
+
+    # the weights file itself: readable by others as the umask allows (safetensors' own writer: 0600)
+    config = train.TrainConfig(model_kwargs={**train.MODEL_KWARGS, "depth": 1})
+    model = train.build_model(config)
+    result = train.TrainResult(val_accuracy=0.5, train_accuracy=0.5, seconds=1.0, epochs=1, history=[])
+    previous = os.umask(0o022)
+    try:
+        path = train.save_weights(model, tmp_path / "fresh.safetensors", config, result)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    from app.engine.models import load_model
+
+    assert load_model(None, path, warmup=False).num_classes == len(SHAPE_CLASSES)

@@ -300,6 +300,7 @@ async def _infer(name: str, request: Request, service: Service) -> Response:
         "total_ms": round((time.perf_counter() - started) * 1000.0, 3),
         "batch_images": result.batch_images,
     }
+    response: Response
     response, seconds = await service.run_io(timed, encode_response, header, result, outputs)
     service.metrics.observe_stage(name, "encode", seconds, len(images))
     return response

@@ -157,7 +157,90 @@ class Timing(BaseModel):
     batch_images: int = Field(description="images in that batch (all requests together)")
 
 
+# Real answers of the shipped shapes model to one 64x64 PNG of a circle (docs/service.md shows the
+# explain one; tests/unit/test_schema_examples.py keeps them valid and equal)
+_CIRCLE = {"class_id": 0, "label": "circle", "probability": 0.7987, "logit": 2.8701}
+PREDICT_EXAMPLE: dict[str, Any] = {
+    "model": "shapes",
+    "request_id": "cf8bc1e5dead4a9daf377ae76a944b11",
+    "images": [
+        {
+            "index": 0,
+            "width": 64,
+            "height": 64,
+            "predictions": [
+                _CIRCLE,
+                {"class_id": 2, "label": "triangle", "probability": 0.1239, "logit": 1.0068},
+            ],
+        }
+    ],
+    "timing": {"queue_ms": 5.7, "compute_ms": 5.0, "total_ms": 13.7, "batch_images": 1},
+}
+EXPLAIN_EXAMPLE: dict[str, Any] = {
+    "model": "shapes",
+    "request_id": "7faa37b605394730932417967d20e0ce",
+    "images": [
+        {
+            "index": 0,
+            "width": 64,
+            "height": 64,
+            "predictions": [_CIRCLE],
+            "explanations": [
+                {
+                    "class_id": 0,
+                    "label": "circle",
+                    "grid": [8, 8],
+                    "score_range": [0.0533, 2.9269],
+                    "size": [64, 64],
+                    "heatmap": "iVBORw0KGgo...",
+                }
+            ],
+        }
+    ],
+    "timing": {"queue_ms": 5.7, "compute_ms": 7.4, "total_ms": 16.2, "batch_images": 1},
+}
+SHAPES_MODEL_EXAMPLE: dict[str, Any] = {
+    "name": "shapes",
+    "status": "ready",
+    "arch": "vit_tiny_patch16_224",
+    "weights": "app/weights/shapes_vit.safetensors",
+    "device": "cpu",
+    "dtype": "fp32",
+    "num_classes": 6,
+    "input_size": [64, 64],
+    "grid": [8, 8],
+    "num_prefix_tokens": 1,
+    "num_blocks": 6,
+    "path": "reduced",
+    "path_reason": "model structure allows the exact reduced evaluation",
+    "target_block": -1,
+    "data_config": {
+        "input_size": [3, 64, 64],
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.25, 0.25, 0.25],
+    },
+}
+UNAVAILABLE_REASON_EXAMPLE = (
+    "pretrained weights for 'deit_small_patch16_224' are not in the local cache and the model hub "
+    "(huggingface.co) cannot be reached ([Errno -2] Name or service not known). ..."
+)
+UNAVAILABLE_MODEL_EXAMPLE: dict[str, Any] = {
+    "name": "deit_small",
+    "status": "unavailable",
+    "reason": UNAVAILABLE_REASON_EXAMPLE,
+    "arch": "deit_small_patch16_224",
+    "weights": "hub",
+    "device": "auto",
+    "dtype": "fp32",
+}
+
+
 class PredictResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [PREDICT_EXAMPLE]})
+
     model: str
     request_id: str
     images: list[ImageResult]
@@ -165,40 +248,21 @@ class PredictResponse(BaseModel):
 
 
 class ExplainResponse(PredictResponse):
+    model_config = ConfigDict(json_schema_extra={"examples": [EXPLAIN_EXAMPLE]})
+
+
+class ModelInfo(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
                 {
-                    "model": "shapes",
-                    "request_id": "6f1c0d3e9b2a4c55",
-                    "images": [
-                        {
-                            "index": 0,
-                            "width": 640,
-                            "height": 480,
-                            "predictions": [
-                                {"class_id": 2, "label": "circle", "probability": 0.97, "logit": 6.1}
-                            ],
-                            "explanations": [
-                                {
-                                    "class_id": 2,
-                                    "label": "circle",
-                                    "grid": [14, 14],
-                                    "score_range": [-1.3, 7.2],
-                                    "size": [224, 224],
-                                    "heatmap": "iVBORw0KGgo...",
-                                }
-                            ],
-                        }
-                    ],
-                    "timing": {"queue_ms": 3.1, "compute_ms": 41.0, "total_ms": 52.7, "batch_images": 5},
+                    **SHAPES_MODEL_EXAMPLE,
+                    "labels": ["circle", "square", "triangle", "star", "cross", "arrow"],
                 }
             ]
         }
     )
 
-
-class ModelInfo(BaseModel):
     name: str
     status: Literal["loading", "ready", "unavailable", "disabled"]
     reason: str | None = Field(None, description="why the model is not ready")
@@ -219,6 +283,10 @@ class ModelInfo(BaseModel):
 
 
 class ModelList(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"models": [SHAPES_MODEL_EXAMPLE, UNAVAILABLE_MODEL_EXAMPLE]}]}
+    )
+
     models: list[ModelInfo]
 
 

@@ -1,0 +1,185 @@
+"""Maps into pictures on the maps' device: sizing, 8-bit levels, colour maps, overlays, PNG/JPEG.
+
+The tensor form of :mod:`app.serving.render` and ``pipeline.render_result``'s sizing: the same
+bilinear upsampling to the model input, the same projection onto the original image through the
+crop :class:`Geometry`, the same ``floor(255 * x)`` levels, the same 256-entry colour lookup tables
+(built from :func:`app.serving.render.colormap_lut`) and the same float32 blend, so on the CPU the
+pictures equal the Pillow path's exactly. Encoding: ``torchvision.io.encode_jpeg`` takes CUDA tensors
+(nvJPEG) and CPU tensors alike; ``encode_png`` runs on the CPU. A PNG heatmap is the Pillow path's
+palette PNG of the 8-bit levels (torchvision writes no palette PNG; an RGB one would be three times
+the bytes to move and deflate for the same decoded colours).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torchvision.io import encode_jpeg, encode_png
+
+import app.serving.device_decode  # noqa: F401  (silences torchvision's codec deprecation warning)
+from app.engine.maps import upsample_maps
+from app.engine.preprocess import Geometry
+from app.serving.render import colormap_lut, heatmap_png
+
+MAP_SIZES: tuple[str, ...] = ("grid", "input", "original")
+IMAGE_FORMATS: tuple[str, ...] = ("png", "jpeg")
+
+_LUTS: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def lut_tensor(colormap: str, device: str | torch.device = "cpu") -> torch.Tensor:
+    """(256, 3) uint8 lookup table of a colour map on ``device`` (kept per device)."""
+    key = (colormap, torch.device(device))
+    table = _LUTS.get(key)
+    if table is None:
+        table = _LUTS[key] = torch.from_numpy(colormap_lut(colormap).copy()).to(key[1])
+    return table
+
+
+def project_to_original(input_map: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+    """``app.engine.preprocess.project_to_original`` on the map's own device: (..., H_in, W_in) maps
+    on the model input -> (..., H0, W0) on the original image, zero outside the crop window."""
+    device = input_map.device
+    width0, height0 = geometry.original_size
+    in_h, in_w = geometry.input_size
+    sx, sy = geometry.scale
+    left, top = geometry.offset
+    shape = input_map.shape
+    maps = input_map.float().reshape(-1, 1, in_h, in_w)
+    # float64 positions as the reference computes them (CUDA has float64 too)
+    xs = (torch.arange(width0, dtype=torch.float64, device=device) + 0.5) * sx - left
+    ys = (torch.arange(height0, dtype=torch.float64, device=device) + 0.5) * sy - top
+    gx = (xs / in_w * 2 - 1).float()
+    gy = (ys / in_h * 2 - 1).float()
+    grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], dim=-1)
+    grid = grid.unsqueeze(0).expand(maps.shape[0], -1, -1, -1)
+    sampled = F.grid_sample(maps, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    inside = ((ys >= 0) & (ys < in_h))[:, None] & ((xs >= 0) & (xs < in_w))[None, :]
+    return (sampled * inside.to(sampled.dtype)).reshape(*shape[:-2], height0, width0)
+
+
+def size_maps(normalized: torch.Tensor, geometry: Geometry, map_size: str) -> torch.Tensor:
+    """(K, h, w) maps in [0, 1] at ``map_size``: the grid as is, the model input, or the original."""
+    if map_size == "grid":
+        return normalized
+    on_input = upsample_maps(normalized, geometry.input_size).clamp_(0.0, 1.0)
+    if map_size == "input":
+        return on_input
+    if map_size == "original":
+        return project_to_original(on_input, geometry).clamp_(0.0, 1.0)
+    raise ValueError(f"unknown map size {map_size!r}; expected one of {', '.join(MAP_SIZES)}")
+
+
+def to_levels(maps: torch.Tensor) -> torch.Tensor:
+    """floor(255 * x) as uint8 for maps in [0, 1]."""
+    return torch.floor(maps.float().clamp(0.0, 1.0) * 255).to(torch.uint8)
+
+
+def heatmaps(maps: torch.Tensor, colormap: str = "jet") -> torch.Tensor:
+    """(..., H, W) maps in [0, 1] (or their uint8 levels) -> (..., 3, H, W) uint8 colours."""
+    levels = maps if maps.dtype == torch.uint8 else to_levels(maps)
+    return lut_tensor(colormap, levels.device)[levels.long()].movedim(-1, -3)
+
+
+def overlays(
+    base: torch.Tensor, maps: torch.Tensor, *, colormap: str = "jet", opacity: float = 0.5
+) -> torch.Tensor:
+    """Colour-mapped (K, H, W) maps blended over a uint8 (3, H, W) image: (K, 3, H, W) uint8, with
+    ``render.overlay_rgb``'s float32 arithmetic."""
+    if tuple(base.shape[-2:]) != tuple(maps.shape[-2:]):
+        raise ValueError(f"image {tuple(base.shape[-2:])} and maps {tuple(maps.shape[-2:])} differ in size")
+    if not 0.0 <= opacity <= 1.0:
+        raise ValueError("opacity must be in [0, 1]")
+    colours = heatmaps(maps, colormap).float()
+    blended = (1.0 - opacity) * base.to(colours.device).float() + opacity * colours
+    return blended.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def encode_images(
+    images: torch.Tensor | Sequence[torch.Tensor],
+    image_format: str = "png",
+    *,
+    quality: int = 90,
+    compression_level: int = 1,
+) -> list[bytes]:
+    """Encode uint8 (C, H, W) images (C = 1 or 3; a (N, C, H, W) batch or a list) as PNG or JPEG.
+
+    JPEG: one ``encode_jpeg`` call for the list, on the images' device (nvJPEG on CUDA). PNG: on
+    the CPU, ``compression_level`` 1 as the Pillow path (fast, a little larger)."""
+    items = list(images.unbind(0)) if isinstance(images, torch.Tensor) else list(images)
+    if not items:
+        return []
+    if image_format == "jpeg":
+        encoded = encode_jpeg([item.contiguous() for item in items], quality=quality)
+        return [bytes(data.cpu().numpy().tobytes()) for data in encoded]
+    if image_format == "png":
+        return [
+            bytes(encode_png(item.cpu().contiguous(), compression_level=compression_level).numpy().tobytes())
+            for item in items
+        ]
+    raise ValueError(f"unknown image format {image_format!r}; expected one of {', '.join(IMAGE_FORMATS)}")
+
+
+@dataclass
+class RenderedMaps:
+    """``maps``: the (K, H, W) float maps at the requested size (for a JSON rendering);
+    ``images``: per map, encoding name (``png``, ``heatmap``, ``overlay``) -> encoded bytes."""
+
+    maps: torch.Tensor
+    images: list[dict[str, bytes]] = field(default_factory=list)
+
+
+def render_maps(
+    normalized: torch.Tensor,
+    geometry: Geometry,
+    *,
+    encodings: Sequence[str] = ("heatmap",),
+    map_size: str = "input",
+    colormap: str = "jet",
+    opacity: float = 0.5,
+    input_pixels: torch.Tensor | None = None,
+    original: torch.Tensor | None = None,
+    image_format: str = "png",
+    quality: int = 90,
+) -> RenderedMaps:
+    """One image's (K, h, w) normalised maps rendered as ``pipeline.render_result`` renders them.
+
+    ``png``: the grey 8-bit levels; ``heatmap``: the colour map; ``overlay``: the colour map blended
+    over ``original`` (uint8 (3, H0, W0), for ``map_size="original"``) or over ``input_pixels``
+    (uint8 (3, H, W), the model input before normalisation; a grid-size overlay is drawn at input
+    size). ``json`` needs no picture: the caller writes ``maps``. Everything runs on the maps'
+    device; only the PNG encoder moves the pictures to the CPU."""
+    sized = size_maps(normalized, geometry, map_size)
+    count = sized.shape[0]
+    per_map: list[dict[str, bytes]] = [{} for _ in range(count)]
+    pictures: dict[str, torch.Tensor] = {}
+    if "png" in encodings or "heatmap" in encodings:
+        levels = to_levels(sized)
+        if "png" in encodings:
+            pictures["png"] = levels.unsqueeze(1)
+        if "heatmap" in encodings and image_format == "png":
+            # a palette PNG of the levels (the Pillow path's bytes): a third of the pixels to move to
+            # the host and to deflate, and the same decoded colours as the RGB heatmap
+            host_levels = levels.cpu().numpy()
+            for position in range(count):
+                per_map[position]["heatmap"] = heatmap_png(host_levels[position], colormap)
+        elif "heatmap" in encodings:
+            pictures["heatmap"] = heatmaps(levels, colormap)
+    if "overlay" in encodings:
+        if map_size == "original":
+            if original is None:
+                raise ValueError("an overlay on the original needs the original image")
+            base, overlay_maps = original, sized
+        else:
+            if input_pixels is None:
+                raise ValueError("an overlay on the model input needs its pixels")
+            overlay_maps = sized if map_size == "input" else size_maps(normalized, geometry, "input")
+            base = input_pixels
+        pictures["overlay"] = overlays(base, overlay_maps, colormap=colormap, opacity=opacity)
+    for name, batch in pictures.items():
+        for position, data in enumerate(encode_images(batch, image_format, quality=quality)):
+            per_map[position][name] = data
+    return RenderedMaps(sized, per_map)
