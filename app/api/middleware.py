@@ -58,7 +58,10 @@ def _page_path(path: str) -> bool:
 
 
 class _BodyTooLarge(Exception):
-    pass
+    def __init__(self, read: int, ended: bool = False) -> None:
+        super().__init__(read)
+        self.read = read  # body bytes read before the limit was passed (0: refused from Content-Length)
+        self.ended = ended  # whether that was the whole body
 
 
 class _ClientGone(Exception):
@@ -73,9 +76,16 @@ class RequestContextMiddleware:
     """Gives every request an id (the client's ``X-Request-ID`` when it is sane), returns it on every
     response, refuses a request with 503 ``overloaded`` while ``max_concurrent`` others are in
     progress (0: no limit; probes, metrics and CORS preflights are exempt and not counted; the count
-    is per worker process) and bodies over ``max_body_bytes`` with
-    413, both before the body is read, turns any unhandled error into the JSON error shape, and
-    records metrics and one access log line."""
+    is per worker process) and bodies over ``max_body_bytes`` with 413, both before the body is
+    buffered, turns any unhandled error into the JSON error shape, and records metrics and one access
+    log line.
+
+    A refused request's body is read to its end and dropped before the answer goes out, as long as it
+    stays within ``discard_bytes`` in all (default: twice ``max_body_bytes``) and arrives within
+    ``body_timeout_s`` of the request's start: closing a connection whose request data is still
+    unread makes the kernel reset it, and the reset destroys the answer on its way to a client that
+    reads it only once it has sent its body (most clients). Past those bounds the answer goes out
+    unread, with ``Connection: close``."""
 
     def __init__(
         self,
@@ -87,10 +97,12 @@ class RequestContextMiddleware:
         retry_after_s: int = 1,
         body_timeout_s: float | None = None,
         cors: StarletteCORSMiddleware | None = None,
+        discard_bytes: int | None = None,
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.discard_bytes = 2 * max_body_bytes if discard_bytes is None else discard_bytes
         self.body_timeout_s = body_timeout_s
         self.max_concurrent = max_concurrent
         self.retry_after_s = retry_after_s
@@ -143,6 +155,7 @@ class RequestContextMiddleware:
         try:
             if not admitted:
                 self.metrics.overloaded.inc()
+                ended = await self._discard_body(method, headers, receive, started)
                 await _send_error(
                     self._error_send(scope, send_with_id),
                     503,
@@ -151,7 +164,7 @@ class RequestContextMiddleware:
                     "retry later",
                     request_id,
                     path=path,
-                    close=method in _BODY_METHODS,  # the body is left unread
+                    close=not ended,
                     headers=[(b"retry-after", str(self.retry_after_s).encode())],
                 )
                 return
@@ -159,7 +172,10 @@ class RequestContextMiddleware:
             if method in _BODY_METHODS and not exempt:
                 try:
                     app_receive = await self._buffered_body(headers, receive)
-                except _BodyTooLarge:
+                except _BodyTooLarge as too_large:
+                    ended = too_large.ended or await self._discard_body(
+                        method, headers, receive, started, too_large.read
+                    )
                     await _send_error(
                         self._error_send(scope, send_with_id),
                         413,
@@ -167,7 +183,7 @@ class RequestContextMiddleware:
                         f"the request body is larger than the limit of {self.max_body_bytes} bytes",
                         request_id,
                         path=path,
-                        close=True,
+                        close=not ended,
                     )
                     return
                 except _BodyTimeout:
@@ -258,7 +274,7 @@ class RequestContextMiddleware:
         application."""
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            raise _BodyTooLarge
+            raise _BodyTooLarge(0)
         if self.body_timeout_s is None:
             body = await self._read_body(receive)
         else:
@@ -277,6 +293,47 @@ class RequestContextMiddleware:
 
         return replay
 
+    async def _discard_body(
+        self, method: str, headers: dict[str, str], receive: Receive, started: float, read: int = 0
+    ) -> bool:
+        """Read and drop the rest of the body of a request being refused, ``read`` bytes of which
+        have been read already. True when the body has ended, so that the connection
+        can stay open; False when it was left unread: larger than ``discard_bytes`` (by its
+        Content-Length or as it streams), later than ``body_timeout_s`` after ``started``, the client
+        gone, or a client that waits to be told before it sends (``Expect: 100-continue``, which
+        reading would answer with 100 Continue)."""
+        if method not in _BODY_METHODS:
+            return True  # not read here: the server drops a body after the answer on its own
+        if read == 0 and headers.get("expect", "").lower() == "100-continue":
+            return False
+        declared = headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.discard_bytes:
+            return False
+        if declared == "0":
+            return True
+
+        async def drain() -> bool:
+            total = read
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return False
+                total += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return True
+                if total > self.discard_bytes:
+                    return False
+
+        if self.body_timeout_s is None:
+            return await drain()
+        left = self.body_timeout_s - (time.perf_counter() - started)
+        if left <= 0:
+            return False
+        try:
+            return await asyncio.wait_for(drain(), left)
+        except asyncio.TimeoutError:
+            return False
+
     async def _read_body(self, receive: Receive) -> bytes:
         chunks: list[bytes] = []
         size = 0
@@ -287,7 +344,7 @@ class RequestContextMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
-                raise _BodyTooLarge
+                raise _BodyTooLarge(size, ended=not message.get("more_body", False))
             if chunk:
                 chunks.append(chunk)
             if not message.get("more_body", False):

@@ -579,13 +579,16 @@ async def test_declared_oversized_body_is_refused_unread(tiny_weights):
 
 
 async def test_streamed_body_stops_being_read_at_the_limit(tiny_weights):
-    """Without a Content-Length the body is counted as it streams and reading stops past the limit."""
+    """Without a Content-Length the body is counted as it streams; past the limit the rest is read
+    and dropped (so that the 413 is not lost to a reset) only up to twice the limit, and a body that
+    goes on past that is answered unread with the connection closed."""
     app = create_app(tiny_settings(tiny_weights, limits={"max_body_bytes": 1000}))
     reads, sent = await _post_endless_body(
         app, [(b"content-type", b"image/png"), (b"transfer-encoding", b"chunked")]
     )
-    assert reads == 11  # 1,100 bytes: the first chunk past 1,000
+    assert reads == 21  # 2,100 bytes: the first chunk past twice 1,000
     assert sent[0]["status"] == 413
+    assert (b"connection", b"close") in sent[0]["headers"]
 
 
 async def test_a_stalled_upload_times_out_and_frees_its_slot(tiny_weights):

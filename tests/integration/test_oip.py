@@ -327,9 +327,9 @@ async def test_health_and_readiness_with_an_unavailable_model(tiny_weights: Path
     )
     async with running_service(settings) as client:
         live = await client.get("/v2/health/live")
-        assert live.status_code == 200 and live.content == b""
-        assert (await client.get("/v2/health/ready")).status_code == 200
-        assert (await client.get("/v2/models/tiny/ready")).status_code == 200
+        assert live.status_code == 200 and live.json() == {"live": True}
+        assert (await client.get("/v2/health/ready")).json() == {"ready": True}
+        assert (await client.get("/v2/models/tiny/ready")).json() == {"name": "tiny", "ready": True}
         assert (await client.get("/v2/models/broken/ready")).status_code == 400
         assert_oip_error(
             await client.post("/v2/models/broken/infer", json=image_request(image_bytes(1))), 503

@@ -63,7 +63,8 @@ async def test_requests_past_the_limit_get_a_json_503_and_probes_still_pass():
         refused = await client.post("/v1/models/m/explain", content=b"y" * 50)
         assert refused.status_code == 503
         assert refused.headers["retry-after"] == "3"
-        assert refused.headers["connection"] == "close"  # its body was never read
+        # its body was read to its end and dropped, so the connection can stay open
+        assert "connection" not in refused.headers
         error = refused.json()["error"]
         assert error["code"] == "overloaded" and "2 requests" in error["message"]
         assert error["request_id"] == refused.headers["x-request-id"]

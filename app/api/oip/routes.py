@@ -25,6 +25,7 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
 
 from app.api.deps import get_service, require_api_key, require_api_key_for_health
 from app.api.errors import register_error_shape
@@ -64,7 +65,19 @@ from app.serving.registry import ModelEntry
 from app.serving.service import Service
 
 PREFIX = "/v2"
-_NO_BODY: dict[int | str, dict[str, Any]] = {200: {"description": "true (an empty body)"}}
+
+
+def _health_body(description: str, **fields: str) -> dict[int | str, dict[str, Any]]:
+    """A health answer's 200: a JSON object such as ``{"ready": true}``, which KServe's client reads
+    (tritonclient reads only the status)."""
+    properties = {name: {"type": kind} for name, kind in fields.items()}
+    schema = {"type": "object", "properties": properties, "required": list(fields)}
+    return {200: {"description": description, "content": {"application/json": {"schema": schema}}}}
+
+
+_LIVE = _health_body('live: {"live": true}', live="boolean")
+_READY = _health_body('ready: {"ready": true}', ready="boolean")
+_MODEL_READY = _health_body('ready: {"name": ..., "ready": true}', name="string", ready="boolean")
 
 router = APIRouter(
     prefix=PREFIX, tags=["Open Inference Protocol v2"], route_class=OipRoute, responses=PROTOCOL_ERRORS
@@ -85,25 +98,25 @@ async def server_metadata(request: Request) -> dict[str, Any]:
 @router.get(
     "/health/live",
     response_class=Response,
-    responses=_NO_BODY,
+    responses=_LIVE,
     dependencies=[Depends(require_api_key_for_health)],
     summary="Liveness: 200 while the process serves requests",
 )
 async def server_live() -> Response:
-    return Response(status_code=200)
+    return JSONResponse({"live": True})
 
 
 @router.get(
     "/health/ready",
     response_class=Response,
-    responses=_NO_BODY,
+    responses=_READY,
     dependencies=[Depends(require_api_key_for_health)],
     summary="Readiness: 200 when every model has settled, one at least serves, and not draining; else 400",
 )
 async def server_ready(service: Service = Depends(get_service)) -> Response:
     if not service.ready:
         return oip_error_response(400, "the server is not ready")
-    return Response(status_code=200)
+    return JSONResponse({"ready": True})
 
 
 @router.get(
@@ -133,7 +146,7 @@ async def model_version_metadata(
 @router.get(
     "/models/{name}/ready",
     response_class=Response,
-    responses=_NO_BODY,
+    responses=_MODEL_READY,
     dependencies=[Depends(require_api_key_for_health)],
     summary="Model readiness: 200 ready, 400 not ready, 404 unknown",
 )
@@ -141,13 +154,13 @@ async def model_ready(name: str, service: Service = Depends(get_service)) -> Res
     entry = _probed_entry(service, name)
     if entry.status != "ready" or service.draining:
         return oip_error_response(400, f"model {name!r} is not ready ({entry.status})")
-    return Response(status_code=200)
+    return JSONResponse({"name": name, "ready": True})
 
 
 @router.get(
     "/models/{name}/versions/{version}/ready",
     response_class=Response,
-    responses=_NO_BODY,
+    responses=_MODEL_READY,
     dependencies=[Depends(require_api_key_for_health)],
     summary="Model readiness of one version",
 )
@@ -233,6 +246,16 @@ async def infer_version(
     return await _infer(name, request, service)
 
 
+def _check_body_model(inference: InferenceRequest, name: str) -> None:
+    """KServe's client names the model in the body too: it must be the one of the path."""
+    if inference.model_name is not None and inference.model_name != name:
+        raise bad_request(f"the request body names model {inference.model_name!r}, the path {name!r}")
+    if inference.model_version not in (None, "", MODEL_VERSION):
+        raise bad_request(
+            f"the request body names version {inference.model_version!r}; {name!r} has version {MODEL_VERSION}"
+        )
+
+
 async def _infer(name: str, request: Request, service: Service) -> Response:
     service.registry.require_ready(name)  # before reading the body
     request.state.model = name
@@ -247,6 +270,7 @@ async def _infer(name: str, request: Request, service: Service) -> Response:
         request.headers.get(HEADER_LENGTH.lower()),
         limits.max_body_bytes,
     )
+    _check_body_model(inference, name)
     outputs = requested_outputs(inference, options)
     if len(inference.inputs) != 1:
         raise bad_request(

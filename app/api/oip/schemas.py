@@ -66,6 +66,9 @@ class InferenceRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str | None = None
+    # KServe's client names the model in the body too; it must be the one in the path.
+    model_name: str | None = None
+    model_version: str | None = None
     parameters: dict[str, Any] | None = None
     inputs: list[RequestInput] = Field(min_length=1)
     outputs: list[RequestOutput] | None = None
