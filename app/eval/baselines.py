@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from app.engine.anatomy import TimmModule
 from app.engine.options import CamOptions
 from app.engine.reciprocam import ReciproCAM
 
@@ -57,7 +58,8 @@ DEFAULT_METHODS: tuple[str, ...] = tuple(METHODS)
 
 
 def _grid(model: nn.Module) -> tuple[int, int]:
-    height, width = (int(v) for v in model.patch_embed.grid_size)
+    vit: TimmModule = model
+    height, width = (int(v) for v in vit.patch_embed.grid_size)
     return height, width
 
 
@@ -67,7 +69,7 @@ def _explicit_attention_forward(
     """An ``Attention.forward`` that computes softmax(q k^T * scale) explicitly and records it."""
 
     def forward(
-        self: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None, **_: object
+        self: TimmModule, x: torch.Tensor, attn_mask: torch.Tensor | None = None, **_: object
     ) -> torch.Tensor:
         batch, tokens, _channels = x.shape
         gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
@@ -89,7 +91,8 @@ def _explicit_attention_forward(
         out = self.norm(out)
         if gate is not None:
             out = out * gate
-        return self.proj_drop(self.proj(out))
+        projected: torch.Tensor = self.proj_drop(self.proj(out))
+        return projected
 
     return MethodType(forward, attn)
 
@@ -98,9 +101,10 @@ def _explicit_attention_forward(
 def capture_attention(model: nn.Module, retain_grad: bool = False) -> Iterator[list[torch.Tensor]]:
     """Record every block's attention probabilities (B, heads, T, T), in block order, per forward."""
     store: list[torch.Tensor] = []
-    originals: list[tuple[nn.Module, object]] = []
+    originals: list[tuple[TimmModule, object]] = []
+    vit: TimmModule = model
     try:
-        for block in model.blocks:
+        for block in vit.blocks:
             attn = block.attn
             for needed in ("qkv", "num_heads", "head_dim", "scale", "q_norm", "k_norm", "proj"):
                 if not hasattr(attn, needed):
@@ -120,7 +124,8 @@ def capture_attention(model: nn.Module, retain_grad: bool = False) -> Iterator[l
 
 def _class_token_row(relevance: torch.Tensor, model: nn.Module) -> torch.Tensor:
     """(B, T, T) relevance -> (B, h, w): the first (class) token's row over the patch tokens."""
-    prefix = int(model.num_prefix_tokens)
+    vit: TimmModule = model
+    prefix = int(vit.num_prefix_tokens)
     height, width = _grid(model)
     return relevance[:, 0, prefix:].reshape(-1, height, width)
 
@@ -175,7 +180,8 @@ def grad_cam(model: nn.Module, inputs: torch.Tensor, class_ids: torch.Tensor) ->
         output.retain_grad()
         captured.append(output)
 
-    handle = model.blocks[-1].norm1.register_forward_hook(keep)
+    vit: TimmModule = model
+    handle = vit.blocks[-1].norm1.register_forward_hook(keep)
     try:
         with torch.enable_grad():
             source = inputs.detach().clone().requires_grad_(True)
@@ -185,7 +191,7 @@ def grad_cam(model: nn.Module, inputs: torch.Tensor, class_ids: torch.Tensor) ->
         handle.remove()
     tokens = captured[-1]
     assert tokens.grad is not None
-    prefix = int(model.num_prefix_tokens)
+    prefix = int(vit.num_prefix_tokens)
     activations = tokens[:, prefix:].detach().float()
     gradients = tokens.grad[:, prefix:].float()
     weights = gradients.mean(dim=1, keepdim=True)  # (B, 1, D)

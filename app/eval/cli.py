@@ -7,9 +7,12 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.cli import device_name, positive_int, prepare_weights
+
+if TYPE_CHECKING:  # the model code loads only when a command runs
+    from app.engine.models import LoadedModel
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +62,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from app.eval.train import MODEL_KWARGS, TrainConfig
+    from app.eval.shapes_vit import MODEL_KWARGS
+    from app.eval.train import TrainConfig
 
     defaults = TrainConfig()
     parser = sub.add_parser("train", help="train the small shapes ViT on synthetic data")
@@ -111,7 +115,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from app.eval.train import MODEL_KWARGS, TrainConfig, model_card, save_weights, train
+    from app.eval.shapes_vit import MODEL_KWARGS
+    from app.eval.train import TrainConfig, train
+    from app.eval.train_files import model_card, save_weights
 
     card = args.out.with_suffix(".md")
     existing = [str(path) for path in (args.out, card) if path.exists()]
@@ -245,7 +251,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_run_eval)
 
 
-def _load(args: argparse.Namespace):  # -> LoadedModel
+def _load(args: argparse.Namespace) -> LoadedModel:
     from app.engine.models import load_model
 
     model = str(args.model)
@@ -261,16 +267,14 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     from app.engine.models import ModelLoadError
     from app.eval.baselines import METHODS
-    from app.eval.evaluate import (
+    from app.eval.batches import folder_batches, list_image_dir, synthetic_batches
+    from app.eval.evaluate import evaluate
+    from app.eval.report import (
         csv_text,
-        evaluate,
         figure,
-        folder_batches,
-        list_image_dir,
         markdown_table,
         pointing_pairs_csv,
         pointing_pairs_table,
-        synthetic_batches,
         text_table,
     )
 
@@ -388,9 +392,9 @@ def _why_no_pairs(args: argparse.Namespace, methods: list[str]) -> str:
     return "No paired pointing comparison: the images have no object masks to point at."
 
 
-def _run_pairs(args: argparse.Namespace, loaded, methods: list[str]) -> int:  # loaded: LoadedModel
+def _run_pairs(args: argparse.Namespace, loaded: LoadedModel, methods: list[str]) -> int:
     """``--data synthetic-pairs``: which object each class is, on two-object images."""
-    from app.eval.evaluate import evaluate_pairs, pairs_csv, pairs_figure, pairs_markdown
+    from app.eval.pairs import evaluate_pairs, pairs_csv, pairs_figure, pairs_markdown
 
     total = args.limit
     report = evaluate_pairs(

@@ -205,8 +205,9 @@ def exact_mcnemar(wins: int, losses: int) -> float:
     if wins < 0 or losses < 0:
         raise ValueError("counts must not be negative")
     total = wins + losses
-    # integers throughout: 2.0**total overflows a float from 1024 discordant images on
-    tail = sum(math.comb(total, k) for k in range(min(wins, losses) + 1)) / 2**total
+    # integers throughout: 2.0**total overflows a float from 1024 discordant images on (1 << total
+    # is 2**total, which a type checker reads as int, where it cannot tell the sign of int ** int)
+    tail = sum(math.comb(total, k) for k in range(min(wins, losses) + 1)) / (1 << total)
     return min(1.0, 2.0 * tail)
 
 

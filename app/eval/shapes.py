@@ -278,7 +278,8 @@ def _decoy_poses(
 
 
 def _paint(canvas: np.ndarray, alpha: np.ndarray, colour: np.ndarray) -> np.ndarray:
-    return canvas * (1 - alpha[..., None]) + colour * alpha[..., None]
+    painted: np.ndarray = canvas * (1 - alpha[..., None]) + colour * alpha[..., None]
+    return painted
 
 
 def render(seed: int, index: int, size: int = IMAGE_SIZE) -> tuple[np.ndarray, int, np.ndarray]:

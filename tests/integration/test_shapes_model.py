@@ -118,7 +118,8 @@ def test_dirac_reciprocam_points_better_than_rollout(loaded):
 def test_reciprocam_leads_the_attention_baselines_in_adcc(loaded):
     """The paper's headline result on this model: ViT-ReciproCAM's ADCC is above attention
     rollout's and gradient-weighted rollout's (200 fresh images, the true class)."""
-    from app.eval.evaluate import evaluate, synthetic_batches
+    from app.eval.batches import synthetic_batches
+    from app.eval.evaluate import evaluate
 
     methods = ("reciprocam", "rollout", "grad-rollout")
     report = evaluate(
@@ -142,7 +143,7 @@ def test_reciprocam_finds_which_object_a_class_is_where_rollout_cannot(loaded):
     at most one of the two (50%); the published ViT-ReciproCAM hits significantly more often (on
     the first 100 images of seed 4040 before this test was written: 67% against 50%, 38 wins and 4
     losses over the 200 objects; docs/evaluation.md has 1000 images)."""
-    from app.eval.evaluate import evaluate_pairs
+    from app.eval.pairs import evaluate_pairs
 
     report = evaluate_pairs(
         loaded, ("reciprocam", "rollout"), seed=FRESH_SEED, limit=IMAGES, batch_size=50, progress=False

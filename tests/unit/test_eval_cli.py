@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from app.cli import main
-from app.eval.evaluate import list_image_dir, read_labels_file
+from app.eval.batches import list_image_dir, read_labels_file
 from tests.helpers import save_self_describing
 
 
@@ -115,7 +115,8 @@ def test_pointing_on_correct_images_keeps_exactly_the_correctly_classified_ones(
     import torch
 
     from app.engine.models import load_model
-    from app.eval.evaluate import evaluate, synthetic_batches
+    from app.eval.batches import synthetic_batches
+    from app.eval.evaluate import evaluate
 
     loaded = load_model(None, tiny_weights)
     report = evaluate(
@@ -172,7 +173,9 @@ def test_pointing_pairs_match_the_per_image_hits(tiny_weights, tmp_path, capsys)
     hits of the two methods, counted here independently; the CLI writes the table."""
     from app.engine.models import load_model
     from app.eval import metrics
-    from app.eval.evaluate import evaluate, pointing_pairs_table, synthetic_batches
+    from app.eval.batches import synthetic_batches
+    from app.eval.evaluate import evaluate
+    from app.eval.report import pointing_pairs_table
 
     loaded = load_model(None, tiny_weights)
     methods = ["reciprocam", "gradcam", "rollout"]
@@ -255,7 +258,7 @@ def test_eval_pairs_writes_tables_and_rollout_cannot_hit_both(tiny_weights, tmp_
 
 
 def test_pair_report_summaries_are_counted_from_the_hits():
-    from app.eval.evaluate import PairReport
+    from app.eval.pairs import PairReport
 
     hits = {
         "a": np.array([[1, 1], [1, 0], [0, 0], [1, 1]], dtype=float),

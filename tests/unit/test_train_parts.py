@@ -7,31 +7,33 @@ import math
 import pytest
 import torch
 
-from app.eval import train
+from app.eval import shapes_vit, train, train_files, train_objectives
 from app.eval.shapes import SHAPE_CLASSES
 
 
 def test_soft_cross_entropy_by_hand():
     logits = torch.zeros(2, 4)
     # uniform logits: cross-entropy is log(4) for any target distribution
-    value = train.soft_cross_entropy(logits, torch.tensor([2, -1]), smoothing=0.1)
+    value = train_objectives.soft_cross_entropy(logits, torch.tensor([2, -1]), smoothing=0.1)
     assert value.item() == pytest.approx(math.log(4))
     logits = torch.tensor([[2.0, 0.0]])
     log_p = torch.log_softmax(logits, -1)[0]
     # smoothing 0.2 over 2 classes: target (0.9, 0.1)
     expected = -(0.9 * log_p[0] + 0.1 * log_p[1])
-    assert train.soft_cross_entropy(logits, torch.tensor([0]), 0.2).item() == pytest.approx(expected.item())
+    assert train_objectives.soft_cross_entropy(logits, torch.tensor([0]), 0.2).item() == pytest.approx(
+        expected.item()
+    )
 
 
 def test_patch_targets_and_mask_patches():
     masks = torch.zeros(1, 4, 4, dtype=torch.bool)
     masks[0, :2, :2] = True  # fills the top-left 2x2 patch
     masks[0, 2, 2] = True  # 1 of 4 pixels of the bottom-right patch
-    targets = train.patch_targets(masks, torch.tensor([3]), patch_size=2, coverage=0.3)
+    targets = train_objectives.patch_targets(masks, torch.tensor([3]), patch_size=2, coverage=0.3)
     background = len(SHAPE_CLASSES)
     assert targets.tolist() == [[[3, background], [background, background]]]
-    assert train.patch_targets(masks, torch.tensor([3]), 2, coverage=0.25)[0, 1, 1] == 3
-    patterns = train.mask_patches(masks, patch_size=2)
+    assert train_objectives.patch_targets(masks, torch.tensor([3]), 2, coverage=0.25)[0, 1, 1] == 3
+    patterns = train_objectives.mask_patches(masks, patch_size=2)
     assert patterns.shape == (1, 4, 4)
     assert patterns[0, 0].tolist() == [1.0, 1.0, 1.0, 1.0]
     assert patterns[0, 3].tolist() == [1.0, 0.0, 0.0, 0.0]
@@ -41,7 +43,7 @@ def test_augment_moves_images_and_masks_together():
     images = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
     masks = images[:, 0] > 20
     generator = torch.Generator().manual_seed(3)
-    out_images, out_masks = train.augment(images, masks, generator)
+    out_images, out_masks = train_objectives.augment(images, masks, generator)
     assert torch.equal(out_masks, out_images[:, 0] > 20)
     assert sorted(out_images.flatten().tolist()) == sorted(images.flatten().tolist())
 
@@ -58,8 +60,8 @@ def test_masked_window_targets_follow_the_object_share():
     labels[-4:] = -1  # images without an object
     masks[-4:] = False
     with torch.no_grad():
-        block_input = train.last_block_input(model, images)
-        logits, targets = train.masked_window_batch(
+        block_input = shapes_vit.last_block_input(model, images)
+        logits, targets = train_objectives.masked_window_batch(
             model, block_input, masks, labels, 8, torch.Generator().manual_seed(1)
         )
     assert logits.shape == targets.shape == (64, len(SHAPE_CLASSES))
@@ -83,7 +85,7 @@ def test_mimetic_init_sets_position_embeddings_and_keeps_shapes():
     config = train.TrainConfig()
     model = train.build_model(config)
     grid = model.patch_embed.grid_size
-    expected = train.sincos_position_embedding(grid[0], grid[1], model.embed_dim) * 0.5
+    expected = shapes_vit.sincos_position_embedding(grid[0], grid[1], model.embed_dim) * 0.5
     assert torch.allclose(model.pos_embed[0, 1:], expected)
     out = model(torch.zeros(1, 3, 64, 64))
     assert out.shape == (1, len(SHAPE_CLASSES))
@@ -107,12 +109,12 @@ def test_train_writes_elsewhere_by_default_and_never_overwrites_without_force(tm
     assert "other.md already exists" in capsys.readouterr().err
 
     # the weights file itself: readable by others as the umask allows (safetensors' own writer: 0600)
-    config = train.TrainConfig(model_kwargs={**train.MODEL_KWARGS, "depth": 1})
+    config = train.TrainConfig(model_kwargs={**shapes_vit.MODEL_KWARGS, "depth": 1})
     model = train.build_model(config)
     result = train.TrainResult(val_accuracy=0.5, train_accuracy=0.5, seconds=1.0, epochs=1, history=[])
     previous = os.umask(0o022)
     try:
-        path = train.save_weights(model, tmp_path / "fresh.safetensors", config, result)
+        path = train_files.save_weights(model, tmp_path / "fresh.safetensors", config, result)
     finally:
         os.umask(previous)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
