@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 from torch import nn
 
@@ -44,10 +42,6 @@ def save_weights(model: nn.Module, path: Path, config: TrainConfig, result: Trai
     # only (0600): a model is meant to be read by the service's user too (0644 under umask 022)
     path.write_bytes(save(state, metadata=metadata))
     return path
-
-
-def config_dict(config: TrainConfig) -> dict[str, Any]:
-    return asdict(config)
 
 
 def model_card(config: TrainConfig, result: TrainResult, weights: Path, command: str) -> str:
