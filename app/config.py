@@ -6,8 +6,7 @@ the config file named by ``RECIPROCAM_CONFIG_FILE`` (or ``python -m app serve --
 then the defaults below.
 
 Models are a list. ``RECIPROCAM_MODELS`` replaces it (JSON); ``RECIPROCAM_MODELS__<n>__<FIELD>``
-changes one field of entry ``n`` of the list that would otherwise apply, e.g.
-``RECIPROCAM_MODELS__0__WEIGHTS=/models/deit_small.safetensors``.
+changes one field of entry ``n`` of the list that would otherwise apply.
 """
 
 from __future__ import annotations
@@ -38,6 +37,7 @@ from app.config_errors import (
     check_environment,
     describe_validation_error,
 )
+from app.engine.options import DType, EnginePath, HostWait
 
 MIB = 1024 * 1024
 
@@ -51,15 +51,14 @@ class ModelSettings(BaseModel):
     arch: str | None = Field(None, description="timm architecture; optional for self-describing files")
     weights: str = Field("hub", description="hub | path to .safetensors/.pth | random:SEED")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
-    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    dtype: DType = "fp32"
     labels: str | list[str] | None = Field(None, description="labels file or list (default: from the model)")
     model_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model kwargs")
-    path: Literal["auto", "reduced", "reference"] = "auto"
+    path: EnginePath = "auto"
     image_path: Literal["auto", "device", "pillow"] = Field(
         "auto",
-        description="where posted images are decoded, resized and rendered: device (torch tensor code "
-        "on the model's device, nvJPEG on CUDA), pillow (Pillow on the host), or auto (device when "
-        "the model is on CUDA, pillow otherwise)",
+        description="where posted images are decoded and preprocessed: device (tensor code on the "
+        "model's device, nvJPEG on CUDA), pillow (on the host), auto (device when the model is on CUDA)",
     )
     target_block: int = Field(-1, description="default target block of the explanation (-1 = last)")
     enabled: bool = True
@@ -263,7 +262,7 @@ class Settings(BaseSettings):
         "MKL_NUM_THREADS, else all cores), except that `serve --workers N` without those gives each "
         "worker cores // N",
     )
-    cuda_wait: Literal["block", "spin"] = Field(
+    cuda_wait: HostWait = Field(
         "block",
         description="how the compute thread waits for a GPU to finish a batch: block (asleep, leaving its "
         "core to decoding and encoding) or spin (busy-waiting, CUDA's default for one process)",
