@@ -26,6 +26,18 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
 class ServerMetadata(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "vit-reciprocam-service",
+                    "version": "1.0.0",
+                    "extensions": ["classification", "binary_tensor_data"],
+                }
+            ]
+        }
+    )
+
     name: str
     version: str
     extensions: list[str]
@@ -38,6 +50,28 @@ class TensorMetadata(BaseModel):
 
 
 class ModelMetadata(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "shapes",
+                    "versions": ["1"],
+                    "platform": "pytorch_timm",
+                    "inputs": [
+                        {"name": "image", "datatype": "BYTES", "shape": [-1]},
+                        {"name": "pixel_values", "datatype": "FP32", "shape": [-1, 3, 64, 64]},
+                    ],
+                    "outputs": [
+                        {"name": "logits", "datatype": "FP32", "shape": [-1, 6]},
+                        {"name": "probabilities", "datatype": "FP32", "shape": [-1, 6]},
+                        {"name": "maps", "datatype": "FP32", "shape": [-1, -1, 8, 8]},
+                        {"name": "targets", "datatype": "INT64", "shape": [-1, -1]},
+                    ],
+                }
+            ]
+        }
+    )
+
     name: str
     versions: list[str]
     platform: str
@@ -63,7 +97,23 @@ class RequestOutput(BaseModel):
 
 
 class InferenceRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "inputs": [
+                        {"name": "image", "shape": [1], "datatype": "BYTES", "data": ["<base64 PNG>"]}
+                    ],
+                    "outputs": [
+                        {"name": "probabilities", "parameters": {"classification": 3}},
+                        {"name": "maps"},
+                    ],
+                    "parameters": {"top_k": 1, "normalize": True},
+                }
+            ]
+        },
+    )
 
     id: str | None = None
     # KServe's client names the model in the body too; it must be the one in the path.
