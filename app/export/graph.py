@@ -13,6 +13,7 @@ module equals :meth:`app.engine.reciprocam.ReciproCAM.explain` up to float round
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +90,7 @@ def _merge(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _finish(
-    block: nn.Module, attended: torch.Tensor, gate: torch.Tensor | None, residual: torch.Tensor
+    block: Any, attended: torch.Tensor, gate: torch.Tensor | None, residual: torch.Tensor
 ) -> torch.Tensor:
     """Attention output rows -> block output rows: output norm, gate, projection, layer scales, MLP."""
     out = block.attn.norm(attended)
@@ -107,6 +108,15 @@ class ExplainedViT(nn.Module):
     ``maps`` (N, K, h, w) (logits or probabilities of the masked copies, as ``options.score`` says).
     Maps of class ids outside ``[0, C)`` are NaN.
     """
+
+    # timm modules are read through their attributes (blocks, attn.qkv, ...), which nn.Module types
+    # as Tensor | Module
+    model: Any
+    src: torch.Tensor
+    scale: torch.Tensor
+    key_bias: torch.Tensor
+    pool_weight: torch.Tensor
+    pool_present: torch.Tensor
 
     def __init__(self, model: nn.Module, options: CamOptions = CamOptions(), top_k: int = 1) -> None:
         super().__init__()
@@ -133,7 +143,7 @@ class ExplainedViT(nn.Module):
         self.pool = "token" if distilled else anatomy.global_pool
         # Prefix tokens the head reads (class; class + distillation), 0 when it pools patch tokens.
         self.head_tokens = 2 if distilled else (1 if self.pool == "token" else 0)
-        last_attn = model.blocks[-1].attn
+        last_attn = self.model.blocks[-1].attn
         self.prefix_last = self.head_tokens > 0 and isinstance(last_attn.k_norm, nn.Identity)
         pool_prefix = bool(getattr(model, "pool_include_prefix", False))
         layout = row_layout(self.grid, options.kernel, options.keep_prefix, self.num_prefix, pool_prefix)
@@ -300,7 +310,7 @@ class ExplainedViT(nn.Module):
         weights = ((q * scale) @ k.transpose(-1, -2) + bias).softmax(dim=-1)
         return weights @ v
 
-    def _block_rows(self, block: nn.Module, y: torch.Tensor, query_rows: list[int] | None) -> torch.Tensor:
+    def _block_rows(self, block: Any, y: torch.Tensor, query_rows: list[int] | None) -> torch.Tensor:
         """An ordinary block on the reduced sequences ``y`` (N, n, R, D); only ``query_rows`` out."""
         attn = block.attn
         dim, heads = attn.attn_dim, attn.num_heads

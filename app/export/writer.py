@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -111,7 +112,8 @@ def export_onnx(
     # batch 2, not 1: torch.export specialises dimensions of size 1
     pixels = torch.zeros(2, 3, height, width)
     classes = min(2, graph.num_classes)
-    module: nn.Module = _Targets(graph) if with_targets else _TopK(graph)
+    # in eval mode: the exporter restores the wrapper's mode afterwards, and a new module's is train
+    module: nn.Module = (_Targets(graph) if with_targets else _TopK(graph)).eval()
     inputs: tuple[torch.Tensor, ...] = (
         (pixels, torch.zeros(2, classes, dtype=torch.long)) if with_targets else (pixels,)
     )
@@ -165,7 +167,9 @@ def onnx_to_openvino(onnx_path: Path, xml_path: Path, properties: dict[str, str]
     its ``rt_info``."""
     import openvino as ov
 
-    model = ov.convert_model(str(onnx_path))
+    # the ONNX frontend as it is (convert_model's offline passes take ten times longer, and the
+    # runtime optimises the graph when it compiles it anyway)
+    model = ov.Core().read_model(str(onnx_path))
     for key, value in (properties or {}).items():
         model.set_rt_info(value, [RT_INFO_SECTION, key])
     xml_path.parent.mkdir(parents=True, exist_ok=True)
@@ -192,7 +196,7 @@ def export_model(
         raise ExportError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if max_batch_size < 1:
         raise ExportError(f"max_batch_size must be at least 1, not {max_batch_size}")
-    model = loaded.model
+    model: Any = loaded.model  # a timm ViT, read through its attributes
     parameter = next(model.parameters())
     if parameter.device.type != "cpu" or parameter.dtype != torch.float32:
         raise ExportError(
