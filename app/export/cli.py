@@ -4,6 +4,7 @@ and ViT-ReciproCAM maps in one graph, in a Triton model repository."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -48,6 +49,19 @@ def run_export(args: argparse.Namespace) -> int:
     from app.engine.reciprocam import CamOptions
     from app.export.writer import export_model
 
+    needed = [
+        "onnx",
+        *(["openvino"] if args.fmt == "openvino" else []),
+        *(["onnxscript"] if args.exporter == "dynamo" else []),
+    ]
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        print(
+            f"error: export needs {', '.join(missing)}: pip install 'vit-reciprocam-service[export]' "
+            "(or -e '.[export]' in a checkout)",
+            file=sys.stderr,
+        )
+        return 2
     model = str(args.model)
     name = args.name
     if Path(model).suffix in WEIGHT_SUFFIXES or Path(model).is_file():

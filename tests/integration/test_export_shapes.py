@@ -112,3 +112,18 @@ def test_unsupported_model_fails_with_the_reason(tmp_path: Path, capsys: pytest.
     error = capsys.readouterr().err
     assert "reduced evaluation is not possible for this model" in error and reason in error
     assert not (tmp_path / "out").exists()
+
+
+def test_missing_runtime_packages_are_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a)
+    )
+    assert main(["export", str(WEIGHTS), "--format", "openvino", "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert "export needs openvino" in error and "[export]" in error
+    assert not (tmp_path / "out").exists()
