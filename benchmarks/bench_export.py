@@ -7,9 +7,10 @@ For each model (timm architecture, seeded random weights: timing does not depend
   from the same ONNX file), logits only;
 * ``ort-explained`` / ``ov-explained``: the exported graph (logits, top-1 class, its raw map);
 * ``xai``: OpenVINO XAI's ViT-ReciproCAM (``insert_xai(..., Method.VITRECIPROCAM)``, defaults: 3x3
-  Gaussian masks, class token kept, last block) inserted into the plain model converted from the
-  same ONNX file, compiled with OpenVINO on the CPU; batch 1 only (the inserted branch reshapes to
-  one image).
+  Gaussian masks, class token kept, last block; ``embed_scaling=False``: raw maps, as exported)
+  inserted into the plain model converted from the same ONNX file, compiled with OpenVINO on the
+  CPU; batch 1 only (the inserted branch reshapes to one image). Its raw map of the predicted class
+  is compared with the exported model's (the same definition gives the same numbers).
 
 openvino-xai pins ``openvino-dev==2024.4`` and ``numpy<2``, which conflict with this project's
 environment, so it runs in a separate virtual environment (``--xai-python``, default
@@ -18,8 +19,9 @@ environment, so it runs in a separate virtual environment (``--xai-python``, def
 that reads the plain ONNX file, and asks it for timed calls round by round.
 
 Every variant runs with the same thread count (``--threads``, default: all cores). The machine is
-shared, so variants alternate in rounds and the medians over rounds are reported; ratios come from
-the same run. Usage:
+shared, so variants alternate call by call within rounds; times are medians over rounds (of each
+round's median call), and ratios are medians over rounds of each round's ratio, all from one run.
+Usage:
 
     python benchmarks/bench_export.py --models deit_tiny_patch16_224,deit_small_patch16_224
 """
@@ -52,13 +54,19 @@ import openvino_xai as xai
 
 path, threads, height, width = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 model = ov.convert_model(path)
-model = xai.insert_xai(model, task=xai.Task.CLASSIFICATION, explain_method=xai.Method.VITRECIPROCAM)
+model = xai.insert_xai(
+    model, task=xai.Task.CLASSIFICATION, explain_method=xai.Method.VITRECIPROCAM, embed_scaling=False
+)
 compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads})
 image = np.random.default_rng(0).standard_normal((1, 3, height, width)).astype(np.float32)
 outputs = compiled(image)
 shapes = {str(o.get_any_name()): list(outputs[o].shape) for o in compiled.outputs}
 print(json.dumps({"ready": True, "outputs": shapes, "openvino": ov.__version__}), flush=True)
 for line in sys.stdin:
+    if line.startswith("map "):
+        saliency = [o for o in compiled.outputs if o.get_any_name() == "saliency_map"][0]
+        print(json.dumps(compiled(image)[saliency][0, int(line.split()[1])].tolist()), flush=True)
+        continue
     count = int(line)
     times = []
     for _ in range(count):
@@ -86,6 +94,13 @@ class XaiWorker:
         self.process.stdin.write(f"{count}\n")
         self.process.stdin.flush()
         return [float(t) for t in json.loads(self.process.stdout.readline())]
+
+    def raw_map(self, class_id: int) -> np.ndarray:
+        """XAI's raw map of ``class_id`` for its input image (seeded normal noise, seed 0)."""
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(f"map {class_id}\n")
+        self.process.stdin.flush()
+        return np.asarray(json.loads(self.process.stdout.readline()), dtype=np.float64)
 
     def close(self) -> None:
         if self.process.stdin is not None:
@@ -141,6 +156,21 @@ def openvino_plain(onnx_path: Path, xml_path: Path) -> Path:
     return xml_path
 
 
+def map_difference(xai: XaiWorker, explained_xml: Path, size: tuple[int, int]) -> float:
+    """Max |difference| between XAI's raw map and the exported model's, over the exported map's largest
+    magnitude, for the predicted class of the XAI worker's input image: the same definition (3x3
+    Gaussian masks, class token kept, last block, raw logits) must give the same numbers."""
+    import openvino as ov
+
+    image = np.random.default_rng(0).standard_normal((1, 3, *size)).astype(np.float32)
+    compiled = ov.Core().compile_model(str(explained_xml), "CPU")
+    result = compiled(image)
+    outputs = {o.get_any_name(): result[o] for o in compiled.outputs}
+    ours = outputs["maps"][0, 0].astype(np.float64)
+    theirs = xai.raw_map(int(outputs["targets"][0, 0]))
+    return float(np.abs(ours - theirs).max() / max(1e-12, float(np.abs(ours).max())))
+
+
 def timed(call: Callable[[], object], count: int) -> list[float]:
     times = []
     for _ in range(count):
@@ -157,7 +187,8 @@ def bench_model(arch: str, args: argparse.Namespace, scratch: Path) -> list[dict
     from app.export.writer import export_model
 
     torch.set_num_threads(args.threads)
-    loaded = load_model(arch, "random:0", device="cpu", warmup=False)
+    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
+    loaded = load_model(arch, "random:0", device="cpu", warmup=False, model_kwargs=kwargs)
     # timm initialises norms to weight 1, bias 0, which OpenVINO folds away, and XAI's graph parser
     # then cannot find the last block's LayerNorm: seeded noise makes them ordinary parameters
     generator = torch.Generator().manual_seed(0)
@@ -197,8 +228,13 @@ def bench_model(arch: str, args: argparse.Namespace, scratch: Path) -> list[dict
             if use_xai:
                 rounds["xai"] = []
             for index in range(args.rounds):
-                for name, call in variants.items():
-                    rounds[name].append(statistics.median(timed(call, args.iters)) / batch)
+                # calls alternate within the round too, so that load changes hit every variant alike
+                calls: dict[str, list[float]] = {name: [] for name in variants}
+                for _ in range(args.iters):
+                    for name, call in variants.items():
+                        calls[name].extend(timed(call, 1))
+                for name, values in calls.items():
+                    rounds[name].append(statistics.median(values) / batch)
                 if use_xai:
                     assert xai is not None
                     rounds["xai"].append(statistics.median(xai.times(args.xai_iters)))
@@ -210,11 +246,19 @@ def bench_model(arch: str, args: argparse.Namespace, scratch: Path) -> list[dict
                 "batch": batch,
                 **{k: 1000 * v for k, v in medians.items()},
             }
-            for prefix in ("ort", "ov"):
-                row[f"{prefix}_vs_plain"] = medians[f"{prefix}-plain"] / medians[f"{prefix}-explained"]
+            # ratios: the median over rounds of each round's ratio (paired, so drift in the machine's
+            # load between rounds cancels)
+            pairs = [
+                ("ort_vs_plain", "ort-plain", "ort-explained"),
+                ("ov_vs_plain", "ov-plain", "ov-explained"),
+            ]
             if use_xai:
-                row["xai_vs_ov"] = medians["xai"] / medians["ov-explained"]
-                row["xai_vs_ort"] = medians["xai"] / medians["ort-explained"]
+                pairs += [("xai_vs_ov", "xai", "ov-explained"), ("xai_vs_ort", "xai", "ort-explained")]
+            for key, slow, fast in pairs:
+                row[key] = statistics.median(a / b for a, b in zip(rounds[slow], rounds[fast], strict=True))
+            if use_xai:
+                assert xai is not None
+                row["xai_map_difference"] = map_difference(xai, ov_models[0].model_file, size)
             rows.append(row)
     finally:
         if xai is not None:
@@ -225,8 +269,8 @@ def bench_model(arch: str, args: argparse.Namespace, scratch: Path) -> list[dict
 def markdown(rows: list[dict[str, object]]) -> str:
     head = (
         "| model | batch | ORT plain | ORT explained | ratio | OV plain | OV explained | ratio | "
-        "OV XAI | XAI / OV explained | XAI / ORT explained |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "OV XAI | XAI / OV explained | XAI / ORT explained | maps: XAI vs exported |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
 
     def ms(value: object) -> str:
@@ -235,11 +279,14 @@ def markdown(rows: list[dict[str, object]]) -> str:
     def ratio(value: object) -> str:
         return "–" if value is None else f"{float(value):.2f}x"  # type: ignore[arg-type]
 
+    def diff(value: object) -> str:
+        return "–" if value is None else f"{float(value):.1e}"  # type: ignore[arg-type]
+
     lines = [
         f"| {r['model']} | {r['batch']} | {ms(r['ort-plain'])} | {ms(r['ort-explained'])} | "
         f"{ratio(r['ort_vs_plain'])} | {ms(r['ov-plain'])} | {ms(r['ov-explained'])} | "
         f"{ratio(r['ov_vs_plain'])} | {ms(r.get('xai'))} | {ratio(r.get('xai_vs_ov'))} | "
-        f"{ratio(r.get('xai_vs_ort'))} |"
+        f"{ratio(r.get('xai_vs_ort'))} | {diff(r.get('xai_map_difference'))} |"
         for r in rows
     ]
     return head + "\n".join(lines) + "\n"
@@ -255,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--xai-iters", type=int, default=2, help="XAI calls per round (median)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--xai-python", default="/work/xai-venv/bin/python")
+    parser.add_argument("--model-kwargs", default=None, help="JSON keyword arguments for timm.create_model")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     args = parser.parse_args(argv)
     rows: list[dict[str, object]] = []
@@ -263,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{arch}: exporting", flush=True)
             rows.extend(bench_model(arch, args, Path(scratch)))
     print()
-    print(markdown(rows))
+    print(markdown(rows).rstrip("\n"))
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     return 0
