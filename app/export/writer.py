@@ -64,10 +64,10 @@ class _TopK(nn.Module):
 
     def __init__(self, graph: ExplainedViT) -> None:
         super().__init__()
-        self.graph = graph
+        self.explained = graph  # not "graph": torch.fx's GraphModule reserves that attribute
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.graph(pixel_values)
+        return self.explained(pixel_values)
 
 
 class _Targets(nn.Module):
@@ -75,10 +75,10 @@ class _Targets(nn.Module):
 
     def __init__(self, graph: ExplainedViT) -> None:
         super().__init__()
-        self.graph = graph
+        self.explained = graph  # not "graph": torch.fx's GraphModule reserves that attribute
 
     def forward(self, pixel_values: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, _, maps = self.graph(pixel_values, targets)
+        logits, _, maps = self.explained(pixel_values, targets)
         return logits, maps
 
 
