@@ -161,7 +161,7 @@ def _run_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-_EXTRA_COMMANDS: list[str] = ["app.serving.cli", "app.eval.cli"]
+_EXTRA_COMMANDS: list[str] = ["app.serving.cli", "app.eval.cli", "app.export.cli"]
 
 
 LOG_LEVELS = ("trace", "debug", "info", "warning", "error", "critical")  # trace: uvicorn's, below debug
