@@ -46,7 +46,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     from app.engine.models import load_model
-    from app.engine.reciprocam import CamOptions
+    from app.engine.options import CamOptions
     from app.export.writer import export_model
 
     needed = [

@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from timm.models.deit import VisionTransformerDistilled
 from torch import nn
 
+from app.engine.anatomy import inspect_model
 from app.engine.masks import mask_matrix
-from app.engine.reciprocam import CamOptions, inspect_model
-from app.engine.reduced import reduced_support_reason
+from app.engine.options import CamOptions
+from app.engine.reduced_support import reduced_support_reason
 
 
 class ExportError(ValueError):

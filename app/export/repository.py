@@ -15,8 +15,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from app.engine.options import CamOptions
 from app.engine.preprocess import DataConfig
-from app.engine.reciprocam import CamOptions
 
 FORMATS: tuple[str, ...] = ("onnx", "openvino")
 BACKENDS = {"onnx": "onnxruntime", "openvino": "openvino"}

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from app.engine.models import LoadedModel
-from app.engine.reciprocam import CamOptions
+from app.engine.options import CamOptions
 from app.export.graph import ExplainedViT, ExportError
 from app.export.repository import (
     FORMATS,

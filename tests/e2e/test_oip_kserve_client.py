@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from app.engine.models import LoadedModel, load_model
-from app.engine.reciprocam import CamOptions
+from app.engine.options import CamOptions
 from app.serving.images import ALLOWED_FORMATS
 from app.serving.prepare import prepare_image
 from tests.e2e.live_server import LABELS, MODEL, LiveServer, colourful_png

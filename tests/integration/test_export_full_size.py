@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from app.engine.models import load_model
-from app.engine.reciprocam import CamOptions
+from app.engine.options import CamOptions
 from app.export.writer import export_model
 from tests.integration.test_export_runtimes import check_against_engine
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from app.engine.models import LoadedModel, load_model
-from app.engine.reciprocam import CamOptions
+from app.engine.options import CamOptions
 from app.export.writer import RT_INFO_SECTION, ExportedModel, export_model
 from tests.helpers import save_self_describing
 

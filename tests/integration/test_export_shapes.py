@@ -13,9 +13,9 @@ import timm
 import torch
 
 from app.cli import main
+from app.engine.maps import normalize_maps, upsample_maps
 from app.engine.models import load_model
-from app.engine.reciprocam import normalize_maps, upsample_maps
-from app.engine.reduced import reduced_support_reason
+from app.engine.reduced_support import reduced_support_reason
 from app.eval import metrics, shapes
 from tests.helpers import TINY, perturb_
 

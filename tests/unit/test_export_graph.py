@@ -10,8 +10,9 @@ import timm
 import torch
 from torch import nn
 
-from app.engine.reciprocam import CamOptions, ReciproCAM
-from app.engine.reduced import reduced_support_reason
+from app.engine.options import CamOptions
+from app.engine.reciprocam import ReciproCAM
+from app.engine.reduced_support import reduced_support_reason
 from app.export.graph import ExplainedViT, ExportError
 from tests.helpers import TINY, TINY_MODELS, make_tiny, naive_reciprocam, perturb_
 
