@@ -22,7 +22,7 @@ from torch import nn
 
 from app.engine.anatomy import inspect_model
 from app.engine.masks import mask_matrix
-from app.engine.options import CamOptions
+from app.engine.options import CamOptions, Kernel
 from app.engine.reduced_support import reduced_support_reason
 
 
@@ -45,7 +45,7 @@ class RowLayout:
 
 
 def row_layout(
-    grid: tuple[int, int], kernel: str, keep_prefix: bool, num_prefix: int, pool_prefix: bool
+    grid: tuple[int, int], kernel: Kernel, keep_prefix: bool, num_prefix: int, pool_prefix: bool
 ) -> RowLayout:
     """The :class:`RowLayout` of a grid, from the spec's mask matrix."""
     matrix = mask_matrix(grid[0], grid[1], kernel, dtype=torch.float64)
@@ -98,7 +98,8 @@ def _finish(
     if gate is not None:
         out = out * gate
     y = residual + block.ls1(block.attn.proj(out))
-    return y + block.ls2(block.mlp(block.norm2(y)))
+    result: torch.Tensor = y + block.ls2(block.mlp(block.norm2(y)))
+    return result
 
 
 class ExplainedViT(nn.Module):
@@ -193,13 +194,15 @@ class ExplainedViT(nn.Module):
         """Logits of the ordinary forward from the last block's input ``x`` (N, T, D)."""
         model = self.model
         if not self.prefix_last:
-            return model.forward_head(model.norm(model.blocks[-1](x)))
+            logits: torch.Tensor = model.forward_head(model.norm(model.blocks[-1](x)))
+            return logits
         state = self._last_state(x)
         block = model.blocks[-1]
         weights = state["scores"].softmax(dim=-1)
         attended = _merge(weights @ state["values"]) + state["bias_v"]
         y = _finish(block, attended, state.get("gate"), x[:, : self.head_tokens])
-        return model.forward_head(model.norm(y))
+        prediction: torch.Tensor = model.forward_head(model.norm(y))
+        return prediction
 
     def _last_state(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-image quantities of the last block for the prefix queries the head reads: their scores
@@ -334,7 +337,8 @@ class ExplainedViT(nn.Module):
         if head_rows is not None:
             position = [head_rows.index(r) for r in self.prefix_rows[: self.head_tokens]]
             rows = y[:, :, position].reshape(-1, self.head_tokens, width)
-            return model.forward_head(model.norm(rows)).reshape(-1, n, self.num_classes)
+            masked: torch.Tensor = model.forward_head(model.norm(rows))
+            return masked.reshape(-1, n, self.num_classes)
         normed = model.norm(y)  # (N, n, R, D)
         pooled: torch.Tensor | None = None
         if self.pool in ("avg", "avgmax"):
@@ -344,4 +348,5 @@ class ExplainedViT(nn.Module):
             peak = torch.where(self.pool_present[..., None], normed, hidden).amax(dim=2)
             pooled = peak if pooled is None else 0.5 * (peak + pooled)
         assert pooled is not None
-        return model.head(model.head_drop(model.fc_norm(pooled)))
+        pooled_logits: torch.Tensor = model.head(model.head_drop(model.fc_norm(pooled)))
+        return pooled_logits

@@ -67,7 +67,8 @@ class _TopK(nn.Module):
         self.explained = graph  # not "graph": torch.fx's GraphModule reserves that attribute
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.explained(pixel_values)
+        outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] = self.explained(pixel_values)
+        return outputs
 
 
 class _Targets(nn.Module):
