@@ -56,6 +56,12 @@ class Geometry:
         return (left / sx, top / sy, (left + self.input_size[1]) / sx, (top + self.input_size[0]) / sy)
 
 
+def _three(values: Any) -> tuple[float, float, float]:
+    """One value per colour channel."""
+    first, second, third = (float(v) for v in values)
+    return first, second, third
+
+
 @dataclass(frozen=True)
 class DataConfig:
     input_size: tuple[int, int]  # (H, W)
@@ -73,8 +79,8 @@ class DataConfig:
             interpolation=str(config.get("interpolation") or "bicubic"),
             crop_pct=float(config.get("crop_pct") or 0.875),
             crop_mode=str(config.get("crop_mode") or "center"),
-            mean=tuple(float(v) for v in config.get("mean", cls.mean)),  # type: ignore[arg-type]
-            std=tuple(float(v) for v in config.get("std", cls.std)),  # type: ignore[arg-type]
+            mean=_three(config.get("mean", cls.mean)),
+            std=_three(config.get("std", cls.std)),
         )
 
     def as_dict(self) -> dict[str, Any]:
