@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import math
 import os
 import shutil
@@ -71,8 +72,17 @@ def run_serve(args: argparse.Namespace) -> int:
             timeout_graceful_shutdown=max(1, math.ceil(settings.drain_timeout_s)),
             access_log=False,
             proxy_headers=True,
+            http=_http_protocol(),
         )
     return 0
+
+
+def _http_protocol() -> str:
+    """uvicorn's httptools protocol with the service's JSON shape for unparsable requests (named by
+    import path, as the application is), or uvicorn's own choice without httptools."""
+    if importlib.util.find_spec("httptools") is None:
+        return "auto"
+    return "app.api.http_protocol:JsonErrorsHttpToolsProtocol"
 
 
 TORCH_THREADS_ENV = "RECIPROCAM_TORCH_THREADS"
