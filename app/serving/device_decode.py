@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_jpeg, decode_png
 
 from app.engine.preprocess import Preprocessor
@@ -28,10 +27,9 @@ from app.serving.images import (
     BACKGROUND,
     DEFAULT_MAX_PIXELS,
     ImageDecodeError,
-    check_pixel_count,
     check_resize,
     decode,
-    open_unguarded,
+    open_checked,
 )
 
 # torchvision 0.29 marks its image codecs deprecated (in favour of TorchCodec) and warns on every call.
@@ -84,27 +82,8 @@ def read_header(
 ) -> ImageHeader:
     """The header, read with the Pillow path's restricted parsers, with its checks and error codes:
     empty, unsupported or unreadable data and too many pixels are refused before any pixel decode."""
-    if not data:
-        raise ImageDecodeError("the image is empty (0 bytes)", code="empty_image")
-    accepted = ", ".join(sorted(allowed_formats - {"MPO"}))
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = open_unguarded(data, allowed_formats)
-    except UnidentifiedImageError as exc:
-        raise ImageDecodeError(
-            f"the data is not an image in an accepted format ({accepted})", code="unsupported_image"
-        ) from exc
-    except Exception as exc:
-        raise ImageDecodeError(f"cannot read the image header: {exc}", code="invalid_image") from exc
-    if image.format not in allowed_formats:
-        raise ImageDecodeError(
-            f"image format {image.format} is not accepted; use one of {accepted}", code="unsupported_image"
-        )
+    image = open_checked(data, max_pixels=max_pixels, allowed_formats=allowed_formats)
     width, height = image.size
-    if width < 1 or height < 1:
-        raise ImageDecodeError("the image has no pixels", code="invalid_image")
-    check_pixel_count((width, height), max_pixels)
     orientation = 1
     if image.format != "PNG" or "exif" in image.info:
         try:

@@ -104,32 +104,7 @@ def decode(
     (libjpeg's DCT scaling, the largest reduction that keeps at least ``min_size``), which costs a
     fraction of a full decode; other formats are always decoded whole.
     """
-    if not data:
-        raise ImageDecodeError("the image is empty (0 bytes)", code="empty_image")
-    try:
-        # Only the accepted formats' parsers see the bytes. Pillow's own decompression-bomb guard
-        # (a fixed, process-wide 89/179 Mpx) is left out: ``max_pixels`` is checked below, from the
-        # header, before any pixel is decoded, so the configured limit holds in both directions.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = open_unguarded(data, allowed_formats)
-    except UnidentifiedImageError as exc:
-        raise ImageDecodeError(
-            "the data is not an image in an accepted format "
-            f"({', '.join(sorted(allowed_formats - {'MPO'}))})",
-            code="unsupported_image",
-        ) from exc
-    except Exception as exc:
-        raise ImageDecodeError(f"cannot read the image header: {exc}", code="invalid_image") from exc
-    if image.format not in allowed_formats:
-        raise ImageDecodeError(
-            f"image format {image.format} is not accepted; use one of {', '.join(sorted(allowed_formats - {'MPO'}))}",
-            code="unsupported_image",
-        )
-    width, height = image.size
-    if width < 1 or height < 1:
-        raise ImageDecodeError("the image has no pixels", code="invalid_image")
-    check_pixel_count((width, height), max_pixels)
+    image = open_checked(data, max_pixels=max_pixels, allowed_formats=allowed_formats)
     try:
         if getattr(image, "n_frames", 1) > 1:
             image.seek(0)
@@ -209,3 +184,35 @@ def check_resize(preprocessor: Preprocessor, original_size: tuple[int, int], max
             "crop it to a less elongated shape",
             code="too_many_pixels",
         )
+
+
+def open_checked(data: bytes, *, max_pixels: int, allowed_formats: frozenset[str]) -> Image.Image:
+    """The image opened from its header alone, refused (with the error every image path gives)
+    when it is empty, of a format not accepted, unreadable, without pixels or over ``max_pixels``."""
+    if not data:
+        raise ImageDecodeError("the image is empty (0 bytes)", code="empty_image")
+    try:
+        # Only the accepted formats' parsers see the bytes. Pillow's own decompression-bomb guard
+        # (a fixed, process-wide 89/179 Mpx) is left out: ``max_pixels`` is checked below, from the
+        # header, before any pixel is decoded, so the configured limit holds in both directions.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = open_unguarded(data, allowed_formats)
+    except UnidentifiedImageError as exc:
+        raise ImageDecodeError(
+            "the data is not an image in an accepted format "
+            f"({', '.join(sorted(allowed_formats - {'MPO'}))})",
+            code="unsupported_image",
+        ) from exc
+    except Exception as exc:
+        raise ImageDecodeError(f"cannot read the image header: {exc}", code="invalid_image") from exc
+    if image.format not in allowed_formats:
+        raise ImageDecodeError(
+            f"image format {image.format} is not accepted; use one of {', '.join(sorted(allowed_formats - {'MPO'}))}",
+            code="unsupported_image",
+        )
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ImageDecodeError("the image has no pixels", code="invalid_image")
+    check_pixel_count((width, height), max_pixels)
+    return image
