@@ -235,7 +235,8 @@ def _centre_offset(size: int, target: int) -> int:
 def project_to_original(input_map: torch.Tensor, geometry: Geometry) -> torch.Tensor:
     """Place an (..., H_in, W_in) map given on the model input back onto the original image.
 
-    Returns (..., H0, W0); pixels of the original image outside the crop window are zero. Each
+    Returns (..., H0, W0) on the map's device; pixels of the original image outside the crop window
+    are zero. Each
     original pixel centre is mapped through the resize into the input window and sampled bilinearly.
     """
     width0, height0 = geometry.original_size
@@ -244,8 +245,9 @@ def project_to_original(input_map: torch.Tensor, geometry: Geometry) -> torch.Te
     left, top = geometry.offset
     shape = input_map.shape
     maps = input_map.float().reshape(-1, 1, in_h, in_w)
-    xs = (torch.arange(width0, dtype=torch.float64) + 0.5) * sx - left  # in input pixels
-    ys = (torch.arange(height0, dtype=torch.float64) + 0.5) * sy - top
+    device = input_map.device  # float64 positions on the map's own device (CUDA has float64 too)
+    xs = (torch.arange(width0, dtype=torch.float64, device=device) + 0.5) * sx - left  # in input pixels
+    ys = (torch.arange(height0, dtype=torch.float64, device=device) + 0.5) * sy - top
     gx = (xs / in_w * 2 - 1).float()
     gy = (ys / in_h * 2 - 1).float()
     grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], dim=-1)  # (H0, W0, 2) as (x, y)

@@ -16,12 +16,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torchvision.io import encode_jpeg, encode_png
 
 import app.serving.device_decode  # noqa: F401  (silences torchvision's codec deprecation warning)
 from app.engine.maps import upsample_maps
-from app.engine.preprocess import Geometry
+from app.engine.preprocess import Geometry, project_to_original
 from app.serving.render import colormap_lut, heatmap_png
 
 MAP_SIZES: tuple[str, ...] = ("grid", "input", "original")
@@ -37,28 +36,6 @@ def lut_tensor(colormap: str, device: str | torch.device = "cpu") -> torch.Tenso
     if table is None:
         table = _LUTS[key] = torch.from_numpy(colormap_lut(colormap).copy()).to(key[1])
     return table
-
-
-def project_to_original(input_map: torch.Tensor, geometry: Geometry) -> torch.Tensor:
-    """``app.engine.preprocess.project_to_original`` on the map's own device: (..., H_in, W_in) maps
-    on the model input -> (..., H0, W0) on the original image, zero outside the crop window."""
-    device = input_map.device
-    width0, height0 = geometry.original_size
-    in_h, in_w = geometry.input_size
-    sx, sy = geometry.scale
-    left, top = geometry.offset
-    shape = input_map.shape
-    maps = input_map.float().reshape(-1, 1, in_h, in_w)
-    # float64 positions as the reference computes them (CUDA has float64 too)
-    xs = (torch.arange(width0, dtype=torch.float64, device=device) + 0.5) * sx - left
-    ys = (torch.arange(height0, dtype=torch.float64, device=device) + 0.5) * sy - top
-    gx = (xs / in_w * 2 - 1).float()
-    gy = (ys / in_h * 2 - 1).float()
-    grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], dim=-1)
-    grid = grid.unsqueeze(0).expand(maps.shape[0], -1, -1, -1)
-    sampled = F.grid_sample(maps, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    inside = ((ys >= 0) & (ys < in_h))[:, None] & ((xs >= 0) & (xs < in_w))[None, :]
-    return (sampled * inside.to(sampled.dtype)).reshape(*shape[:-2], height0, width0)
 
 
 def size_maps(normalized: torch.Tensor, geometry: Geometry, map_size: str) -> torch.Tensor:
