@@ -8,6 +8,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from app.engine.options import KERNELS, SCORES
+
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
@@ -32,9 +34,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--labels", default=None, help="labels file (one per line, or a JSON list)")
     parser.add_argument("--top-k", type=positive_int, default=1, help="classes explained without targets")
-    parser.add_argument("--kernel", choices=["gaussian", "dirac"], default="gaussian")
+    parser.add_argument("--kernel", choices=KERNELS, default="gaussian")
     parser.add_argument("--drop-prefix", action="store_true", help="zero the prefix tokens in masked copies")
-    parser.add_argument("--score", choices=["logit", "probability"], default="logit")
+    parser.add_argument("--score", choices=SCORES, default="logit")
     parser.add_argument("--target-block", type=int, default=-1)
     parser.add_argument("--max-batch-size", type=positive_int, default=32, help="Triton max_batch_size")
     parser.add_argument(
