@@ -15,7 +15,7 @@ import torch
 from app.main import create_app
 from tests.integration.conftest import serving
 from tests.replay.cases import build_cases
-from tests.replay.replay import RECORDING, answer, replay_settings
+from tests.replay.replay import RECORDING, THREADS, answer, replay_settings
 
 
 async def record() -> None:
@@ -29,5 +29,5 @@ async def record() -> None:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     asyncio.run(record())

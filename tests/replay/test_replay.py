@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
+import torch
 
 from app.main import create_app
 from tests.integration.conftest import serving
-from tests.replay.replay import RECORDING, answer, replay_settings
+from tests.replay.replay import RECORDING, THREADS, answer, replay_settings
 
 ENTRIES = json.loads(RECORDING.read_text())
 
@@ -21,7 +25,16 @@ def test_recording_covers_both_protocols_and_errors() -> None:
     assert sum(status >= 400 for status in statuses) >= 20
 
 
-async def test_replayed_answers_equal_the_recording(tmp_path: Path) -> None:
+@pytest.fixture
+def recorded_threads() -> Iterator[None]:
+    """Other tests (and services started with ``torch_threads``) may leave another thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(before)
+
+
+async def test_replayed_answers_equal_the_recording(tmp_path: Path, recorded_threads: None) -> None:
     settings, tiny = replay_settings(tmp_path)
     differences = []
     async with serving(create_app(settings)) as client:
