@@ -19,8 +19,9 @@ from pydantic_settings import NoDecode
 
 ENV_PREFIX = "RECIPROCAM_"
 CONFIG_FILE_ENV = "RECIPROCAM_CONFIG_FILE"
-# RECIPROCAM_* variables that are not settings: the config file's name, and the test suite's own
-NOT_SETTINGS = ("CONFIG_FILE",)
+ENGINE_SOCKET_ENV = "RECIPROCAM_ENGINE_SOCKET"  # set by `serve` for its HTTP workers
+# RECIPROCAM_* variables that are not settings: the two above, and the test suite's own
+NOT_SETTINGS = tuple(name[len(ENV_PREFIX) :] for name in (CONFIG_FILE_ENV, ENGINE_SOCKET_ENV))
 NOT_SETTINGS_PREFIX = "TEST_"
 MODELS_EXAMPLE = '[{"name": "shapes", "weights": "app/weights/shapes_vit.safetensors"}]'
 

@@ -34,6 +34,14 @@ class ModelAnatomy:
     distilled: bool
 
 
+def resolve_block(target_block: int, num_blocks: int) -> int:
+    """``target_block`` (negative counts from the end) as an index of the model's blocks."""
+    resolved = target_block + num_blocks if target_block < 0 else target_block
+    if not 0 <= resolved < num_blocks:
+        raise ValueError(f"target_block {target_block} is outside the model's {num_blocks} blocks")
+    return resolved
+
+
 def inspect_model(model: nn.Module) -> ModelAnatomy:
     """Check that ``model`` has the timm VisionTransformer anatomy the spec relies on."""
     vit: TimmModule = model

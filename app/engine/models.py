@@ -104,6 +104,9 @@ class LoadedModel:
     def num_classes(self) -> int:
         return self.anatomy.num_classes
 
+    def resolve_block(self, target_block: int) -> int:
+        return self.engine.resolve_block(target_block)
+
     def label(self, index: int) -> str:
         return self.labels[index] if 0 <= index < len(self.labels) else str(index)
 

@@ -22,7 +22,13 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from app.engine.anatomy import TimmModule, UnsupportedModelError, grid_for_tokens, inspect_model
+from app.engine.anatomy import (
+    TimmModule,
+    UnsupportedModelError,
+    grid_for_tokens,
+    inspect_model,
+    resolve_block,
+)
 from app.engine.devices import to_device
 from app.engine.evaluator import LastBlockState, MaskedEvaluator
 from app.engine.options import ENGINE_PATHS, HOST_WAITS, CamOptions, EnginePath, HostWait, Kernel, one_of
@@ -87,11 +93,7 @@ class ReciproCAM:
         return ReferenceEvaluator(self.model, max_sequences=self.max_sequences)
 
     def resolve_block(self, target_block: int) -> int:
-        blocks = self.anatomy.num_blocks
-        resolved = target_block + blocks if target_block < 0 else target_block
-        if not 0 <= resolved < blocks:
-            raise ValueError(f"target_block {target_block} is outside the model's {blocks} blocks")
-        return resolved
+        return resolve_block(target_block, self.anatomy.num_blocks)
 
     @torch.inference_mode()
     def explain(

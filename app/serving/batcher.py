@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -131,6 +132,18 @@ def _finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor).all())
 
 
+class BatchQueue(Protocol):
+    """What the pipeline submits to: a :class:`Batcher` in this process, or the shared engine's."""
+
+    def check_room(self, cost: int) -> None: ...
+
+    async def submit(
+        self, items: list[BatchItem], *, disconnected: DisconnectCheck | None = None
+    ) -> BatchOutcome: ...
+
+    async def close(self, timeout_s: float) -> None: ...
+
+
 @dataclass(eq=False)
 class _Job:
     items: list[BatchItem]
@@ -138,6 +151,7 @@ class _Job:
     enqueued: float
     deadline: float
     disconnected: DisconnectCheck | None
+    source: int | None = None  # the front-end process it came from (shared-engine servers)
     started: bool = field(default=False)
 
     @property
@@ -197,7 +211,11 @@ class Batcher:
             raise QueueFullError(self.model_name, self.settings.retry_after_s)
 
     async def submit(
-        self, items: list[BatchItem], *, disconnected: DisconnectCheck | None = None
+        self,
+        items: list[BatchItem],
+        *,
+        disconnected: DisconnectCheck | None = None,
+        source: int | None = None,
     ) -> BatchOutcome:
         """Queue one request's images and wait for their results."""
         if not items:
@@ -211,6 +229,7 @@ class Batcher:
             enqueued=now,
             deadline=now + self.settings.request_timeout_s,
             disconnected=disconnected,
+            source=source,
         )
         self._queue.append(job)
         self._queued_images += cost
@@ -320,6 +339,9 @@ class Batcher:
             self.metrics.queue_wait.labels(self.model_name).observe(started - job.enqueued)
         items = [item for job in live for item in job.items]
         self.metrics.batch_size.labels(self.model_name).observe(len(items))
+        sources = {job.source for job in live if job.source is not None}
+        if sources:
+            self.metrics.batch_sources.labels(self.model_name).observe(len(sources))
         outputs = await self._compute_split(items)
         finished = self.clock()
         compute_ms = (finished - started) * 1000.0

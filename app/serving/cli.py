@@ -16,6 +16,11 @@ from types import FrameType
 
 from app.config import CONFIG_FILE_ENV
 
+ENGINE_MODES = ("shared", "per-worker")
+# uvicorn kills a worker that does not answer its ping in time (default 5 s): a worker importing
+# torch on a busy machine holds the interpreter longer than that while it starts.
+WORKER_HEALTHCHECK_S = 60
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("serve", help="run the HTTP inference-and-explanation service")
@@ -24,8 +29,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     parser.add_argument("--port", type=_port, default=8000)
     parser.add_argument("--config", default=None, help="settings file (JSON or YAML)")
+    parser.add_argument("--workers", type=positive_int, default=1, help="HTTP worker processes")
     parser.add_argument(
-        "--workers", type=positive_int, default=1, help="worker processes (each loads the models)"
+        "--engine",
+        choices=ENGINE_MODES,
+        default="shared",
+        help="with several workers: one engine process holds the models and batches for all "
+        "workers (shared), or every worker loads its own (per-worker)",
     )
     parser.add_argument(
         "--log-level",
@@ -56,10 +66,12 @@ def run_serve(args: argparse.Namespace) -> int:
 
     settings = load_settings()  # a mistake stops here, with one message (exit status 2)
     level = (args.serve_log_level or settings.log_level).lower()
+    shared = args.workers > 1 and args.engine == "shared"
     with (
         _sigterm_exits_zero(enabled=args.workers == 1),
         _shared_metrics(args.workers),
-        _shared_threads(args.workers, settings.torch_threads),
+        _shared_threads(0 if shared else args.workers, settings.torch_threads),
+        _engine_process(enabled=shared, stop_timeout_s=settings.drain_timeout_s + 5.0),
     ):
         uvicorn.run(
             "app.main:create_app",
@@ -73,6 +85,7 @@ def run_serve(args: argparse.Namespace) -> int:
             access_log=False,
             proxy_headers=True,
             http=_http_protocol(),
+            timeout_worker_healthcheck=WORKER_HEALTHCHECK_S,
         )
     return 0
 
@@ -114,6 +127,31 @@ def _shared_threads(workers: int, torch_threads: int | None) -> Iterator[None]:
         yield
     finally:
         os.environ.pop(TORCH_THREADS_ENV, None)
+
+
+@contextlib.contextmanager
+def _engine_process(*, enabled: bool, stop_timeout_s: float) -> Iterator[None]:
+    """The shared engine process, supervised, for the workers that inherit its socket's address;
+    stopped after the workers (they drain first)."""
+    if not enabled:
+        yield
+        return
+    from app.serving.supervisor import ENGINE_SOCKET_ENV, EngineSupervisor
+
+    supervisor = EngineSupervisor(stop_timeout_s=stop_timeout_s)
+    supervisor.start()
+    # The workers decode and render with one torch thread each; the engine keeps the cores.
+    saved = {name: os.environ.get(name) for name in (ENGINE_SOCKET_ENV, TORCH_THREADS_ENV)}
+    os.environ.update({ENGINE_SOCKET_ENV: supervisor.address, TORCH_THREADS_ENV: "1"})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        supervisor.stop()
 
 
 @contextlib.contextmanager

@@ -90,6 +90,18 @@ class ServiceMetrics:
             buckets=BATCH_BUCKETS,
             registry=r,
         )
+        self.batch_sources = Histogram(
+            "reciprocam_batch_workers",
+            "HTTP worker processes whose requests one computed batch holds (shared-engine servers)",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.engine_starts = Counter(
+            "reciprocam_engine_starts",
+            "starts of the shared engine process (restarts after the first)",
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "reciprocam_queue_depth_images",
             "images waiting in the queue",

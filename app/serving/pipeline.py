@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from app.engine.models import LoadedModel
 from app.serving.batcher import BatchItem, DisconnectCheck
+from app.serving.model_card import ServedModel
 from app.serving.prepare import PreparedImage, upright_sizes
 from app.serving.request import EncodedImages, InferenceRequest, InferenceResult
 from app.serving.service import Service, gather_all
@@ -107,7 +107,7 @@ async def run(
 
 
 async def _map_sizes(
-    service: Service, request: InferenceRequest, loaded: LoadedModel
+    service: Service, request: InferenceRequest, loaded: ServedModel
 ) -> list[tuple[int, int]]:
     """Each image's map (width, height), known before any pixel is decoded: the posted image's from
     its header for ``original``, else the model input's; empty for grid maps or none."""
@@ -123,7 +123,7 @@ async def _map_sizes(
     return [(width, height)] * count
 
 
-def _image_device(service: Service, model: str, loaded: LoadedModel) -> torch.device | None:
+def _image_device(service: Service, model: str, loaded: ServedModel) -> torch.device | None:
     """Where the model's posted images are decoded and preprocessed as tensors (its ``image_path``
     setting); None: with Pillow on the host."""
     choice = service.registry.get(model).settings.image_path
@@ -132,6 +132,6 @@ def _image_device(service: Service, model: str, loaded: LoadedModel) -> torch.de
     return None
 
 
-def _input_size(loaded: LoadedModel) -> tuple[int, int]:
+def _input_size(loaded: ServedModel) -> tuple[int, int]:
     height, width = (int(v) for v in loaded.data_config.input_size[-2:])
     return height, width

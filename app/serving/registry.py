@@ -14,9 +14,10 @@ from urllib.parse import urlparse
 
 from app.config import ModelSettings, Settings
 from app.engine.models import LoadedModel, ModelLoadError, WeightsSource, load_model
-from app.serving.batcher import Batcher, run_engine_batch
+from app.serving.batcher import Batcher, BatchQueue, run_engine_batch
 from app.serving.errors import ServiceError
 from app.serving.metrics import ServiceMetrics
+from app.serving.model_card import ServedModel
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +30,8 @@ class ModelEntry:
     settings: ModelSettings
     status: ModelStatus = "loading"
     reason: str | None = None
-    loaded: LoadedModel | None = None
-    batcher: Batcher | None = None
+    loaded: ServedModel | None = None
+    batcher: BatchQueue | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -69,23 +70,18 @@ class ModelEntry:
         return info
 
 
-class ModelRegistry:
-    """Every configured model, whether it loaded or not, and the threads that compute them."""
+class Models:
+    """Every configured model and its status; where the models compute is the subclass's business."""
 
-    def __init__(self, settings: Settings, metrics: ServiceMetrics) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.metrics = metrics
         self.entries: dict[str, ModelEntry] = {}
         for model_settings in settings.models:
             entry = ModelEntry(model_settings)
             if not model_settings.enabled:
                 entry.status, entry.reason = "disabled", "disabled in the configuration"
             self.entries[model_settings.name] = entry
-            metrics.model_ready.labels(model_settings.name).set(0)
-        self._device_threads: dict[str, ThreadPoolExecutor] = {}
-        self._load_task: asyncio.Task[None] | None = None
 
-    # ---------------------------------------------------------------- status
     @property
     def settled(self) -> bool:
         """No model is still loading."""
@@ -102,12 +98,13 @@ class ModelRegistry:
             raise ServiceError("model_not_found", f"no model named {name!r} (models: {known})")
         return entry
 
-    def require_ready(self, name: str) -> tuple[LoadedModel, Batcher]:
+    def require_ready(self, name: str) -> tuple[ServedModel, BatchQueue]:
         entry = self.get(name)
         if entry.status == "loading":
+            why = f": {entry.reason}" if entry.reason else ""
             raise ServiceError(
                 "model_loading",
-                f"model {name!r} is still loading",
+                f"model {name!r} is still loading{why}",
                 retry_after_s=self.settings.batch.retry_after_s,
             )
         if entry.status != "ready" or entry.loaded is None or entry.batcher is None:
@@ -116,6 +113,26 @@ class ModelRegistry:
                 f"model {name!r} is {entry.status}: {entry.reason or 'unknown reason'}",
             )
         return entry.loaded, entry.batcher
+
+    def start_loading(self) -> asyncio.Task[None]:
+        raise NotImplementedError
+
+    async def close(self, timeout_s: float) -> None:
+        raise NotImplementedError
+
+
+class ModelRegistry(Models):
+    """The models resident in this process, and the threads that compute them."""
+
+    def __init__(self, settings: Settings, metrics: ServiceMetrics) -> None:
+        super().__init__(settings)
+        self.metrics = metrics
+        for name in self.entries:
+            metrics.model_ready.labels(name).set(0)
+        self._device_threads: dict[str, ThreadPoolExecutor] = {}
+        self._load_task: asyncio.Task[None] | None = None
+        self.resident: dict[str, LoadedModel] = {}
+        self.batchers: dict[str, Batcher] = {}
 
     # ---------------------------------------------------------------- loading
     def start_loading(self) -> asyncio.Task[None]:
@@ -158,6 +175,8 @@ class ModelRegistry:
         )
         batcher.start()
         entry.loaded, entry.batcher = loaded, batcher
+        self.resident[entry.name] = loaded
+        self.batchers[entry.name] = batcher
         entry.status, entry.reason = "ready", None
         self.metrics.model_ready.labels(entry.name).set(1)
         logger.info(

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import signal
 import threading
 import time
@@ -22,7 +23,9 @@ from app.serving.errors import ServiceError
 from app.serving.images import ImageDecodeError
 from app.serving.metrics import ServiceMetrics
 from app.serving.prepare import PreparedImage, prepare_image, prepare_on_device
-from app.serving.registry import ModelRegistry
+from app.serving.registry import ModelRegistry, Models
+from app.serving.remote import RemoteModels
+from app.serving.supervisor import ENGINE_SOCKET_ENV
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -45,7 +48,7 @@ class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = ServiceMetrics()
-        self.registry = ModelRegistry(settings, self.metrics)
+        self.registry = self._new_registry()
         self.io_pool = self._new_io_pool()
         self.draining = False
         self._stopped = False
@@ -53,6 +56,14 @@ class Service:
         self.allowed_formats = frozenset(fmt.upper() for fmt in settings.limits.allowed_formats)
         self._previous_sigterm: Any = None
         self.original_pixels_held = 0  # pixels of originals kept for overlays, over requests in flight
+
+    def _new_registry(self) -> Models:
+        """The models in this process, or, in an HTTP worker of a shared-engine server, the engine
+        process's (``serve --workers N``)."""
+        address = os.environ.get(ENGINE_SOCKET_ENV)
+        if address:
+            return RemoteModels(self.settings, address)
+        return ModelRegistry(self.settings, self.metrics)
 
     def _new_io_pool(self) -> ThreadPoolExecutor:
         return ThreadPoolExecutor(max_workers=self.settings.io_workers, thread_name_prefix="io")
@@ -176,7 +187,7 @@ class Service:
         if self._stopped:
             # A second lifespan of the same app (test clients do this): the models, the device threads
             # and the I/O pool went with stop(), so start over with fresh ones. Metrics carry on.
-            self.registry = ModelRegistry(self.settings, self.metrics)
+            self.registry = self._new_registry()
             self.io_pool = self._new_io_pool()
             self.draining = False
             self._stopped = False

@@ -9,11 +9,11 @@ import numpy as np
 import torch
 
 from app.config import LimitSettings
-from app.engine.models import LoadedModel
 from app.engine.options import CamOptions
 from app.engine.results import ImageExplanation
 from app.serving.errors import InvalidOptionsError, ServiceError
 from app.serving.maps import shape_maps
+from app.serving.model_card import ServedModel
 from app.serving.prepare import PreparedImage
 from app.serving.render import heatmap_png, overlay_rgb, png_bytes, to_uint8
 from app.serving.request import ExplainOptions, ImageResult, InferenceRequest, MapOptions, MapResult
@@ -24,7 +24,7 @@ def check_image_count(count: int, limit: int) -> None:
         raise ServiceError("too_many_images", f"{count} images in one request; the limit is {limit}")
 
 
-def check_top_k(top_k: int, loaded: LoadedModel, max_targets: int | None) -> None:
+def check_top_k(top_k: int, loaded: ServedModel, max_targets: int | None) -> None:
     """``max_targets``: the limit on explained classes, when the top k are explained."""
     if top_k > loaded.num_classes:
         raise InvalidOptionsError(f"top_k {top_k} is more than the model's {loaded.num_classes} classes")
@@ -32,7 +32,7 @@ def check_top_k(top_k: int, loaded: LoadedModel, max_targets: int | None) -> Non
         raise InvalidOptionsError(f"top_k {top_k} explains more than the limit of {max_targets} classes")
 
 
-def checked_targets(targets: list[int] | None, loaded: LoadedModel, max_targets: int) -> list[int] | None:
+def checked_targets(targets: list[int] | None, loaded: ServedModel, max_targets: int) -> list[int] | None:
     if targets is None:
         return None
     if not targets:
@@ -47,10 +47,10 @@ def checked_targets(targets: list[int] | None, loaded: LoadedModel, max_targets:
     return list(targets)
 
 
-def cam_options(options: ExplainOptions, loaded: LoadedModel, default_block: int) -> CamOptions:
+def cam_options(options: ExplainOptions, loaded: ServedModel, default_block: int) -> CamOptions:
     block = default_block if options.target_block is None else options.target_block
     try:
-        loaded.engine.resolve_block(block)
+        loaded.resolve_block(block)
     except ValueError as exc:
         raise InvalidOptionsError(str(exc)) from exc
     return CamOptions(

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from app.cli import main
-from app.serving import registry
+from app.serving import registry, supervisor
 from app.serving.batcher import BatchItem, run_engine_batch
 
 DELAY_FILE_ENV = "RECIPROCAM_TEST_DELAY_FILE"
@@ -41,4 +41,5 @@ if __name__ == "__main__":
     delay_file = os.environ.get(DELAY_FILE_ENV)
     if delay_file:
         install_delay(Path(delay_file))
+        supervisor.ENGINE_MODULE = "tests.e2e.engine"  # the shared engine process is slowed too
     sys.exit(main(["serve", *sys.argv[1:]]))

@@ -21,7 +21,8 @@ def _workers(pid: int) -> list[psutil.Process]:
 
 
 def test_metrics_sum_over_all_workers(start_server):
-    server = start_server({}, serve_args=("--workers", "2"))
+    """Each worker with its own copy of the model (``--engine per-worker``)."""
+    server = start_server({}, serve_args=("--workers", "2", "--engine", "per-worker"))
     workers = _workers(server.pid)
     assert len(workers) == 2, [w.cmdline() for w in workers]
     directory = workers[0].environ()["PROMETHEUS_MULTIPROC_DIR"]

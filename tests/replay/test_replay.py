@@ -12,6 +12,7 @@ import torch
 from app.main import create_app
 from tests.integration.conftest import serving
 from tests.replay.replay import RECORDING, THREADS, answer, replay_settings
+from tests.shared_engine import engine_thread
 
 ENTRIES = json.loads(RECORDING.read_text())
 
@@ -43,3 +44,19 @@ async def test_replayed_answers_equal_the_recording(tmp_path: Path, recorded_thr
             if got != entry["response"]:
                 differences.append(entry["request"]["name"])
     assert not differences, f"answers changed: {differences}"
+
+
+async def test_a_shared_engine_gives_the_recorded_answers(
+    tmp_path: Path, recorded_threads: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same requests through an HTTP worker of a shared-engine server (``serve --workers N``):
+    the engine computes in another event loop, the worker decodes and renders."""
+    settings, tiny = replay_settings(tmp_path)
+    differences = []
+    with engine_thread(settings, tmp_path, monkeypatch):
+        async with serving(create_app(settings)) as client:
+            for entry in ENTRIES:
+                got = await answer(client, entry["request"], tiny)
+                if got != entry["response"]:
+                    differences.append((entry["request"]["name"], got, entry["response"]))
+    assert not differences, f"answers changed: {[name for name, *_ in differences]}\n{differences[:1]}"

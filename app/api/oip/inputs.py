@@ -10,12 +10,12 @@ import torch
 from app.api.oip.errors import OipError, bad_request
 from app.api.oip.framing import bytes_from_json, shape_size, split_bytes
 from app.api.oip.schemas import INPUT_BYTES, INPUT_TENSOR, MAX_PIXEL_VALUE, RequestInput
-from app.engine.models import LoadedModel
+from app.serving.model_card import ServedModel
 from app.serving.request import EncodedImages, PixelTensors
 
 
 def read_images(
-    tensor: RequestInput, raw: bytes | None, loaded: LoadedModel, max_images: int
+    tensor: RequestInput, raw: bytes | None, loaded: ServedModel, max_images: int
 ) -> EncodedImages | PixelTensors:
     """The images of the request's one input (``raw``: its binary data, None when in JSON)."""
     if tensor.name == INPUT_BYTES:
@@ -44,7 +44,7 @@ def _encoded_files(tensor: RequestInput, raw: bytes | None, max_images: int) -> 
 
 
 def _pixel_tensors(
-    tensor: RequestInput, raw: bytes | None, loaded: LoadedModel, max_images: int
+    tensor: RequestInput, raw: bytes | None, loaded: ServedModel, max_images: int
 ) -> PixelTensors:
     if tensor.datatype != "FP32":
         raise bad_request(f"input {INPUT_TENSOR!r} must have datatype FP32, not {tensor.datatype!r}")

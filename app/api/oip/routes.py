@@ -57,10 +57,10 @@ from app.api.oip.schemas import (
     ModelMetadata,
     ServerMetadata,
 )
-from app.engine.models import LoadedModel
 from app.serving import pipeline
 from app.serving import request as domain
 from app.serving.metrics import timed
+from app.serving.model_card import ServedModel
 from app.serving.registry import ModelEntry
 from app.serving.service import Service
 
@@ -179,7 +179,7 @@ def _probed_entry(service: Service, name: str) -> ModelEntry:
     return entry
 
 
-def describe_model(name: str, loaded: LoadedModel) -> dict[str, Any]:
+def describe_model(name: str, loaded: ServedModel) -> dict[str, Any]:
     height, width = (int(v) for v in loaded.data_config.input_size[-2:])
     grid_h, grid_w = (int(v) for v in loaded.anatomy.grid_size)
     classes = int(loaded.num_classes)

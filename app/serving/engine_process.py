@@ -1,0 +1,195 @@
+"""The engine process of a shared-engine server (``serve --workers N``): it holds every model once
+and one batcher per model, and computes for all HTTP workers, which connect to its Unix socket
+(:mod:`app.serving.remote`). Batches therefore form across workers. Run by
+:mod:`app.serving.supervisor` as ``python -m app.serving.engine_process SOCKET``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import logging.config
+import os
+import signal
+import sys
+from typing import Any
+
+import torch
+
+from app.config import Settings, load_settings
+from app.serving import ipc
+from app.serving.batcher import BatchItem
+from app.serving.errors import ServiceError
+from app.serving.logs import logging_config
+from app.serving.metrics import ServiceMetrics
+from app.serving.model_card import ModelCard
+from app.serving.registry import ModelRegistry
+
+logger = logging.getLogger("app.engine_process")
+STATUS_POLL_S = 0.05
+
+
+class EngineServer:
+    def __init__(self, settings: Settings, address: str) -> None:
+        self.settings = settings
+        self.address = address
+        self.metrics = ServiceMetrics()
+        self.registry = ModelRegistry(settings, self.metrics)
+        self.arenas = ipc.ArenaReader()
+        self._writers: dict[int, asyncio.StreamWriter] = {}
+        self._ids = itertools.count(1)
+        self._jobs: set[asyncio.Task[None]] = set()
+        self._statuses: dict[str, tuple[str, str | None, Any]] = {}
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Load the models and compute for the workers until ``stop`` is set, then drain."""
+        if self.settings.torch_threads is not None:
+            torch.set_num_threads(self.settings.torch_threads)
+        self.metrics.engine_starts.inc()
+        self.registry.start_loading()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.address)
+        server = await asyncio.start_unix_server(self._connection, path=self.address)
+        watcher = asyncio.get_running_loop().create_task(self._watch_statuses(), name="model-statuses")
+        logger.info("engine process %d serving on %s", os.getpid(), self.address)
+        await stop.wait()
+        logger.info("engine process stopping: finishing queued work")
+        await self.registry.close(self.settings.drain_timeout_s)
+        if self._jobs:
+            await asyncio.wait(self._jobs, timeout=1.0)
+        watcher.cancel()
+        server.close()
+        for writer in list(self._writers.values()):
+            writer.close()
+        self.metrics.process_exited()
+
+    # ------------------------------------------------------------ model statuses
+    def _snapshot(self) -> dict[str, tuple[str, str | None, Any]]:
+        snapshot: dict[str, tuple[str, str | None, Any]] = {}
+        for name, entry in self.registry.entries.items():
+            loaded = self.registry.resident.get(name)
+            card = ModelCard.of(loaded) if loaded is not None and entry.status == "ready" else None
+            snapshot[name] = (entry.status, entry.reason, card)
+        return snapshot
+
+    async def _watch_statuses(self) -> None:
+        while True:
+            current = {name: (e.status, e.reason) for name, e in self.registry.entries.items()}
+            if current != {name: value[:2] for name, value in self._statuses.items()}:
+                self._statuses = self._snapshot()
+                for writer in list(self._writers.values()):
+                    with contextlib.suppress(ConnectionError, RuntimeError):
+                        await ipc.send(writer, ("models", self._statuses))
+            await asyncio.sleep(STATUS_POLL_S)
+
+    # ------------------------------------------------------------ one worker's connection
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        source = next(self._ids)
+        self._writers[source] = writer
+        cancelled: set[int] = set()
+        arenas: set[str] = set()
+        try:
+            await ipc.send(writer, ("models", self._statuses or self._snapshot()))
+            while True:
+                message = await ipc.receive(reader)
+                if message[0] == "submit":
+                    _, job_id, model, wire = message
+                    arenas.update(ref.arena for ref, *_ in wire if ref.arena is not None)
+                    job = asyncio.get_running_loop().create_task(
+                        self._job(writer, source, job_id, model, wire, cancelled)
+                    )
+                    self._jobs.add(job)
+                    job.add_done_callback(self._jobs.discard)
+                elif message[0] == "cancel":
+                    cancelled.add(message[1])
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            del self._writers[source]  # its queued jobs are dropped before compute
+            writer.close()
+            for name in arenas:
+                self.arenas.forget(name)
+
+    async def _job(
+        self,
+        writer: asyncio.StreamWriter,
+        source: int,
+        job_id: int,
+        model: str,
+        wire: list[tuple[Any, ...]],
+        cancelled: set[int],
+    ) -> None:
+        async def gone() -> bool:
+            return job_id in cancelled or source not in self._writers
+
+        queued = 0
+        try:
+            self.registry.require_ready(model)
+            batcher = self.registry.batchers[model]
+            items = [
+                BatchItem(
+                    image=self.arenas.tensor(ref),
+                    options=options,
+                    targets=targets,
+                    top_k=top_k,
+                    normalized=normalized,
+                )
+                for ref, options, targets, top_k, normalized in wire
+            ]
+            outcome = await batcher.submit(items, disconnected=gone, source=source)
+            queued = batcher.queued_images
+            answer: tuple[Any, ...] = (
+                "done",
+                job_id,
+                model,
+                [ipc.explanation_to_wire(result) for result in outcome.results],
+                outcome.queue_ms,
+                outcome.compute_ms,
+                outcome.batch_images,
+                queued,
+            )
+        except ServiceError as exc:
+            answer = ("failed", job_id, model, exc.code, exc.message, exc.retry_after_s, queued)
+        except Exception as exc:  # never leave a worker waiting
+            logger.exception("job %d of model %s failed", job_id, model)
+            answer = ("failed", job_id, model, "compute_failed", f"{type(exc).__name__}: {exc}", None, queued)
+        # answered even when cancelled: the worker frees the job's shared memory on the answer
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await ipc.send(writer, answer)
+
+
+async def _stop_when_orphaned(stop: asyncio.Event) -> None:
+    """Stop when the server process has gone (killed without stopping this one)."""
+    parent = os.getppid()
+    while os.getppid() == parent:
+        await asyncio.sleep(1.0)
+    logger.warning("the server process has gone; the engine process stops")
+    stop.set()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m app.serving.engine_process SOCKET", file=sys.stderr)
+        return 2
+    settings = load_settings()
+    logging.config.dictConfig(logging_config(settings.log_level.lower(), settings.log_format))
+    asyncio.run(_serve_until_stopped(EngineServer(settings, args[0])))
+    return 0
+
+
+async def _serve_until_stopped(server: EngineServer) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    # Ctrl-C reaches the whole process group: the server stops its workers first, then this.
+    loop.add_signal_handler(signal.SIGINT, lambda: None)
+    orphan = loop.create_task(_stop_when_orphaned(stop), name="parent-watch")
+    await server.serve(stop)
+    orphan.cancel()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
