@@ -258,9 +258,8 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(
         None,
         ge=1,
-        description="torch CPU threads per worker process; unset: torch's default (OMP_NUM_THREADS or "
-        "MKL_NUM_THREADS, else all cores), except that `serve --workers N` without those gives each "
-        "worker cores // N",
+        description="torch CPU threads of the process that computes (with `serve --workers N`: the "
+        "engine; per-worker engines without this or OMP_NUM_THREADS get cores // N); unset: torch's default",
     )
     cuda_wait: HostWait = Field(
         "block",

@@ -135,7 +135,7 @@ def ratio_lines(results: list[LevelResult], engine: Any, args: argparse.Namespac
             )
         if on and variant and on.median_images_per_s > 0:
             lines.append(
-                f"- {where}: variant ({args.variant}) / batching on = {variant.median_images_per_s:.2f} / "
+                f"- {where}: variant ({args.variant or ''} {getattr(args, 'variant_serve', '')}) / batching on = {variant.median_images_per_s:.2f} / "
                 f"{on.median_images_per_s:.2f} images/s = **{variant.median_images_per_s / on.median_images_per_s:.2f}x**; "
                 f"server CPU per image {_ms(variant.server_cpu_ms_per_image)} / {_ms(on.server_cpu_ms_per_image)} ms"
             )

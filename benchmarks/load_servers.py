@@ -73,6 +73,7 @@ class ServerProcess:
         name: str,
         workers: int = 1,
         settings: dict[str, Any] | None = None,
+        serve_args: tuple[str, ...] = (),
     ) -> None:
         self.port = free_port()
         self.workers = workers
@@ -106,6 +107,7 @@ class ServerProcess:
                 str(workers),
                 "--log-level",
                 "warning",
+                *serve_args,
             ],
             cwd=ROOT,
             env=env,

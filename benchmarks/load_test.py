@@ -33,6 +33,7 @@ import io
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import tempfile
@@ -305,6 +306,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="JSON settings for a third server, 'variant': batching on plus these settings "
         "(e.g. '{\"reduced_jpeg_decode\": false}'); the report gives variant / batching on",
     )
+    parser.add_argument(
+        "--variant-serve",
+        default="",
+        help="serve options of the variant server, after the common ones (e.g. '--workers 2'); "
+        "with it, --variant may be '{}'",
+    )
     parser.add_argument("--engine", action="store_true", help="with --url: also measure the engine alone")
     parser.add_argument(
         "--engine-threads",
@@ -392,8 +399,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         if not args.no_batching_off:
             configurations["batching off"] = ({"max_batch_images": 1, "max_wait_ms": 0}, None)
-        if args.variant:
-            configurations["variant"] = (batching_on, json.loads(args.variant))
+        if args.variant or args.variant_serve:
+            configurations["variant"] = (batching_on, json.loads(args.variant or "{}"))
         results = []
         with tempfile.TemporaryDirectory() as workdir:
             servers = {
@@ -404,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
                     config.replace(" ", "_"),
                     args.workers,
                     settings,
+                    tuple(shlex.split(args.variant_serve)) if config == "variant" else (),
                 )
                 for config, (batch, settings) in configurations.items()
             }

@@ -56,12 +56,16 @@ class TensorRef:
     cuda_handle: bytes | None = None
 
 
+_MADE_HERE: set[str] = set()  # arenas of this process (an engine run in a test's own process)
+
+
 class Arena:
     """A worker's shared memory for model inputs, allocated in pages, first fit."""
 
     def __init__(self, size: int = ARENA_BYTES) -> None:
         self.memory = SharedMemory(create=True, size=size)
         self.name = self.memory.name
+        _MADE_HERE.add(self.name)
         self._used = bytearray(size // PAGE_BYTES)  # 0 free, 1 used
         self._spans: dict[int, int] = {}  # first page -> pages
 
@@ -126,9 +130,10 @@ class ArenaReader:
         memory = self._attached.get(name)
         if memory is None:
             memory = SharedMemory(name=name)
-            # The worker that made it unlinks it; the engine's resource tracker must not (Python
-            # 3.11 registers every attached segment for unlinking at exit).
-            resource_tracker.unregister("/" + name, "shared_memory")  # its POSIX name
+            if name not in _MADE_HERE:
+                # The worker that made it unlinks it; this process's resource tracker must not
+                # (Python 3.11 registers every attached segment for unlinking at exit).
+                resource_tracker.unregister("/" + name, "shared_memory")  # its POSIX name
             self._attached[name] = memory
         return memory
 

@@ -83,7 +83,7 @@ def test_batches_mix_both_workers_and_every_answer_is_its_own(start_server, e2e_
         np.testing.assert_allclose([p["logit"] for p in image["predictions"]], logits, atol=1e-4)
         maps = np.array([entry["json"] for entry in image["explanations"]])
         # the same image gets the same maps whichever batch and worker it went through
-        np.testing.assert_allclose(maps, first_maps.setdefault(index % len(IMAGES), maps), atol=1e-5)
+        np.testing.assert_allclose(maps, first_maps.setdefault(index % len(IMAGES), maps), atol=1e-4)
     batches = server.metric("reciprocam_batch_workers_count", model="tiny")
     single_worker = server.metric("reciprocam_batch_workers_bucket", model="tiny", le="1.0")
     assert batches >= 1

@@ -74,8 +74,10 @@ def test_serve_shares_the_cores_out_among_its_workers(monkeypatch):
     for name in (cli.TORCH_THREADS_ENV, "RECIPROCAM_CONFIG_FILE", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         monkeypatch.delenv(name, raising=False)
 
-    def serve(workers: int) -> None:
-        args = argparse.Namespace(config=None, serve_log_level="warning", workers=workers, host="x", port=1)
+    def serve(workers: int, engine: str = "per-worker") -> None:
+        args = argparse.Namespace(
+            config=None, serve_log_level="warning", workers=workers, host="x", port=1, engine=engine
+        )
         assert cli.run_serve(args) == 0
         assert cli.TORCH_THREADS_ENV not in os.environ or os.environ[cli.TORCH_THREADS_ENV] == "2"
 
@@ -90,6 +92,50 @@ def test_serve_shares_the_cores_out_among_its_workers(monkeypatch):
         monkeypatch.delenv(name)
     assert seen == [None, "4", "2", None, None]
     assert cli.TORCH_THREADS_ENV not in os.environ  # nothing left behind in this process
+
+
+def test_serve_with_workers_starts_one_engine_and_gives_the_workers_one_thread(monkeypatch):
+    import argparse
+    import os
+
+    import uvicorn
+
+    from app.config_errors import ENGINE_SOCKET_ENV
+    from app.serving import cli, supervisor
+
+    events: list[object] = []
+
+    class FakeSupervisor:
+        def __init__(self, *, stop_timeout_s: float) -> None:
+            self.address = "/tmp/engine-test.sock"
+
+        def start(self) -> None:
+            events.append(("start", os.environ.get(ENGINE_SOCKET_ENV), os.environ.get(cli.TORCH_THREADS_ENV)))
+
+        def stop(self) -> None:
+            events.append("stop")
+
+    monkeypatch.setattr(supervisor, "EngineSupervisor", FakeSupervisor)
+    monkeypatch.setattr(
+        uvicorn,
+        "run",
+        lambda *a, **k: events.append(
+            ("run", k["workers"], os.environ.get(ENGINE_SOCKET_ENV), os.environ.get(cli.TORCH_THREADS_ENV))
+        ),
+    )
+    for name in (cli.TORCH_THREADS_ENV, ENGINE_SOCKET_ENV, "RECIPROCAM_CONFIG_FILE", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    args = argparse.Namespace(
+        config=None, serve_log_level="warning", workers=3, host="x", port=1, engine="shared"
+    )
+    assert cli.run_serve(args) == 0
+    # the engine starts with the operator's environment; the workers get its address and one thread
+    assert events == [("start", None, None), ("run", 3, "/tmp/engine-test.sock", "1"), "stop"]
+    assert ENGINE_SOCKET_ENV not in os.environ and cli.TORCH_THREADS_ENV not in os.environ
+    events.clear()
+    args.workers = 1  # one worker: no engine process
+    assert cli.run_serve(args) == 0
+    assert events == [("run", 1, None, None)]
 
 
 async def test_the_service_applies_its_torch_threads_setting(monkeypatch):
