@@ -161,3 +161,25 @@ async def test_device_render_answers_as_the_pillow_render(
     else:
         for name in ("heatmap", "overlay"):
             assert both[name].max() <= 40 and both[name].mean() < 2.5, name
+
+
+@pytest.mark.parametrize(("image_path", "calls"), [("device", 1), ("pillow", 0)])
+async def test_the_tensor_path_renders_its_requests_with_render_maps(
+    tiny_weights: Path, image_path: str, calls: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import app.serving.device_stage as device_stage
+
+    seen: list[tuple[int, str]] = []
+    original = device_stage.render_maps
+
+    def recording(normalized: Any, geometry: Any, **options: Any) -> Any:
+        seen.append((int(normalized.shape[0]), options["image_format"]))
+        return original(normalized, geometry, **options)
+
+    monkeypatch.setattr(device_stage, "render_maps", recording)
+    answer = await _explain(
+        tiny_weights, image_path, _files(), encodings="heatmap,json", picture_format="jpeg", top_k="2"
+    )
+    assert len(answer["images"]) == 4
+    # the request's 4 images x 2 classes in one call, with the asked picture format
+    assert seen == [(8, "jpeg")] * calls
