@@ -183,3 +183,34 @@ async def test_the_tensor_path_renders_its_requests_with_render_maps(
     assert len(answer["images"]) == 4
     # the request's 4 images x 2 classes in one call, with the asked picture format
     assert seen == [(8, "jpeg")] * calls
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+async def test_v2_maps_from_the_tensor_path_match_the_pillow_path(
+    tiny_weights: Path, normalize: bool
+) -> None:
+    files = _files()
+    body = {
+        "inputs": [
+            {
+                "name": "image",
+                "shape": [len(files)],
+                "datatype": "BYTES",
+                "data": [base64.b64encode(data).decode("ascii") for data in files],
+            }
+        ],
+        "outputs": [{"name": "maps"}, {"name": "targets"}],
+        "parameters": {"top_k": 2, "map_size": "input", "normalize": normalize},
+    }
+    answers = {}
+    for image_path in ("pillow", "device"):
+        async with running_service(_settings(tiny_weights, image_path)) as client:
+            response = await client.post("/v2/models/tiny/infer", json=body)
+            assert response.status_code == 200, response.text
+            answers[image_path] = {output["name"]: output for output in response.json()["outputs"]}
+    pillow, device = answers["pillow"], answers["device"]
+    assert pillow["maps"]["shape"] == device["maps"]["shape"] == [len(files), 2, 32, 32]
+    assert pillow["targets"]["data"] == device["targets"]["data"]
+    a, b = np.asarray(pillow["maps"]["data"]), np.asarray(device["maps"]["data"])
+    scale = 1.0 if normalize else float(np.abs(a).max())
+    assert np.abs(a - b).max() < 0.01 * scale
