@@ -11,7 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from app.engine.options import DTYPE_NAMES, ENGINE_PATHS, KERNELS, SCORES
-from app.serving.options import COLORMAPS
+from app.serving.options import (
+    COLORMAPS,
+    DEFAULT_JPEG_QUALITY,
+    MAX_JPEG_QUALITY,
+    MIN_JPEG_QUALITY,
+    PICTURE_FORMATS,
+)
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -84,7 +90,7 @@ def prepare_weights(arch: str | None, weights: str) -> str:
 
 
 def _add_explain(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("explain", help="predict and explain image files, writing overlay PNGs")
+    parser = sub.add_parser("explain", help="predict and explain image files, writing overlay pictures")
     parser.add_argument("images", nargs="+", type=Path, help="image files")
     parser.add_argument(
         "--model", default=None, help="timm architecture (optional for self-describing files)"
@@ -107,10 +113,19 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--target-block", type=int, default=-1)
     parser.add_argument("--colormap", choices=COLORMAPS, default="jet")
     parser.add_argument("--opacity", type=float, default=0.5)
+    parser.add_argument(
+        "--picture-format", choices=PICTURE_FORMATS, default="png", help="format of the overlay files"
+    )
+    parser.add_argument(
+        "--jpeg-quality",
+        type=jpeg_quality,
+        default=DEFAULT_JPEG_QUALITY,
+        help=f"JPEG quality ({MIN_JPEG_QUALITY}-{MAX_JPEG_QUALITY}) with --picture-format jpeg",
+    )
     parser.add_argument("--device", type=device_name, default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32")
     parser.add_argument("--path", choices=ENGINE_PATHS, default="auto")
-    parser.add_argument("--out", type=Path, default=Path("out"), help="directory for the overlay PNGs")
+    parser.add_argument("--out", type=Path, default=Path("out"), help="directory for the overlays")
     parser.add_argument("--json", action="store_true", help="print the predictions as JSON")
     parser.set_defaults(handler=_run_explain)
 
@@ -143,6 +158,8 @@ def _run_explain(args: argparse.Namespace) -> int:
                 explain=explain,
                 colormap=args.colormap,
                 opacity=args.opacity,
+                picture_format=args.picture_format,
+                jpeg_quality=args.jpeg_quality,
                 out=args.out,
             )
         )
@@ -172,6 +189,16 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def jpeg_quality(text: str) -> int:
+    """argparse type: a JPEG quality within the service's bounds."""
+    value = int(text)
+    if not MIN_JPEG_QUALITY <= value <= MAX_JPEG_QUALITY:
+        raise argparse.ArgumentTypeError(
+            f"must be from {MIN_JPEG_QUALITY} to {MAX_JPEG_QUALITY}, not {value}"
+        )
     return value
 
 

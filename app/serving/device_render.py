@@ -1,6 +1,6 @@
 """Maps into pictures on the maps' device: sizing, 8-bit levels, colour maps, overlays, PNG/JPEG.
 
-The tensor form of :mod:`app.serving.render` and ``pipeline.render_result``'s sizing: the same
+The tensor form of :mod:`app.serving.render` and :func:`app.serving.maps.shape_maps`: the same
 bilinear upsampling to the model input, the same projection onto the original image through the
 crop :class:`Geometry`, the same ``floor(255 * x)`` levels, the same 256-entry colour lookup tables
 (built from :func:`app.serving.render.colormap_lut`) and the same float32 blend, so on the CPU the
@@ -21,12 +21,16 @@ from torchvision.io import encode_jpeg, encode_png
 import app.serving.device_decode  # noqa: F401  (silences torchvision's codec deprecation warning)
 from app.engine.maps import upsample_maps
 from app.engine.preprocess import Geometry, project_to_original
+from app.serving.options import picture_format_of
 from app.serving.render import colormap_lut, heatmap_png
 
 MAP_SIZES: tuple[str, ...] = ("grid", "input", "original")
 IMAGE_FORMATS: tuple[str, ...] = ("png", "jpeg")
 
 _LUTS: dict[tuple[str, torch.device], torch.Tensor] = {}
+# Overlays of large maps (originals of big photos) are blended in blocks of rows of about this many
+# pixels, as the host rendering does, so that the float temporaries stay a few tens of MB.
+_BLOCK_PIXELS = 1 << 20
 
 
 def lut_tensor(colormap: str, device: str | torch.device = "cpu") -> torch.Tensor:
@@ -58,21 +62,30 @@ def to_levels(maps: torch.Tensor) -> torch.Tensor:
 def heatmaps(maps: torch.Tensor, colormap: str = "jet") -> torch.Tensor:
     """(..., H, W) maps in [0, 1] (or their uint8 levels) -> (..., 3, H, W) uint8 colours."""
     levels = maps if maps.dtype == torch.uint8 else to_levels(maps)
-    return lut_tensor(colormap, levels.device)[levels.long()].movedim(-1, -3)
+    # int32 indices: a quarter of int64's temporary for large maps
+    colours = lut_tensor(colormap, levels.device).index_select(0, levels.flatten().int())
+    return colours.reshape(*levels.shape, 3).movedim(-1, -3)
 
 
 def overlays(
     base: torch.Tensor, maps: torch.Tensor, *, colormap: str = "jet", opacity: float = 0.5
 ) -> torch.Tensor:
-    """Colour-mapped (K, H, W) maps blended over a uint8 (3, H, W) image: (K, 3, H, W) uint8, with
-    ``render.overlay_rgb``'s float32 arithmetic."""
+    """Colour-mapped (K, H, W) maps blended over a uint8 (3, H, W) image, or over one image per map
+    ((K, 3, H, W)): (K, 3, H, W) uint8, with ``render.overlay_rgb``'s float32 arithmetic."""
     if tuple(base.shape[-2:]) != tuple(maps.shape[-2:]):
         raise ValueError(f"image {tuple(base.shape[-2:])} and maps {tuple(maps.shape[-2:])} differ in size")
     if not 0.0 <= opacity <= 1.0:
         raise ValueError("opacity must be in [0, 1]")
-    colours = heatmaps(maps, colormap).float()
-    blended = (1.0 - opacity) * base.to(colours.device).float() + opacity * colours
-    return blended.round_().clamp_(0, 255).to(torch.uint8)
+    base = base.to(maps.device)
+    count, height, width = maps.shape[0], maps.shape[-2], maps.shape[-1]
+    out = torch.empty((count, 3, height, width), dtype=torch.uint8, device=maps.device)
+    step = max(1, _BLOCK_PIXELS // max(1, count * width))
+    for top in range(0, height, step):
+        rows = slice(top, top + step)
+        colours = heatmaps(maps[..., rows, :], colormap).float()
+        blended = (1.0 - opacity) * base[..., rows, :].float() + opacity * colours
+        out[..., rows, :] = blended.round_().clamp_(0, 255)
+    return out
 
 
 def encode_images(
@@ -122,13 +135,16 @@ def render_maps(
     image_format: str = "png",
     quality: int = 90,
 ) -> RenderedMaps:
-    """One image's (K, h, w) normalised maps rendered as ``pipeline.render_result`` renders them.
+    """One image's (K, h, w) normalised maps rendered as :func:`app.serving.stages.render_one`
+    renders them on the host.
 
-    ``png``: the grey 8-bit levels; ``heatmap``: the colour map; ``overlay``: the colour map blended
-    over ``original`` (uint8 (3, H0, W0), for ``map_size="original"``) or over ``input_pixels``
-    (uint8 (3, H, W), the model input before normalisation; a grid-size overlay is drawn at input
-    size). ``json`` needs no picture: the caller writes ``maps``. Everything runs on the maps'
-    device; only the PNG encoder moves the pictures to the CPU."""
+    ``png``: the grey 8-bit levels (always a PNG); ``heatmap``: the colour map; ``overlay``: the
+    colour map blended over ``original`` (uint8 (3, H0, W0), for ``map_size="original"``) or over
+    ``input_pixels`` (uint8 (3, H, W) or one per map (K, 3, H, W): the model input before
+    normalisation; a grid-size overlay is drawn at input size). Heatmaps and overlays are written
+    as ``image_format``. ``json`` needs no picture: the caller writes ``maps``. Everything runs on
+    the maps' device; only the PNG encoder moves the pictures to the CPU. Maps of several images
+    that share the model input size can be rendered in one call for ``grid`` and ``input``."""
     sized = size_maps(normalized, geometry, map_size)
     count = sized.shape[0]
     per_map: list[dict[str, bytes]] = [{} for _ in range(count)]
@@ -157,6 +173,7 @@ def render_maps(
             base = input_pixels
         pictures["overlay"] = overlays(base, overlay_maps, colormap=colormap, opacity=opacity)
     for name, batch in pictures.items():
-        for position, data in enumerate(encode_images(batch, image_format, quality=quality)):
+        encoded = encode_images(batch, picture_format_of(name, image_format), quality=quality)
+        for position, data in enumerate(encoded):
             per_map[position][name] = data
     return RenderedMaps(sized, per_map)

@@ -1,5 +1,5 @@
 """The command line's ``explain``: image files through the request pipeline, in this process, with
-one overlay PNG written per image and explained class."""
+one overlay picture (PNG or JPEG) written per image and explained class."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from app.serving import pipeline
 from app.serving.errors import InvalidOptionsError, ServiceError
 from app.serving.local import local_service
 from app.serving.maps import label_of
-from app.serving.options import Colormap
+from app.serving.options import DEFAULT_JPEG_QUALITY, Colormap, PictureFormat
 from app.serving.request import EncodedImages, ExplainOptions, InferenceRequest, MapOptions
 
 
@@ -36,6 +36,8 @@ async def explain_files(
     colormap: Colormap,
     opacity: float,
     out: Path,
+    picture_format: PictureFormat = "png",
+    jpeg_quality: int = DEFAULT_JPEG_QUALITY,
 ) -> ExplainedFiles:
     """Explain every file (concurrently, so that they share batches) and write the overlays on the
     posted images to ``out``. Raises ``ModelLoadError`` when the model cannot load and
@@ -47,8 +49,15 @@ async def explain_files(
         except OSError as exc:
             raise FileError(f"{path}: {exc}") from exc
     maps = MapOptions(
-        size="original", pictures=("overlay",), colormap=colormap, opacity=opacity, bound_pixels=False
+        size="original",
+        pictures=("overlay",),
+        colormap=colormap,
+        opacity=opacity,
+        bound_pixels=False,
+        picture_format=picture_format,
+        jpeg_quality=jpeg_quality,
     )
+    suffix = ".jpg" if picture_format == "jpeg" else ".png"
     async with local_service(model) as service:
         loaded, _ = service.registry.require_ready(model.name)
         requests = [
@@ -74,7 +83,7 @@ async def explain_files(
         probabilities = image.logits.float().softmax(-1)
         entries = []
         for rank, explained in enumerate(image.maps or []):
-            overlay = out / f"{path.stem}_top{rank + 1}_{explained.class_id}.png"
+            overlay = out / f"{path.stem}_top{rank + 1}_{explained.class_id}{suffix}"
             overlay.write_bytes(explained.pictures["overlay"])
             entries.append(
                 {

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from app.serving.batcher import BatchItem, DisconnectCheck
+from app.serving.device_stage import on_tensor_path, render_on_device
 from app.serving.model_card import ServedModel
 from app.serving.prepare import PreparedImage, upright_sizes
 from app.serving.request import EncodedImages, InferenceRequest, InferenceResult
@@ -79,12 +80,16 @@ async def run(
             ]
         # submit
         outcome = await batcher.submit(items, disconnected=disconnected)
-        # render
+        # render: where the images were prepared (the tensor path renders the request's maps on its
+        # device in one job; Pillow renders each image on the host, in parallel)
         input_size = _input_size(loaded)
-        rendered = await gather_all(
-            service.run_io(render_image, index, result, image, request, input_size)
-            for index, (result, image) in enumerate(zip(outcome.results, prepared, strict=True))
-        )
+        if on_tensor_path(prepared):
+            rendered = await service.run_io(render_on_device, outcome.results, prepared, request, input_size)
+        else:
+            rendered = await gather_all(
+                service.run_io(render_image, index, result, image, request, input_size)
+                for index, (result, image) in enumerate(zip(outcome.results, prepared, strict=True))
+            )
     kind = "explain" if explain is not None else "predict"
     metrics = service.metrics
     metrics.images.labels(request.model, kind).inc(count)

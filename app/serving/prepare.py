@@ -30,10 +30,14 @@ class PreparedImage:
 
     geometry: Geometry
     pixels: torch.Tensor  # (3, H, W) uint8 model input before normalisation, on the decoding device
-    original: np.ndarray | None  # (H0, W0, 3) uint8, kept only when an overlay on it is wanted
+    original: np.ndarray | None  # (H0, W0, 3) uint8 (Pillow path), kept only for an overlay on it
     preprocessor: Preprocessor = field(repr=False)
     # CPU seconds of the decoding thread: {"decode": ..., "preprocess": ...}
     cpu_seconds: dict[str, float] = field(default_factory=dict, repr=False)
+    # The tensor path's device (its maps are rendered there too); None: prepared with Pillow.
+    device: torch.device | None = None
+    # (3, H0, W0) uint8 on ``device``: the tensor path's original, kept for an overlay on it
+    original_pixels: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def input_pixels(self) -> np.ndarray:
@@ -127,7 +131,7 @@ def prepare_on_device(
     keep_original: bool,
 ) -> list[PreparedImage]:
     """The decode stage as tensor code on ``device`` (nvJPEG on CUDA; see docs/image-path.md): every
-    image decoded, resized and cropped in batches. Raises the first image's ``ImageDecodeError``."""
+    image decoded, resized and cropped in batches, the originals kept for overlays on the device. Raises the first image's ``ImageDecodeError``."""
     started = time.thread_time()
     decoded = decode_batch(
         files, device, max_pixels=max_pixels, allowed_formats=allowed_formats, preprocessor=preprocessor
@@ -147,9 +151,11 @@ def prepare_on_device(
         PreparedImage(
             geometry=geometry,
             pixels=batch.pixels[row],
-            original=image.pixels.permute(1, 2, 0).cpu().numpy() if keep_original else None,
+            original=None,
             preprocessor=preprocessor,
             cpu_seconds=cpu_seconds,
+            device=torch.device(device),
+            original_pixels=image.pixels if keep_original else None,
         )
         for row, (image, geometry) in enumerate(zip(images, batch.geometries, strict=True))
     ]

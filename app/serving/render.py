@@ -1,4 +1,4 @@
-"""Turning normalised maps into pictures: colour maps, heatmap PNGs and overlays."""
+"""Turning normalised maps into pictures: colour maps, heatmap PNGs and overlays, PNG or JPEG."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
-from app.serving.options import COLORMAPS
+from app.serving.options import COLORMAPS, DEFAULT_JPEG_QUALITY, PICTURE_FORMATS
 
 # Anchor colours sampled from the usual perceptual colour maps, interpolated linearly to 256 entries.
 _ANCHORS: dict[str, list[tuple[int, int, int]]] = {
@@ -132,3 +132,30 @@ def png_bytes(array: np.ndarray, *, compress_level: int = 1) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG", compress_level=compress_level)
     return buffer.getvalue()
+
+
+def jpeg_bytes(array: np.ndarray, *, quality: int = DEFAULT_JPEG_QUALITY) -> bytes:
+    """Encode an (H, W, 3) uint8 RGB array as JPEG (Pillow's libjpeg, its default 4:2:0 chroma)."""
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def heatmap_picture(
+    levels: np.ndarray, colormap: str, picture_format: str, *, quality: int = DEFAULT_JPEG_QUALITY
+) -> bytes:
+    """The heatmap of (H, W) uint8 levels: the palette PNG, or the colours as a JPEG."""
+    if picture_format == "png":
+        return heatmap_png(levels, colormap)
+    return rgb_picture(colormap_lut(colormap)[levels], picture_format, quality=quality)
+
+
+def rgb_picture(array: np.ndarray, picture_format: str, *, quality: int = DEFAULT_JPEG_QUALITY) -> bytes:
+    """An (H, W, 3) uint8 RGB picture as PNG or JPEG."""
+    if picture_format == "png":
+        return png_bytes(array)
+    if picture_format == "jpeg":
+        return jpeg_bytes(array, quality=quality)
+    raise ValueError(
+        f"unknown picture format {picture_format!r}; expected one of {', '.join(PICTURE_FORMATS)}"
+    )

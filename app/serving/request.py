@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from app.engine.options import Kernel, Score
-from app.serving.options import Colormap, Encoding, MapSize
+from app.serving.options import DEFAULT_JPEG_QUALITY, Colormap, Encoding, MapSize, PictureFormat
 from app.serving.prepare import PreparedImage
 
 
@@ -53,7 +53,8 @@ class MapOptions:
     ``size``: the patch grid, the model input or the posted image; ``pictures``: the maps encoded
     as images; ``numbers``: the maps go into the answer as text numbers (bounded by
     ``limits.max_json_map_values``); ``bound_pixels``: the maps' pixels count against
-    ``limits.max_map_pixels``."""
+    ``limits.max_map_pixels``; ``picture_format``: the format of the ``heatmap`` and ``overlay``
+    pictures (``png`` pictures stay PNGs), ``jpeg_quality`` its quality when JPEG."""
 
     normalize: bool = True
     size: MapSize = "input"
@@ -62,6 +63,8 @@ class MapOptions:
     bound_pixels: bool = True
     colormap: Colormap = "jet"
     opacity: float = 0.5
+    picture_format: PictureFormat = "png"
+    jpeg_quality: int = DEFAULT_JPEG_QUALITY
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,7 @@ class MapResult:
     grid: tuple[int, int]
     score_range: tuple[float, float]
     values: torch.Tensor  # (h, w) float32 at the asked size, normalised when asked
-    pictures: dict[str, bytes] = field(default_factory=dict)  # encoding -> PNG
+    pictures: dict[str, bytes] = field(default_factory=dict)  # encoding -> PNG or JPEG
 
 
 @dataclass

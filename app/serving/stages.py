@@ -15,7 +15,7 @@ from app.serving.errors import InvalidOptionsError, ServiceError
 from app.serving.maps import shape_maps
 from app.serving.model_card import ServedModel
 from app.serving.prepare import PreparedImage
-from app.serving.render import heatmap_png, overlay_rgb, png_bytes, to_uint8
+from app.serving.render import heatmap_picture, overlay_rgb, png_bytes, rgb_picture, to_uint8
 from app.serving.request import ExplainOptions, ImageResult, InferenceRequest, MapOptions, MapResult
 
 
@@ -123,7 +123,7 @@ def render_one(
     input_size: tuple[int, int],
 ) -> ImageResult:
     """One image's result: its logits and, when maps are asked for, each explained class's map at
-    the asked size with its pictures (PNG)."""
+    the asked size with its pictures (PNG, or JPEG heatmaps and overlays), rendered on the host."""
     maps = request.maps
     if maps is None or request.explain is None:
         return ImageResult(index=index, logits=result.logits, maps=None, prepared=prepared)
@@ -153,16 +153,20 @@ def render_one(
                 entry.pictures["png"] = png_bytes(levels)
             elif encoding == "heatmap":
                 assert levels is not None
-                entry.pictures["heatmap"] = heatmap_png(levels, maps.colormap)
+                entry.pictures["heatmap"] = heatmap_picture(
+                    levels, maps.colormap, maps.picture_format, quality=maps.jpeg_quality
+                )
             elif encoding == "overlay":
                 assert overlay_maps is not None and overlay_base is not None
-                entry.pictures["overlay"] = png_bytes(
+                entry.pictures["overlay"] = rgb_picture(
                     overlay_rgb(
                         overlay_base,
                         overlay_maps[position].numpy(),
                         colormap=maps.colormap,
                         opacity=maps.opacity,
-                    )
+                    ),
+                    maps.picture_format,
+                    quality=maps.jpeg_quality,
                 )
         entries.append(entry)
     return ImageResult(index=index, logits=result.logits, maps=entries, prepared=prepared)

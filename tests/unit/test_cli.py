@@ -280,3 +280,25 @@ def test_every_subcommand_shows_its_defaults_in_help(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     assert "training data and init seed (default: 0)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_explain_cli_writes_jpeg_overlays_and_checks_the_quality(tmp_path, capsys):
+    import pytest
+
+    weights = save_self_describing(tmp_path / "tiny.safetensors", "deit_tiny")
+    image = tmp_path / "photo.png"
+    Image.new("RGB", (45, 30), (200, 60, 10)).save(image)
+    out = tmp_path / "out"
+    argv = ["explain", str(image), "--weights", str(weights), "--out", str(out), "--json"]
+    assert main([*argv, "--picture-format", "jpeg", "--jpeg-quality", "70"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    (prediction,) = report["results"][0]["predictions"]
+    assert prediction["overlay"].endswith(".jpg")
+    overlay = Image.open(prediction["overlay"])
+    assert (overlay.format, overlay.size, overlay.mode) == ("JPEG", (45, 30), "RGB")
+    assert list(out.glob("*.png")) == []
+    for quality in ("0", "101"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, "--picture-format", "jpeg", "--jpeg-quality", quality])
+        assert exit_info.value.code == 2
+        assert "--jpeg-quality: must be from 1 to 100" in capsys.readouterr().err

@@ -6,7 +6,17 @@ from PIL import Image
 
 from app.api.errors import status_of
 from app.serving.images import ImageDecodeError, decode, decode_image
-from app.serving.render import colormap_lut, heatmap_png, heatmap_rgb, overlay_rgb, png_bytes, to_uint8
+from app.serving.render import (
+    colormap_lut,
+    heatmap_picture,
+    heatmap_png,
+    heatmap_rgb,
+    jpeg_bytes,
+    overlay_rgb,
+    png_bytes,
+    rgb_picture,
+    to_uint8,
+)
 from tests.helpers import photo_like
 
 
@@ -301,3 +311,36 @@ def test_overlay_and_uint8_maps_in_row_blocks_equal_the_whole_array_formula(monk
         np.testing.assert_array_equal(
             render.overlay_rgb(image, values, colormap="viridis", opacity=opacity), expected
         )
+
+
+def test_jpeg_heatmaps_and_overlays_decode_close_to_their_exact_pixels():
+    ys, xs = np.mgrid[0:40, 0:56]
+    normalized = (np.sin(xs / 9.0) * np.cos(ys / 7.0) + 1.0) / 2.0  # a smooth map, as saliency maps are
+    levels = to_uint8(normalized)
+    heatmap = Image.open(io.BytesIO(heatmap_picture(levels, "viridis", "jpeg", quality=90)))
+    assert (heatmap.format, heatmap.mode, heatmap.size) == ("JPEG", "RGB", (56, 40))
+    exact = heatmap_rgb(normalized, "viridis").astype(int)
+    assert np.abs(np.asarray(heatmap).astype(int) - exact).mean() < 3
+    assert Image.open(io.BytesIO(heatmap_picture(levels, "viridis", "png"))).format == "PNG"
+    base = np.asarray(photo_like(56, 40, seed=2).convert("RGB"))
+    overlay = overlay_rgb(base, normalized, colormap="jet", opacity=0.5)
+    small = Image.open(io.BytesIO(rgb_picture(overlay, "jpeg", quality=20)))
+    fine = Image.open(io.BytesIO(rgb_picture(overlay, "jpeg", quality=95)))
+    assert small.format == fine.format == "JPEG" and small.size == fine.size == (56, 40)
+    error_small = np.abs(np.asarray(small).astype(int) - overlay).mean()
+    error_fine = np.abs(np.asarray(fine).astype(int) - overlay).mean()
+    assert error_fine < error_small and error_fine < 6  # the photo's noise, halved chroma
+    with pytest.raises(ValueError, match="unknown picture format 'gif'"):
+        rgb_picture(overlay, "gif")
+
+
+def test_the_host_and_tensor_jpeg_encoders_write_the_same_bytes_on_the_cpu():
+    import torch
+
+    from app.serving.device_render import encode_images
+
+    overlay = np.asarray(photo_like(48, 32, seed=5).convert("RGB"))
+    tensor = torch.from_numpy(overlay.copy()).permute(2, 0, 1)
+    for quality in (40, 90):
+        (encoded,) = encode_images([tensor], "jpeg", quality=quality)
+        assert encoded == jpeg_bytes(overlay, quality=quality)

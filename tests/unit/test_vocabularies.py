@@ -12,7 +12,15 @@ from app.api.errors import STATUS_OF_CODE
 from app.api.oip.schemas import InferenceOptions
 from app.api.v1.schemas import ExplainOptions
 from app.engine.options import KERNELS, SCORES
-from app.serving.options import COLORMAPS, ENCODINGS, MAP_SIZES
+from app.serving.options import (
+    COLORMAPS,
+    DEFAULT_JPEG_QUALITY,
+    ENCODINGS,
+    MAP_SIZES,
+    MAX_JPEG_QUALITY,
+    MIN_JPEG_QUALITY,
+    PICTURE_FORMATS,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICE_DOC = (ROOT / "docs" / "service.md").read_text()
@@ -62,6 +70,7 @@ def test_the_docs_error_table_agrees_with_the_status_table() -> None:
         ("encodings", ENCODINGS),
         ("map_size", MAP_SIZES),
         ("colormap", COLORMAPS),
+        ("picture_format", PICTURE_FORMATS),
     ],
 )
 def test_the_docs_options_table_lists_every_value(option: str, values: tuple[str, ...]) -> None:
@@ -77,7 +86,17 @@ def test_the_schemas_take_their_choices_from_the_vocabularies() -> None:
     assert tuple(v1["map_size"]["enum"]) == MAP_SIZES
     assert tuple(v1["colormap"]["enum"]) == COLORMAPS
     assert tuple(v1["encodings"]["items"]["enum"]) == ENCODINGS
+    assert tuple(v1["picture_format"]["enum"]) == PICTURE_FORMATS
+    quality = v1["jpeg_quality"]
+    assert (quality["minimum"], quality["maximum"]) == (MIN_JPEG_QUALITY, MAX_JPEG_QUALITY)
+    assert quality["default"] == DEFAULT_JPEG_QUALITY
     v2 = InferenceOptions.model_json_schema()["properties"]
     assert tuple(v2["kernel"]["enum"]) == KERNELS
     assert tuple(v2["score"]["enum"]) == SCORES
     assert set(v2["map_size"]["enum"]) <= set(MAP_SIZES)
+
+
+def test_the_docs_state_the_jpeg_quality_bounds_and_default() -> None:
+    row = next(line for line in SERVICE_DOC.splitlines() if line.startswith("| `jpeg_quality` |"))
+    assert row.startswith(f"| `jpeg_quality` | {DEFAULT_JPEG_QUALITY} |")
+    assert f"from {MIN_JPEG_QUALITY} to {MAX_JPEG_QUALITY}" in row

@@ -11,7 +11,7 @@ import numpy as np
 from app.api.v1.schemas import ExplainOptions, PredictOptions
 from app.serving.images import ImageDecodeError
 from app.serving.maps import label_of, predictions
-from app.serving.options import PICTURE_ENCODINGS
+from app.serving.options import MEDIA_TYPES, PICTURE_ENCODINGS, picture_format_of
 from app.serving.request import (
     EncodedImages,
     InferenceRequest,
@@ -44,6 +44,8 @@ def to_request(model: str, images: list[bytes], options: PredictOptions) -> Infe
             numbers="json" in options.encodings,
             colormap=options.colormap,
             opacity=options.opacity,
+            picture_format=options.picture_format,
+            jpeg_quality=options.jpeg_quality,
         ),
     )
 
@@ -63,6 +65,7 @@ def response_body(
 ) -> dict[str, Any]:
     """The JSON answer (numpy arrays stay arrays: the JSON encoder writes them as lists)."""
     encodings = options.encodings if isinstance(options, ExplainOptions) else None
+    media_types = _media_types(options)
     images = []
     for image in result.images:
         assert image.prepared is not None
@@ -91,6 +94,8 @@ def response_body(
                         item["json"] = np.ascontiguousarray(values.numpy(), dtype=np.float64).round(6)
                     else:
                         item[encoding] = base64.b64encode(explained.pictures[encoding]).decode("ascii")
+                if media_types:
+                    item["media_types"] = media_types
                 explanations.append(item)
             entry["explanations"] = explanations
         images.append(entry)
@@ -104,4 +109,17 @@ def response_body(
             "total_ms": round((time.perf_counter() - started) * 1000.0, 3),
             "batch_images": result.batch_images,
         },
+    }
+
+
+def _media_types(options: PredictOptions) -> dict[str, str] | None:
+    """Each picture's media type, stated when a picture is not a PNG (PNG answers are as they were
+    before JPEG pictures existed)."""
+    if not isinstance(options, ExplainOptions) or options.picture_format == "png":
+        return None
+    pictures = [encoding for encoding in options.encodings if encoding in PICTURE_ENCODINGS]
+    if not pictures:
+        return None
+    return {
+        encoding: MEDIA_TYPES[picture_format_of(encoding, options.picture_format)] for encoding in pictures
     }

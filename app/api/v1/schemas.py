@@ -8,7 +8,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.engine.options import Kernel, Score
-from app.serving.options import Colormap, Encoding, MapSize
+from app.serving.options import (
+    DEFAULT_JPEG_QUALITY,
+    MAX_JPEG_QUALITY,
+    MIN_JPEG_QUALITY,
+    Colormap,
+    Encoding,
+    MapSize,
+    PictureFormat,
+)
 
 _TINY_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
 
@@ -59,8 +67,9 @@ class ExplainOptions(PredictOptions):
     encodings: list[Encoding] = Field(
         default_factory=_default_encodings,
         min_length=1,
-        description="png: grayscale PNG; heatmap: colour-mapped PNG; overlay: PNG blended on the image; "
-        "json: normalised values as nested lists (at least one)",
+        description="png: grayscale PNG; heatmap: colour-mapped picture; overlay: heatmap blended on the "
+        "image (both PNG, or JPEG with picture_format=jpeg); json: normalised values as nested lists "
+        "(at least one)",
     )
     map_size: MapSize = Field(
         "input",
@@ -68,6 +77,15 @@ class ExplainOptions(PredictOptions):
     )
     colormap: Colormap = "jet"
     opacity: float = Field(0.5, ge=0.0, le=1.0, description="overlay opacity of the heatmap")
+    picture_format: PictureFormat = Field(
+        "png", description="format of the heatmap and overlay pictures (the grayscale png stays PNG)"
+    )
+    jpeg_quality: int = Field(
+        DEFAULT_JPEG_QUALITY,
+        ge=MIN_JPEG_QUALITY,
+        le=MAX_JPEG_QUALITY,
+        description="JPEG quality of the pictures with picture_format=jpeg",
+    )
 
     @field_validator("targets", "encodings", mode="before")
     @classmethod
@@ -133,10 +151,17 @@ class Explanation(BaseModel):
     png: str | None = Field(None, description="grayscale PNG, base64 (floor(255 * normalised))")
     heatmap: str | None = Field(
         None,
-        description="colour-mapped PNG, base64: a palette PNG whose indices are floor(255 * map) and whose "
-        "palette is the colour map",
+        description="colour-mapped picture, base64: a palette PNG whose indices are floor(255 * map) and "
+        "whose palette is the colour map, or an RGB JPEG with picture_format=jpeg",
     )
-    overlay: str | None = Field(None, description="heatmap blended on the image, PNG, base64")
+    overlay: str | None = Field(
+        None, description="heatmap blended on the image, base64: PNG, or JPEG with picture_format=jpeg"
+    )
+    media_types: dict[str, str] | None = Field(
+        None,
+        description='media type of each picture of this explanation, e.g. {"heatmap": "image/jpeg"}; '
+        "only with picture_format=jpeg (absent: every picture is a PNG)",
+    )
     map_values: list[list[float]] | None = Field(
         None, alias="json", description="normalised map in [0, 1], rows of floats"
     )
