@@ -33,9 +33,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--engine",
         choices=ENGINE_MODES,
-        default="shared",
-        help="with several workers: one engine process holds the models and batches for all "
-        "workers (shared), or every worker loads its own (per-worker)",
+        default=None,
+        help="shared: one engine process holds the models and batches for all HTTP workers (the "
+        "default with several workers; with one, it moves the compute out of the HTTP process); "
+        "per-worker: every worker loads its own models (the default with one worker: one process)",
     )
     parser.add_argument(
         "--log-level",
@@ -66,10 +67,11 @@ def run_serve(args: argparse.Namespace) -> int:
 
     settings = load_settings()  # a mistake stops here, with one message (exit status 2)
     level = (args.serve_log_level or settings.log_level).lower()
-    shared = args.workers > 1 and args.engine == "shared"
+    engine = args.engine or ("shared" if args.workers > 1 else "per-worker")
+    shared = engine == "shared"
     with (
         _sigterm_exits_zero(enabled=args.workers == 1),
-        _shared_metrics(args.workers),
+        _shared_metrics(enabled=args.workers > 1 or shared),
         _shared_threads(0 if shared else args.workers, settings.torch_threads),
         _engine_process(enabled=shared, stop_timeout_s=settings.drain_timeout_s + 5.0),
     ):
@@ -155,12 +157,12 @@ def _engine_process(*, enabled: bool, stop_timeout_s: float) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _shared_metrics(workers: int) -> Iterator[None]:
-    """With several workers, a fresh PROMETHEUS_MULTIPROC_DIR (unless one is given) that the worker
-    processes inherit, so /metrics sums over all of them; removed when the server stops."""
+def _shared_metrics(*, enabled: bool) -> Iterator[None]:
+    """With several processes, a fresh PROMETHEUS_MULTIPROC_DIR (unless one is given) that they
+    inherit, so /metrics sums over all of them; removed when the server stops."""
     from app.serving.metrics import MULTIPROC_DIR_ENV, multiprocess_dir
 
-    if workers <= 1 or multiprocess_dir():
+    if not enabled or multiprocess_dir():
         yield
         return
     directory = tempfile.mkdtemp(prefix="reciprocam-metrics-")

@@ -106,6 +106,8 @@ class EngineServer:
                     cancelled.add(message[1])
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
+        except asyncio.CancelledError:  # the engine is stopping: the worker sees the connection end
+            pass
         finally:
             del self._writers[source]  # its queued jobs are dropped before compute
             writer.close()

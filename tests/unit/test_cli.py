@@ -45,15 +45,15 @@ def test_serve_gives_several_workers_one_fresh_metrics_directory(monkeypatch, tm
     from app.serving.metrics import MULTIPROC_DIR_ENV
 
     monkeypatch.delenv(MULTIPROC_DIR_ENV, raising=False)
-    with _shared_metrics(1):
+    with _shared_metrics(enabled=False):
         assert MULTIPROC_DIR_ENV not in os.environ
-    with _shared_metrics(3):
+    with _shared_metrics(enabled=True):
         directory = os.environ[MULTIPROC_DIR_ENV]
         assert os.path.isdir(directory) and not os.listdir(directory)
     assert MULTIPROC_DIR_ENV not in os.environ and not os.path.exists(directory)
     # a directory the operator chose is used as it is and kept
     monkeypatch.setenv(MULTIPROC_DIR_ENV, str(tmp_path))
-    with _shared_metrics(3):
+    with _shared_metrics(enabled=True):
         assert os.environ[MULTIPROC_DIR_ENV] == str(tmp_path)
     assert tmp_path.is_dir()
 
@@ -126,16 +126,20 @@ def test_serve_with_workers_starts_one_engine_and_gives_the_workers_one_thread(m
     for name in (cli.TORCH_THREADS_ENV, ENGINE_SOCKET_ENV, "RECIPROCAM_CONFIG_FILE", "OMP_NUM_THREADS"):
         monkeypatch.delenv(name, raising=False)
     args = argparse.Namespace(
-        config=None, serve_log_level="warning", workers=3, host="x", port=1, engine="shared"
+        config=None, serve_log_level="warning", workers=3, host="x", port=1, engine=None
     )
     assert cli.run_serve(args) == 0
     # the engine starts with the operator's environment; the workers get its address and one thread
     assert events == [("start", None, None), ("run", 3, "/tmp/engine-test.sock", "1"), "stop"]
     assert ENGINE_SOCKET_ENV not in os.environ and cli.TORCH_THREADS_ENV not in os.environ
     events.clear()
-    args.workers = 1  # one worker: no engine process
+    args.workers = 1  # one worker: no engine process by default
     assert cli.run_serve(args) == 0
     assert events == [("run", 1, None, None)]
+    events.clear()
+    args.engine = "shared"  # unless asked for
+    assert cli.run_serve(args) == 0
+    assert events == [("start", None, None), ("run", 1, "/tmp/engine-test.sock", "1"), "stop"]
 
 
 async def test_the_service_applies_its_torch_threads_setting(monkeypatch):
