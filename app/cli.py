@@ -178,7 +178,14 @@ def _run_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-_EXTRA_COMMANDS: list[str] = ["app.serving.cli", "app.eval.cli", "app.export.cli"]
+# The module that adds each command; only the command's own is imported when it is named (building
+# every command's options imports torch, which `serve`'s supervising process does not need).
+_COMMAND_MODULES: dict[str, str] = {
+    "serve": "app.serving.cli",
+    "train": "app.eval.cli",
+    "eval": "app.eval.cli",
+    "export": "app.export.cli",
+}
 
 
 LOG_LEVELS = ("trace", "debug", "info", "warning", "error", "critical")  # trace: uvicorn's, below debug
@@ -202,26 +209,30 @@ def jpeg_quality(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The command line; given ``argv`` naming one command, only that command's options."""
     parser = Parser(prog="python -m app", description=__doc__)
     parser.add_argument("--log-level", default="info", type=str.lower, choices=LOG_LEVELS)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    _add_explain(sub)
-    for module_name in _EXTRA_COMMANDS:
+    named = next((arg for arg in argv or () if not arg.startswith("-")), None)
+    if named not in _COMMAND_MODULES:
+        _add_explain(sub)
+    modules = [_COMMAND_MODULES[named]] if named in _COMMAND_MODULES else _COMMAND_MODULES.values()
+    for module_name in dict.fromkeys(modules):
         module = __import__(module_name, fromlist=["add_commands"])
         module.add_commands(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(arguments).parse_args(arguments)
     logging.addLevelName(5, "TRACE")  # uvicorn's level below DEBUG
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     handler: Handler = args.handler
-    from app.engine.models import ModelLoadError
+    from app.engine.weights_source import ModelLoadError
 
     try:
         return int(handler(args) or 0)

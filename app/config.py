@@ -81,7 +81,7 @@ class ModelSettings(BaseModel):
     @classmethod
     def _weights_source(cls, value: str) -> str:
         """A source the model loader can parse (``random:SEED`` with an integer seed, say)."""
-        from app.engine.models import ModelLoadError, WeightsSource
+        from app.engine.weights_source import ModelLoadError, WeightsSource
 
         try:
             WeightsSource.parse(value)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -30,6 +29,16 @@ from app.engine.anatomy import ModelAnatomy, TimmModule
 from app.engine.options import DTYPE_NAMES, CamOptions, DType, EnginePath, HostWait
 from app.engine.preprocess import DataConfig, Preprocessor
 from app.engine.reciprocam import ReciproCAM
+from app.engine.weights_source import RANDOM_SEED, ModelLoadError, WeightsSource
+
+__all__ = [
+    "RANDOM_SEED",
+    "HubUnavailableError",
+    "LoadedModel",
+    "ModelLoadError",
+    "WeightsSource",
+    "load_model",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -37,43 +46,8 @@ DTYPES: dict[DType, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16
 _WRAPPER_KEYS = ("model", "state_dict", "model_state", "model_state_dict", "module")
 
 
-# the seed of "random:SEED" weights: an integer in ASCII digits
-RANDOM_SEED = re.compile(r"-?[0-9]{1,19}")
-
-
-class ModelLoadError(RuntimeError):
-    """A model could not be loaded; the message says why and what to do."""
-
-
 class HubUnavailableError(ModelLoadError):
     """Pretrained weights could not be fetched from the model hub."""
-
-
-@dataclass(frozen=True)
-class WeightsSource:
-    kind: str  # "hub" | "file" | "random"
-    path: Path | None = None
-    seed: int | None = None
-
-    @classmethod
-    def parse(cls, source: str | os.PathLike[str] | None) -> WeightsSource:
-        text = "hub" if source is None else str(source).strip()
-        if text in ("", "hub", "pretrained"):
-            return cls("hub")
-        if text == "random" or text.startswith("random:"):
-            _, colon, seed = text.partition(":")
-            if colon and not RANDOM_SEED.fullmatch(seed):
-                raise ModelLoadError(f"invalid weights source {text!r}: expected random or random:SEED")
-            return cls("random", seed=int(seed) if seed else 0)
-        # anything else is a file, also one whose name starts with "random" (random_init.safetensors)
-        return cls("file", path=Path(text).expanduser())
-
-    def describe(self) -> str:
-        if self.kind == "random":
-            return f"random:{self.seed}"
-        if self.kind == "file":
-            return str(self.path)
-        return "hub"
 
 
 @dataclass
