@@ -20,6 +20,8 @@ from pydantic_settings import NoDecode
 ENV_PREFIX = "RECIPROCAM_"
 CONFIG_FILE_ENV = "RECIPROCAM_CONFIG_FILE"
 ENGINE_SOCKET_ENV = "RECIPROCAM_ENGINE_SOCKET"  # set by `serve` for its HTTP workers
+# prometheus_client's: set before it is imported, it keeps every process's metrics in files there
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # RECIPROCAM_* variables that are not settings: the two above, and the test suite's own
 NOT_SETTINGS = tuple(name[len(ENV_PREFIX) :] for name in (CONFIG_FILE_ENV, ENGINE_SOCKET_ENV))
 NOT_SETTINGS_PREFIX = "TEST_"

@@ -160,9 +160,10 @@ def _engine_process(*, enabled: bool, stop_timeout_s: float) -> Iterator[None]:
 def _shared_metrics(*, enabled: bool) -> Iterator[None]:
     """With several processes, a fresh PROMETHEUS_MULTIPROC_DIR (unless one is given) that they
     inherit, so /metrics sums over all of them; removed when the server stops."""
-    from app.serving.metrics import MULTIPROC_DIR_ENV, multiprocess_dir
+    from app.config_errors import MULTIPROC_DIR_ENV
 
-    if not enabled or multiprocess_dir():
+    # prometheus_client is not imported yet (with one worker, this process is the worker)
+    if not enabled or os.environ.get(MULTIPROC_DIR_ENV):
         yield
         return
     directory = tempfile.mkdtemp(prefix="reciprocam-metrics-")

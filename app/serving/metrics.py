@@ -25,7 +25,10 @@ from prometheus_client import (
     multiprocess,
 )
 
-MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+from app.config_errors import MULTIPROC_DIR_ENV
+
+__all__ = ["MULTIPROC_DIR_ENV", "ServiceMetrics", "multiprocess_dir", "timed"]
+
 T = TypeVar("T")
 
 
