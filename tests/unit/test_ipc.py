@@ -73,3 +73,24 @@ def test_results_cross_as_arrays_and_come_back_equal() -> None:
     assert back.options == result.options
     prediction_only = ipc.explanation_from_wire(ipc.explanation_to_wire(ImageExplanation(torch.zeros(3))))
     assert prediction_only.score_maps is None and prediction_only.targets is None
+
+
+def test_a_worker_refuses_early_only_on_a_fresh_full_queue_figure(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from app.config import Settings
+    from app.serving import remote
+    from app.serving.errors import QueueFullError
+
+    settings = Settings(models=[], batch={"max_queue_images": 10, "retry_after_s": 3})
+    models = remote.RemoteModels(settings, "/nonexistent.sock")
+    queue = remote.RemoteQueue(models.link, "m")
+    queue.check_room(50)  # nothing heard from the engine yet: it decides
+    models.link.queued["m"] = (8, time.monotonic())
+    queue.check_room(2)
+    with pytest.raises(QueueFullError) as refused:
+        queue.check_room(3)
+    assert refused.value.retry_after_s == 3
+    models.link.queued["m"] = (8, time.monotonic() - remote.QUEUE_FIGURE_S - 1)
+    queue.check_room(3)  # an old figure: the engine checks again itself
+    models.link.arena.close()
