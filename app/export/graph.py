@@ -282,9 +282,7 @@ class ExplainedViT(nn.Module):
         attn = block.attn
         state = self._last_state(x)
         weights = state["scores"].softmax(dim=-1)
-        attended = _merge(weights @ state["values"]) + state["bias_v"]
-        y = _finish(block, attended, state.get("gate"), x[:, : self.head_tokens])
-        logits = model.forward_head(model.norm(y))
+        attended = _merge(weights @ state["values"]) + state["bias_v"]  # (N, nq, A)
 
         nq = self.head_tokens
         if self.options.keep_prefix:
@@ -307,11 +305,24 @@ class ExplainedViT(nn.Module):
         out = probs.transpose(2, 3) @ values  # (N, H, n, nq, hd)
         out = out.permute(0, 2, 3, 1, 4)  # (N, n, nq, H, hd)
         out = out.reshape(out.shape[0], out.shape[1], out.shape[2], -1) + state["bias_v"]
-        gate_rows = None if gate is None else gate[:, None]
-        y = _finish(block, out, gate_rows, residual[:, None])  # (N, n, nq, D)
-        if not self.options.keep_prefix and nq > 1:
-            y = y.expand(-1, -1, nq, -1)
-        return logits, self._row_terms(model.norm(y.reshape(-1, nq, y.shape[-1])))
+        # the prediction's rows run through the projection, MLP and norm together with the masked
+        # copies' rows: one product per layer instead of a second set of one-row products
+        if self.options.keep_prefix:
+            joined = torch.cat([attended[:, None], out], dim=1)  # (N, 1 + n, nq, A)
+            gate_rows = None if gate is None else gate[:, None]
+            y = model.norm(_finish(block, joined, gate_rows, residual[:, None]))
+            prediction, masked = y[:, 0], y[:, 1:]
+        else:
+            flat = out[:, :, 0]  # (N, n, A)
+            joined = torch.cat([attended, flat], dim=1)  # (N, nq + n, A)
+            gate_rows = None
+            if gate is not None:
+                gate_rows = torch.cat([state["gate"], gate.expand_as(flat)], dim=1)
+            # the masked copies' residual is the zero row
+            y = model.norm(_finish(block, joined, gate_rows, F.pad(x[:, :nq], (0, 0, 0, flat.shape[1]))))
+            prediction, masked = y[:, :nq], y[:, nq:, None].expand(-1, -1, nq, -1)
+        logits = model.forward_head(prediction)
+        return logits, self._row_terms(masked.reshape(-1, nq, masked.shape[-1]))
 
     # -- masked copies: general case -------------------------------------------------------------
 
