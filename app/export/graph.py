@@ -6,8 +6,10 @@ tensors (buffers, which become initializers), and there is no Python control flo
 the data. Each masked copy of the target block's input is evaluated on its distinct rows (kept
 prefix rows, the mask's support rows padded with weight-0 rows, one representative zero row whose
 key column carries the bias ``log(count)``), and where the head reads prefix tokens only, the last
-block computes only those query rows (for the masked copies and for the prediction alike). The
-module equals :meth:`app.engine.reciprocam.ReciproCAM.explain` up to float rounding.
+block computes only those query rows (for the masked copies and for the prediction alike, through
+one shared projection and MLP). Logit maps apply only the head's rows of the target classes to the
+masked copies. The module equals :meth:`app.engine.reciprocam.ReciproCAM.explain` up to float
+rounding.
 """
 
 from __future__ import annotations
