@@ -259,12 +259,13 @@ class ExplainedViT(nn.Module):
         attn = block.attn
         dim, heads = attn.attn_dim, attn.num_heads
         z = block.norm1(x)
-        w_q, w_k, w_v = attn.qkv.weight.split(dim)
+        w_q, w_kv = attn.qkv.weight[:dim], attn.qkv.weight[dim:]
         bias = attn.qkv.bias
         b_q = bias[:dim] if bias is not None else None
-        keys = _heads(F.linear(z, w_k), heads)  # (N, H, T, hd)
-        state = {"values": _heads(F.linear(z, w_v), heads), "keys": keys}
-        state["bias_v"] = bias[2 * dim :] if bias is not None else torch.zeros_like(w_v[:, 0])
+        # keys and values from one product
+        keys, values = (_heads(t, heads) for t in F.linear(z, w_kv).split(dim, dim=-1))  # (N, H, T, hd)
+        state = {"values": values, "keys": keys}
+        state["bias_v"] = bias[2 * dim :] if bias is not None else torch.zeros_like(w_kv[:dim, 0])
         prefix = z[:, : self.head_tokens]
         q = attn.q_norm(_heads(F.linear(prefix, w_q, b_q), heads)) * attn.scale
         state["scores"] = q @ keys.transpose(-1, -2)  # (N, H, nq, T)
