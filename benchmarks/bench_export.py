@@ -19,8 +19,8 @@ environment, so it runs in a separate virtual environment (``--xai-python``, def
 that reads the plain ONNX file, and asks it for timed calls round by round.
 
 Every variant runs with the same thread count (``--threads``, default: all cores). The machine is
-shared, so variants alternate call by call within rounds, in an order that turns by one each
-round; times are medians over rounds (of each round's median call), and ratios are medians over
+shared, so variants alternate call by call within rounds, in a new (seeded random) order each
+pass; times are medians over rounds (of each round's median call), and ratios are medians over
 rounds of each round's ratio, all from one run. ONNX Runtime runs with ``ORT_ENABLE_ALL`` and, unless
 ``--ort-spinning``, without its threads spinning between runs (the spinning threads of one session
 slow down whichever variant runs next).
@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -233,15 +234,16 @@ def bench_model(arch: str, args: argparse.Namespace, scratch: Path) -> list[dict
                 assert xai is not None
                 xai.times(1)
             rounds: dict[str, list[float]] = {name: [] for name in variants}
+            shuffler = random.Random(batch)
             if use_xai:
                 rounds["xai"] = []
             for index in range(args.rounds):
                 # calls alternate within the round too, so that load changes hit every variant alike
                 calls: dict[str, list[float]] = {name: [] for name in variants}
-                # and the order turns by one each round, so that no variant always follows the same one
-                names = list(variants)
-                order = names[index % len(names) :] + names[: index % len(names)]
                 for _ in range(args.iters):
+                    # in a new order each pass, so that no variant always follows the same one
+                    order = list(variants)
+                    shuffler.shuffle(order)
                     for name in order:
                         calls[name].extend(timed(variants[name], 1))
                 for name, values in calls.items():
