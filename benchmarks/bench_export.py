@@ -19,8 +19,11 @@ environment, so it runs in a separate virtual environment (``--xai-python``, def
 that reads the plain ONNX file, and asks it for timed calls round by round.
 
 Every variant runs with the same thread count (``--threads``, default: all cores). The machine is
-shared, so variants alternate call by call within rounds; times are medians over rounds (of each
-round's median call), and ratios are medians over rounds of each round's ratio, all from one run.
+shared, so variants alternate call by call within rounds, in a new (seeded random) order each
+pass; times are medians over rounds (of each round's median call), and ratios are medians over
+rounds of each round's ratio, all from one run. ONNX Runtime runs with ``ORT_ENABLE_ALL`` and, unless
+``--ort-spinning``, without its threads spinning between runs (the spinning threads of one session
+slow down whichever variant runs next).
 Usage:
 
     python benchmarks/bench_export.py --models deit_tiny_patch16_224,deit_small_patch16_224
@@ -31,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -131,12 +135,17 @@ def export_plain_onnx(model: object, path: Path, size: tuple[int, int]) -> Path:
     return path
 
 
-def ort_call(path: Path, threads: int, feed: np.ndarray) -> Callable[[], object]:
+def ort_call(path: Path, threads: int, feed: np.ndarray, spinning: bool = False) -> Callable[[], object]:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # ONNX Runtime's worker threads keep spinning after a run; with the variants alternating on a few
+    # cores, they take the cores from whichever variant runs next (a batch-1 ONNX Runtime call right
+    # after another session's took up to twice as long), so the comparison turns that off
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return lambda: session.run(None, {"pixel_values": feed})
 
@@ -213,8 +222,8 @@ def bench_model(arch: str, args: argparse.Namespace, scratch: Path) -> list[dict
         for batch in args.batch_sizes:
             feed = np.random.default_rng(batch).standard_normal((batch, 3, *size)).astype(np.float32)
             variants: dict[str, Callable[[], object]] = {
-                "ort-plain": ort_call(plain_onnx, args.threads, feed),
-                "ort-explained": ort_call(onnx_models[0].model_file, args.threads, feed),
+                "ort-plain": ort_call(plain_onnx, args.threads, feed, args.ort_spinning),
+                "ort-explained": ort_call(onnx_models[0].model_file, args.threads, feed, args.ort_spinning),
                 "ov-plain": ov_call(plain_xml, args.threads, feed),
                 "ov-explained": ov_call(ov_models[0].model_file, args.threads, feed),
             }
@@ -225,14 +234,18 @@ def bench_model(arch: str, args: argparse.Namespace, scratch: Path) -> list[dict
                 assert xai is not None
                 xai.times(1)
             rounds: dict[str, list[float]] = {name: [] for name in variants}
+            shuffler = random.Random(batch)
             if use_xai:
                 rounds["xai"] = []
             for index in range(args.rounds):
                 # calls alternate within the round too, so that load changes hit every variant alike
                 calls: dict[str, list[float]] = {name: [] for name in variants}
                 for _ in range(args.iters):
-                    for name, call in variants.items():
-                        calls[name].extend(timed(call, 1))
+                    # in a new order each pass, so that no variant always follows the same one
+                    order = list(variants)
+                    shuffler.shuffle(order)
+                    for name in order:
+                        calls[name].extend(timed(variants[name], 1))
                 for name, values in calls.items():
                     rounds[name].append(statistics.median(values) / batch)
                 if use_xai:
@@ -301,6 +314,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=5, help="calls per variant and round (median)")
     parser.add_argument("--xai-iters", type=int, default=2, help="XAI calls per round (median)")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--ort-spinning",
+        action="store_true",
+        help="let ONNX Runtime's threads spin between runs (its default)",
+    )
     parser.add_argument("--xai-python", default="/work/xai-venv/bin/python")
     parser.add_argument("--model-kwargs", default=None, help="JSON keyword arguments for timm.create_model")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")

@@ -6,8 +6,10 @@ tensors (buffers, which become initializers), and there is no Python control flo
 the data. Each masked copy of the target block's input is evaluated on its distinct rows (kept
 prefix rows, the mask's support rows padded with weight-0 rows, one representative zero row whose
 key column carries the bias ``log(count)``), and where the head reads prefix tokens only, the last
-block computes only those query rows (for the masked copies and for the prediction alike). The
-module equals :meth:`app.engine.reciprocam.ReciproCAM.explain` up to float rounding.
+block computes only those query rows (for the masked copies and for the prediction alike, through
+one shared projection and MLP). Logit maps apply only the head's rows of the target classes to the
+masked copies. The module equals :meth:`app.engine.reciprocam.ReciproCAM.explain` up to float
+rounding.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from app.engine.anatomy import inspect_model
 from app.engine.masks import mask_matrix
 from app.engine.options import CamOptions, Kernel
 from app.engine.reduced_support import reduced_support_reason
+
+# (pre-logit features (..., D), linear head): the logits are the mean of the heads' outputs
+HeadTerm = tuple[torch.Tensor, Any]
 
 
 class ExportError(ValueError):
@@ -147,6 +152,9 @@ class ExplainedViT(nn.Module):
         self.head_tokens = 2 if distilled else (1 if self.pool == "token" else 0)
         last_attn = self.model.blocks[-1].attn
         self.prefix_last = self.head_tokens > 0 and isinstance(last_attn.k_norm, nn.Identity)
+        heads = [model.head, *([model.head_dist] if self.head_tokens == 2 else [])]
+        # logit maps need the head's rows of the target classes only; probabilities need all classes
+        self.target_head = options.score == "logit" and all(isinstance(h, nn.Linear) for h in heads)
         pool_prefix = bool(getattr(model, "pool_include_prefix", False))
         layout = row_layout(self.grid, options.kernel, options.keep_prefix, self.num_prefix, pool_prefix)
         self.prefix_rows = layout.prefix_rows
@@ -169,24 +177,62 @@ class ExplainedViT(nn.Module):
         for block in blocks[: self.block]:
             x = block(x)
         if self.block == len(blocks) - 1 and self.prefix_last:
-            logits, masked = self._last_target(x)
+            logits, terms = self._last_target(x)
         else:
-            masked = self._masked(x)
+            terms = self._masked(x)
             y = x
             for block in blocks[self.block : -1]:
                 y = block(y)
             logits = self._prediction(y)
-        if self.options.score == "probability":
-            masked = masked.softmax(dim=-1)
         if targets is None:
             targets = logits.topk(self.top_k, dim=-1).indices
         valid = (targets >= 0) & (targets < self.num_classes)
         safe = targets.clamp(0, self.num_classes - 1)
-        n = self.grid[0] * self.grid[1]
-        picked = masked.gather(2, safe[:, None, :].expand(-1, n, -1))  # (N, n, K)
+        if self.target_head:
+            picked = self._target_scores(terms, safe)  # (N, n, K)
+        else:
+            masked = self._all_scores(terms)  # (N, n, C)
+            if self.options.score == "probability":
+                masked = masked.softmax(dim=-1)
+            n = self.grid[0] * self.grid[1]
+            picked = masked.gather(2, safe[:, None, :].expand(-1, n, -1))
         picked = torch.where(valid[:, None, :], picked, torch.full_like(picked, float("nan")))
         maps = picked.transpose(1, 2).reshape(picked.shape[0], -1, self.grid[0], self.grid[1])
         return logits, targets, maps
+
+    # -- the head on the masked copies -----------------------------------------------------------
+
+    def _row_terms(self, normed: torch.Tensor) -> list[HeadTerm]:
+        """Final normed prefix rows (M, head_tokens, D) -> the head's terms (the distilled head averages
+        the class and distillation tokens' heads)."""
+        model = self.model
+        if self.head_tokens == 2:
+            drop = model.head_drop
+            return [(drop(normed[:, 0]), model.head), (drop(normed[:, 1]), model.head_dist)]
+        return [(model.forward_head(normed, pre_logits=True), model.head)]
+
+    def _all_scores(self, terms: list[HeadTerm]) -> torch.Tensor:
+        """(N, n, C) logits of the masked copies."""
+        logits: torch.Tensor = terms[0][1](terms[0][0])
+        for features, linear in terms[1:]:
+            logits = logits + linear(features)
+        if len(terms) > 1:
+            logits = logits / len(terms)
+        return logits.reshape(-1, self.grid[0] * self.grid[1], self.num_classes)
+
+    def _target_scores(self, terms: list[HeadTerm], targets: torch.Tensor) -> torch.Tensor:
+        """(N, n, K) logits of the masked copies for the target classes only: the head's rows of the K
+        targets instead of all C classes (the same numbers, C/K times fewer products)."""
+        n = self.grid[0] * self.grid[1]
+        scores: torch.Tensor | None = None
+        for features, linear in terms:
+            rows = features.reshape(-1, n, features.shape[-1])  # (N, n, D)
+            term = rows @ linear.weight[targets].transpose(1, 2)  # (N, n, K)
+            if linear.bias is not None:
+                term = term + linear.bias[targets][:, None, :]
+            scores = term if scores is None else scores + term
+        assert scores is not None
+        return scores / len(terms) if len(terms) > 1 else scores
 
     # -- the prediction --------------------------------------------------------------------------
 
@@ -213,12 +259,13 @@ class ExplainedViT(nn.Module):
         attn = block.attn
         dim, heads = attn.attn_dim, attn.num_heads
         z = block.norm1(x)
-        w_q, w_k, w_v = attn.qkv.weight.split(dim)
+        w_q, w_kv = attn.qkv.weight[:dim], attn.qkv.weight[dim:]
         bias = attn.qkv.bias
         b_q = bias[:dim] if bias is not None else None
-        keys = _heads(F.linear(z, w_k), heads)  # (N, H, T, hd)
-        state = {"values": _heads(F.linear(z, w_v), heads), "keys": keys}
-        state["bias_v"] = bias[2 * dim :] if bias is not None else torch.zeros_like(w_v[:, 0])
+        # keys and values from one product
+        keys, values = (_heads(t, heads) for t in F.linear(z, w_kv).split(dim, dim=-1))  # (N, H, T, hd)
+        state = {"values": values, "keys": keys}
+        state["bias_v"] = bias[2 * dim :] if bias is not None else torch.zeros_like(w_kv[:dim, 0])
         prefix = z[:, : self.head_tokens]
         q = attn.q_norm(_heads(F.linear(prefix, w_q, b_q), heads)) * attn.scale
         state["scores"] = q @ keys.transpose(-1, -2)  # (N, H, nq, T)
@@ -228,18 +275,17 @@ class ExplainedViT(nn.Module):
 
     # -- masked copies: the target block is the last block ---------------------------------------
 
-    def _last_target(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prediction and (N, n, C) masked logits when the target block is the last block and the head
-        reads prefix tokens only: the per-mask attention of the prefix queries is gathered from the
-        per-image scores and values, and only those rows run through the projection, MLP and head."""
+    def _last_target(self, x: torch.Tensor) -> tuple[torch.Tensor, list[HeadTerm]]:
+        """Prediction and the head's terms of the masked copies when the target block is the last block
+        and the head reads prefix tokens only: the per-mask attention of the prefix queries is gathered
+        from the per-image scores and values, and only those rows run through the projection, MLP and
+        head."""
         model = self.model
         block = model.blocks[-1]
         attn = block.attn
         state = self._last_state(x)
         weights = state["scores"].softmax(dim=-1)
-        attended = _merge(weights @ state["values"]) + state["bias_v"]
-        y = _finish(block, attended, state.get("gate"), x[:, : self.head_tokens])
-        logits = model.forward_head(model.norm(y))
+        attended = _merge(weights @ state["values"]) + state["bias_v"]  # (N, nq, A)
 
         nq = self.head_tokens
         if self.options.keep_prefix:
@@ -262,19 +308,31 @@ class ExplainedViT(nn.Module):
         out = probs.transpose(2, 3) @ values  # (N, H, n, nq, hd)
         out = out.permute(0, 2, 3, 1, 4)  # (N, n, nq, H, hd)
         out = out.reshape(out.shape[0], out.shape[1], out.shape[2], -1) + state["bias_v"]
-        gate_rows = None if gate is None else gate[:, None]
-        y = _finish(block, out, gate_rows, residual[:, None])  # (N, n, nq, D)
-        if not self.options.keep_prefix and nq > 1:
-            y = y.expand(-1, -1, nq, -1)
-        masked = model.forward_head(model.norm(y.reshape(-1, nq, y.shape[-1])))
-        return logits, masked.reshape(-1, self.grid[0] * self.grid[1], masked.shape[-1])
+        # the prediction's rows run through the projection, MLP and norm together with the masked
+        # copies' rows: one product per layer instead of a second set of one-row products
+        if self.options.keep_prefix:
+            joined = torch.cat([attended[:, None], out], dim=1)  # (N, 1 + n, nq, A)
+            gate_rows = None if gate is None else gate[:, None]
+            y = model.norm(_finish(block, joined, gate_rows, residual[:, None]))
+            prediction, masked = y[:, 0], y[:, 1:]
+        else:
+            flat = out[:, :, 0]  # (N, n, A)
+            joined = torch.cat([attended, flat], dim=1)  # (N, nq + n, A)
+            gate_rows = None
+            if gate is not None:
+                gate_rows = torch.cat([state["gate"], gate.expand_as(flat)], dim=1)
+            # the masked copies' residual is the zero row
+            y = model.norm(_finish(block, joined, gate_rows, F.pad(x[:, :nq], (0, 0, 0, flat.shape[1]))))
+            prediction, masked = y[:, :nq], y[:, nq:, None].expand(-1, -1, nq, -1)
+        logits = model.forward_head(prediction)
+        return logits, self._row_terms(masked.reshape(-1, nq, masked.shape[-1]))
 
     # -- masked copies: general case -------------------------------------------------------------
 
-    def _masked(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, n, C) masked logits: the target block on the distinct rows from per-image projections
-        (``qkv(a z) = a (W z) + b``), later blocks as ordinary blocks with the multiplicity bias, and a
-        head that reads the prefix rows or pools with the rows' multiplicities."""
+    def _masked(self, x: torch.Tensor) -> list[HeadTerm]:
+        """The head's terms of the masked copies: the target block on the distinct rows from per-image
+        projections (``qkv(a z) = a (W z) + b``), later blocks as ordinary blocks with the multiplicity
+        bias, and a head that reads the prefix rows or pools with the rows' multiplicities."""
         model = self.model
         blocks = list(model.blocks)
         block = blocks[self.block]
@@ -329,16 +387,14 @@ class ExplainedViT(nn.Module):
         gate = attn.gate(zq).sigmoid() if attn.gate is not None else None
         return _finish(block, attended, gate, yq)
 
-    def _head(self, y: torch.Tensor, head_rows: list[int] | None) -> torch.Tensor:
-        """(N, n, C) logits from the final rows (N, n, R or len(head_rows), D)."""
+    def _head(self, y: torch.Tensor, head_rows: list[int] | None) -> list[HeadTerm]:
+        """The head's terms from the final rows (N, n, R or len(head_rows), D)."""
         model = self.model
-        n = self.grid[0] * self.grid[1]
         width = y.shape[-1]
         if head_rows is not None:
             position = [head_rows.index(r) for r in self.prefix_rows[: self.head_tokens]]
             rows = y[:, :, position].reshape(-1, self.head_tokens, width)
-            masked: torch.Tensor = model.forward_head(model.norm(rows))
-            return masked.reshape(-1, n, self.num_classes)
+            return self._row_terms(model.norm(rows))
         normed = model.norm(y)  # (N, n, R, D)
         pooled: torch.Tensor | None = None
         if self.pool in ("avg", "avgmax"):
@@ -348,5 +404,4 @@ class ExplainedViT(nn.Module):
             peak = torch.where(self.pool_present[..., None], normed, hidden).amax(dim=2)
             pooled = peak if pooled is None else 0.5 * (peak + pooled)
         assert pooled is not None
-        pooled_logits: torch.Tensor = model.head(model.head_drop(model.fc_norm(pooled)))
-        return pooled_logits
+        return [(model.head_drop(model.fc_norm(pooled)), model.head)]

@@ -145,3 +145,22 @@ def test_bad_options_are_refused() -> None:
         ExplainedViT(model, top_k=8)
     with pytest.raises(ExportError, match="training mode"):
         ExplainedViT(model.train())
+
+
+@pytest.mark.parametrize("name", ["deit_tiny", "deit_tiny_distilled", "avgmax_no_prefix"])
+def test_target_rows_of_the_head_equal_the_full_head(name: str) -> None:
+    """Logit maps read the head's rows of the target classes only; the full head gives the same maps."""
+    model = FACTORIES[name]()
+    images = _images(model, 2, seed=5)
+    for options in (CamOptions(), CamOptions(keep_prefix=False, target_block=1)):
+        graph = ExplainedViT(model, options, top_k=3).eval()
+        assert graph.target_head
+        wanted = torch.tensor([[2, 0, 9], [5, 5, 1]])
+        with torch.no_grad():
+            fast = graph(images), graph(images, wanted)
+            graph.target_head = False
+            full = graph(images), graph(images, wanted)
+        for fast_out, full_out in zip(fast, full, strict=True):
+            assert torch.equal(fast_out[1], full_out[1])
+            assert _rel(fast_out[2].nan_to_num(), full_out[2].nan_to_num()) <= TOL
+        assert torch.isnan(fast[1][2][0, 2]).all()
