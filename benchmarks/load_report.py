@@ -135,7 +135,7 @@ def ratio_lines(results: list[LevelResult], engine: Any, args: argparse.Namespac
             )
         if on and variant and on.median_images_per_s > 0:
             lines.append(
-                f"- {where}: variant ({args.variant or ''} {getattr(args, 'variant_serve', '')}) / batching on = {variant.median_images_per_s:.2f} / "
+                f"- {where}: variant ({_variant_name(args)}) / batching on = {variant.median_images_per_s:.2f} / "
                 f"{on.median_images_per_s:.2f} images/s = **{variant.median_images_per_s / on.median_images_per_s:.2f}x**; "
                 f"server CPU per image {_ms(variant.server_cpu_ms_per_image)} / {_ms(on.server_cpu_ms_per_image)} ms"
             )
@@ -185,3 +185,9 @@ def print_level(result: LevelResult) -> None:
         print(f"{'':>13} {result.workers_lost} server worker process(es) ended", flush=True)
     for note in result.warnings():
         print(f"!!!!! {note}", flush=True)
+
+
+def _variant_name(args: argparse.Namespace) -> str:
+    """The variant's settings and serve options, as given."""
+    parts = [args.variant or "", getattr(args, "variant_serve", "") or ""]
+    return " ".join(part for part in parts if part)
