@@ -126,10 +126,8 @@ class EngineServer:
         async def gone() -> bool:
             return job_id in cancelled or source not in self._writers
 
-        queued = 0
         try:
-            self.registry.require_ready(model)
-            batcher = self.registry.batchers[model]
+            # read first: a CUDA input is released by the worker only once it was opened here
             items = [
                 BatchItem(
                     image=self.arenas.tensor(ref),
@@ -140,8 +138,9 @@ class EngineServer:
                 )
                 for ref, options, targets, top_k, normalized in wire
             ]
+            self.registry.require_ready(model)
+            batcher = self.registry.batchers[model]
             outcome = await batcher.submit(items, disconnected=gone, source=source)
-            queued = batcher.queued_images
             answer: tuple[Any, ...] = (
                 "done",
                 job_id,
@@ -150,25 +149,23 @@ class EngineServer:
                 outcome.queue_ms,
                 outcome.compute_ms,
                 outcome.batch_images,
-                queued,
+                batcher.queued_images,
             )
         except ServiceError as exc:
-            answer = ("failed", job_id, model, exc.code, exc.message, exc.retry_after_s, queued)
+            answer = ("failed", job_id, model, exc.code, exc.message, exc.retry_after_s, self._queued(model))
         except Exception as exc:  # never leave a worker waiting
             logger.exception("job %d of model %s failed", job_id, model)
-            answer = ("failed", job_id, model, "compute_failed", f"{type(exc).__name__}: {exc}", None, queued)
+            text = f"{type(exc).__name__}: {exc}"
+            answer = ("failed", job_id, model, "compute_failed", text, None, self._queued(model))
         # answered even when cancelled: the worker frees the job's shared memory on the answer
         with contextlib.suppress(ConnectionError, RuntimeError):
             await ipc.send(writer, answer)
+        cancelled.discard(job_id)
+        ipc.release_unviewed()
 
-
-async def _stop_when_orphaned(stop: asyncio.Event) -> None:
-    """Stop when the server process has gone (killed without stopping this one)."""
-    parent = os.getppid()
-    while os.getppid() == parent:
-        await asyncio.sleep(1.0)
-    logger.warning("the server process has gone; the engine process stops")
-    stop.set()
+    def _queued(self, model: str) -> int:
+        batcher = self.registry.batchers.get(model)
+        return batcher.queued_images if batcher is not None else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,14 +180,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _serve_until_stopped(server: EngineServer) -> None:
+    """Serve until standard input ends: the server process closes it after its workers have drained,
+    and it ends by itself when the server process dies. Signals meant for the whole process group
+    (Ctrl-C, a container's or service manager's SIGTERM) are left to the server, which drains its
+    workers first."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    # Ctrl-C reaches the whole process group: the server stops its workers first, then this.
-    loop.add_signal_handler(signal.SIGINT, lambda: None)
-    orphan = loop.create_task(_stop_when_orphaned(stop), name="parent-watch")
+
+    def on_input() -> None:
+        if not os.read(0, 4096):
+            loop.remove_reader(0)
+            stop.set()
+
+    loop.add_reader(0, on_input)
     await server.serve(stop)
-    orphan.cancel()
 
 
 if __name__ == "__main__":

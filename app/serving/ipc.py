@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import pickle
 import struct
 from dataclasses import dataclass
@@ -56,6 +57,23 @@ class TensorRef:
     cuda_handle: bytes | None = None
 
 
+def _reserve(name: str, size: int) -> bool:
+    """Give the segment its pages now: a full /dev/shm then fails here, not with SIGBUS on a later
+    write. Without them the arena stays empty and every input travels in its message."""
+    path = os.path.join("/dev/shm", name)
+    try:
+        descriptor = os.open(path, os.O_RDWR)
+    except OSError:
+        return True  # not a tmpfs file (another platform): nothing to reserve
+    try:
+        os.posix_fallocate(descriptor, 0, size)
+    except OSError:
+        return False
+    finally:
+        os.close(descriptor)
+    return True
+
+
 _MADE_HERE: set[str] = set()  # arenas of this process (an engine run in a test's own process)
 
 
@@ -66,7 +84,7 @@ class Arena:
         self.memory = SharedMemory(create=True, size=size)
         self.name = self.memory.name
         _MADE_HERE.add(self.name)
-        self._used = bytearray(size // PAGE_BYTES)  # 0 free, 1 used
+        self._used = bytearray(size // PAGE_BYTES if _reserve(self.name, size) else 0)  # 0 free, 1 used
         self._spans: dict[int, int] = {}  # first page -> pages
 
     def put(self, tensor: torch.Tensor) -> TensorRef:
@@ -147,11 +165,23 @@ _STILL_VIEWED: list[SharedMemory] = []
 
 
 def _close(memory: SharedMemory) -> None:
-    """Unmap ``memory``, or, while a tensor still views it, keep it mapped until the process ends."""
+    """Unmap ``memory``, or, while a tensor still views it, keep it until :func:`release_unviewed`
+    finds it free."""
+    release_unviewed()
     try:
         memory.close()
     except BufferError:
         _STILL_VIEWED.append(memory)
+
+
+def release_unviewed() -> None:
+    """Unmap the retired segments that no tensor views any more."""
+    for memory in list(_STILL_VIEWED):
+        try:
+            memory.close()
+        except BufferError:
+            continue
+        _STILL_VIEWED.remove(memory)
 
 
 def _buffer(memory: SharedMemory) -> memoryview:

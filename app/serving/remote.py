@@ -73,6 +73,8 @@ class EngineLink:
                     self._dispatch(await ipc.receive(reader))
             except (asyncio.IncompleteReadError, ConnectionError):
                 pass
+            except Exception:  # an unreadable message: drop this link and make a new one
+                logger.exception("unexpected message from the engine process; reconnecting")
             finally:
                 self._writer = None
                 writer.close()
@@ -81,9 +83,18 @@ class EngineLink:
                 logger.warning("the engine process went away; waiting for it to restart")
 
     def _lost(self) -> None:
-        retry = self.models.settings.batch.retry_after_s
+        """Answer every job still waiting. The engine may still be reading their inputs (when only the
+        link broke), so their arena is retired, not reused: later jobs get a fresh one."""
+        if self._closing:
+            error: ServiceError = ShuttingDownError()
+        else:
+            retry = self.models.settings.batch.retry_after_s
+            error = ServiceError("model_loading", f"{RESTARTING}; retry", retry_after_s=retry)
+            if self._pending:
+                retired, self.arena = self.arena, ipc.Arena()
+                retired.close()  # unlinked; an engine that still maps it keeps its pages
         for job_id in list(self._pending):
-            self._finish(job_id, ServiceError("model_loading", f"{RESTARTING}; retry", retry_after_s=retry))
+            self._finish(job_id, error)
         self.models.engine_gone()
 
     def _dispatch(self, message: tuple[Any, ...]) -> None:
@@ -126,16 +137,29 @@ class EngineLink:
             retry = self.models.settings.batch.retry_after_s
             raise ServiceError("model_loading", f"{RESTARTING}; retry", retry_after_s=retry)
         job_id = next(self._ids)
-        refs = [self.arena.put(item.image) for item in items]
+        refs: list[ipc.TensorRef] = []
+        try:
+            for item in items:
+                refs.append(self.arena.put(item.image))
+        except BaseException:
+            for ref in refs:
+                self.arena.free(ref)
+            raise
         wire = [
             (ref, item.options, item.targets, item.top_k, item.normalized)
             for ref, item in zip(refs, items, strict=True)
         ]
         pending = _Pending(asyncio.get_running_loop().create_future(), refs, items)
         self._pending[job_id] = pending
-        # on failure, the reader sees the connection end and answers every pending job
-        with contextlib.suppress(ConnectionError, RuntimeError):
+        try:
             await ipc.send(writer, ("submit", job_id, model, wire))
+        except (ConnectionError, RuntimeError):
+            pass  # the reader sees the connection end and answers every pending job
+        except BaseException:  # not sent: nobody will answer it
+            self._pending.pop(job_id, None)
+            for ref in refs:
+                self.arena.free(ref)
+            raise
         try:
             while True:
                 done, _ = await asyncio.wait({pending.future}, timeout=DISCONNECT_POLL_S)
@@ -143,14 +167,16 @@ class EngineLink:
                     outcome: BatchOutcome = pending.future.result()
                     return outcome
                 if disconnected is not None and await _gone(disconnected):
-                    await self._cancel(job_id)
+                    await self._cancel(job_id, pending)
                     raise ClientDisconnectedError()
         except asyncio.CancelledError:
-            await self._cancel(job_id)
+            await self._cancel(job_id, pending)
             raise
 
-    async def _cancel(self, job_id: int) -> None:
-        """Ask the engine to drop the job; its slots are freed when the engine answers for it."""
+    async def _cancel(self, job_id: int, pending: _Pending) -> None:
+        """Ask the engine to drop the job; its slots are freed when the engine answers for it (an
+        answer nobody reads then)."""
+        pending.future.cancel()
         writer = self._writer
         if writer is not None and job_id in self._pending:
             with contextlib.suppress(ConnectionError, RuntimeError):
@@ -168,7 +194,7 @@ class EngineLink:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for job_id in list(self._pending):
+        for job_id in list(self._pending):  # without a link (it never connected)
             self._finish(job_id, ShuttingDownError())
         self.arena.close()
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -39,7 +38,8 @@ class EngineSupervisor:
 
     def _spawn(self) -> None:
         command = [sys.executable, "-m", ENGINE_MODULE, self.address]
-        self.process = subprocess.Popen(command, env=self._environment)
+        # its standard input is how it is told to stop (closed), see app.serving.engine_process
+        self.process = subprocess.Popen(command, env=self._environment, stdin=subprocess.PIPE)
         self.starts += 1
 
     def _watch(self) -> None:
@@ -59,11 +59,13 @@ class EngineSupervisor:
             self._spawn()
 
     def stop(self) -> None:
-        """SIGTERM (the engine finishes what is queued), then SIGKILL after ``stop_timeout_s``."""
+        """Close the engine's standard input (it finishes what is queued and exits), then SIGKILL
+        after ``stop_timeout_s``."""
         self._stopping.set()
         process = self.process
         if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
+            if process.stdin is not None:
+                process.stdin.close()
             try:
                 process.wait(timeout=self.stop_timeout_s)
             except subprocess.TimeoutExpired:

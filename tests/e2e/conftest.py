@@ -94,7 +94,12 @@ class ServerProcess:
         return 0.0
 
     def stop(self) -> None:
-        """Kill the server and every process it started (``--workers`` children too)."""
+        """Stop the server (gracefully first, so that its workers remove their shared memory), then
+        kill whatever is left of it and of the processes it started (``--workers`` children too)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(15)
         if self.process.poll() is None:
             with contextlib.suppress(psutil.NoSuchProcess):
                 for child in psutil.Process(self.pid).children(recursive=True):

