@@ -1,7 +1,8 @@
 """The engine process of a shared-engine server (``serve --workers N``): it holds every model once
 and one batcher per model, and computes for all HTTP workers, which connect to its Unix socket
 (:mod:`app.serving.remote`). Batches therefore form across workers. Run by
-:mod:`app.serving.supervisor` as ``python -m app.serving.engine_process SOCKET``.
+:mod:`app.serving.supervisor` as ``python -m app.serving.engine_process SOCKET`` with a pipe as its
+standard input: it stops (draining) when the pipe closes.
 """
 
 from __future__ import annotations
