@@ -42,6 +42,7 @@ class EngineServer:
         self._writers: dict[int, asyncio.StreamWriter] = {}
         self._ids = itertools.count(1)
         self._jobs: set[asyncio.Task[None]] = set()
+        self._connections: set[asyncio.Task[Any]] = set()
         self._statuses: dict[str, tuple[str, str | None, Any]] = {}
 
     async def serve(self, stop: asyncio.Event) -> None:
@@ -64,6 +65,10 @@ class EngineServer:
         server.close()
         for writer in list(self._writers.values()):
             writer.close()
+        connections = list(self._connections)
+        for connection in connections:
+            connection.cancel()
+        await asyncio.gather(*connections, return_exceptions=True)
         self.metrics.process_exited()
 
     # ------------------------------------------------------------ model statuses
@@ -89,6 +94,10 @@ class EngineServer:
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         source = next(self._ids)
         self._writers[source] = writer
+        this = asyncio.current_task()
+        if this is not None:
+            self._connections.add(this)
+            this.add_done_callback(self._connections.discard)
         cancelled: set[int] = set()
         arenas: set[str] = set()
         try:

@@ -122,3 +122,43 @@ async def test_a_client_that_leaves_is_dropped_and_its_shared_memory_freed(
         )
         assert rejected == 1
         await models.close(1.0)
+
+
+async def test_a_broken_link_answers_its_jobs_and_retires_their_shared_memory(
+    tiny_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine is still up, so it may still read the jobs' inputs: their arena is not reused."""
+    import os
+
+    from app.serving.errors import ServiceError
+
+    settings = tiny_settings(tiny_weights, batch={"max_wait_ms": 1000})
+    with engine_thread(settings, tmp_path, monkeypatch):
+        models = RemoteModels(settings, os.environ["RECIPROCAM_ENGINE_SOCKET"])
+        models.start_loading()
+        for _ in range(200):
+            if models.any_ready:
+                break
+            await asyncio.sleep(0.05)
+        _, queue = models.require_ready("tiny")
+        link = models.link
+        first_arena = link.arena.name
+        item = BatchItem(image=torch.zeros(3, 32, 32, dtype=torch.uint8), top_k=1)
+        waiting = asyncio.create_task(queue.submit([item]))
+        await asyncio.sleep(0.2)  # queued in the engine's batching window
+        assert link.arena.pages_in_use == 1
+        assert link._writer is not None
+        link._writer.transport.abort()  # the link breaks; the engine is fine
+        with pytest.raises(ServiceError) as answer:
+            await waiting
+        assert answer.value.code == "model_loading" and answer.value.retry_after_s is not None
+        assert link.arena.name != first_arena and link.arena.pages_in_use == 0
+        assert not os.path.exists(f"/dev/shm/{first_arena}")  # unlinked (the engine may still map it)
+        for _ in range(200):  # reconnected to the same engine
+            if models.any_ready:
+                break
+            await asyncio.sleep(0.05)
+        _, queue = models.require_ready("tiny")
+        outcome = await queue.submit([item])
+        assert len(outcome.results) == 1
+        await models.close(1.0)
