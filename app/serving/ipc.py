@@ -133,7 +133,7 @@ class ArenaReader:
             tensor: torch.Tensor = pickle.loads(ref.cuda_handle)
             return tensor
         count = int(np.prod(ref.shape)) if ref.shape else 1
-        itemsize = torch.empty((), dtype=ref.dtype).element_size()
+        itemsize = ref.dtype.itemsize
         if ref.inline is not None:
             data = torch.frombuffer(bytearray(ref.inline), dtype=torch.uint8)
         else:

@@ -88,14 +88,17 @@ class EngineLink:
         if self._closing:
             error: ServiceError = ShuttingDownError()
         else:
-            retry = self.models.settings.batch.retry_after_s
-            error = ServiceError("model_loading", f"{RESTARTING}; retry", retry_after_s=retry)
+            error = self._restarting()
             if self._pending:
                 retired, self.arena = self.arena, ipc.Arena()
                 retired.close()  # unlinked; an engine that still maps it keeps its pages
         for job_id in list(self._pending):
             self._finish(job_id, error)
         self.models.engine_gone()
+
+    def _restarting(self) -> ServiceError:
+        retry = self.models.settings.batch.retry_after_s
+        return ServiceError("model_loading", f"{RESTARTING}; retry", retry_after_s=retry)
 
     def _dispatch(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
@@ -134,8 +137,7 @@ class EngineLink:
     ) -> BatchOutcome:
         writer = self._writer
         if writer is None:
-            retry = self.models.settings.batch.retry_after_s
-            raise ServiceError("model_loading", f"{RESTARTING}; retry", retry_after_s=retry)
+            raise self._restarting()
         job_id = next(self._ids)
         refs: list[ipc.TensorRef] = []
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -12,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from app.config import Settings
 from app.main import create_app
 from app.serving.batcher import BatchItem
 from app.serving.remote import RemoteModels
@@ -25,6 +27,21 @@ def _png(seed: int) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels.numpy()).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    for _ in range(200):
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+
+
+async def _linked(settings: Settings, address: str) -> RemoteModels:
+    """A worker's view of the engine at ``address``, once it reports a model ready."""
+    models = RemoteModels(settings, address)
+    models.start_loading()
+    await _until(lambda: models.any_ready)
+    return models
 
 
 async def _explain(client: httpx.AsyncClient, seed: int) -> httpx.Response:
@@ -96,12 +113,7 @@ async def test_a_client_that_leaves_is_dropped_and_its_shared_memory_freed(
 ) -> None:
     settings = tiny_settings(tiny_weights, batch={"max_wait_ms": 1500})
     with engine_thread(settings, tmp_path, monkeypatch) as engine:
-        models = RemoteModels(settings, engine.address)
-        models.start_loading()
-        for _ in range(200):
-            if models.any_ready:
-                break
-            await asyncio.sleep(0.05)
+        models = await _linked(settings, engine.address)
         _, queue = models.require_ready("tiny")
         item = BatchItem(image=torch.zeros(3, 32, 32, dtype=torch.uint8), top_k=1)
 
@@ -134,12 +146,7 @@ async def test_a_broken_link_answers_its_jobs_and_retires_their_shared_memory(
 
     settings = tiny_settings(tiny_weights, batch={"max_wait_ms": 1000})
     with engine_thread(settings, tmp_path, monkeypatch):
-        models = RemoteModels(settings, os.environ["RECIPROCAM_ENGINE_SOCKET"])
-        models.start_loading()
-        for _ in range(200):
-            if models.any_ready:
-                break
-            await asyncio.sleep(0.05)
+        models = await _linked(settings, os.environ["RECIPROCAM_ENGINE_SOCKET"])
         _, queue = models.require_ready("tiny")
         link = models.link
         first_arena = link.arena.name
@@ -154,10 +161,7 @@ async def test_a_broken_link_answers_its_jobs_and_retires_their_shared_memory(
         assert answer.value.code == "model_loading" and answer.value.retry_after_s is not None
         assert link.arena.name != first_arena and link.arena.pages_in_use == 0
         assert not os.path.exists(f"/dev/shm/{first_arena}")  # unlinked (the engine may still map it)
-        for _ in range(200):  # reconnected to the same engine
-            if models.any_ready:
-                break
-            await asyncio.sleep(0.05)
+        await _until(lambda: models.any_ready)  # reconnected to the same engine
         _, queue = models.require_ready("tiny")
         outcome = await queue.submit([item])
         assert len(outcome.results) == 1
