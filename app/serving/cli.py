@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterator
 from types import FrameType
 
-from app.config import CONFIG_FILE_ENV
+from app.config_errors import CONFIG_FILE_ENV
 
 ENGINE_MODES = ("shared", "per-worker")
 # uvicorn kills a worker that does not answer its ping in time (default 5 s): a worker importing
