@@ -96,6 +96,12 @@ class BatchSettings(BaseModel):
     max_wait_ms: float = Field(5.0, ge=0, description="batching window, from the first queued request")
     max_queue_images: int = Field(256, ge=1, description="queued images per model before 503")
     request_timeout_s: float = Field(30.0, gt=0, description="deadline for a request to START compute (504)")
+    compute_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="longest one batch may compute in a shared engine process before the process is "
+        "deemed hung and restarted (its requests get 503 model_loading)",
+    )
     retry_after_s: int = Field(
         1, ge=0, description="Retry-After sent with 503 queue_full and overloaded, and 504 deadline_exceeded"
     )

@@ -18,7 +18,8 @@ from app.serving.engine_process import EngineServer
 
 class EngineThread:
     def __init__(self, settings: Settings, address: str) -> None:
-        self.server = EngineServer(settings, address)
+        self.hangs: list[str] = []  # what the watchdog reported (in a real engine process: its exit)
+        self.server = EngineServer(settings, address, on_hung=self.hangs.append)
         self.address = address
         self._loop = asyncio.new_event_loop()
         self._stop: asyncio.Event | None = None

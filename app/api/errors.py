@@ -62,6 +62,7 @@ STATUS_OF_CODE: dict[str, int] = {
     "overloaded": 503,
     "out_of_memory": 503,
     "shutting_down": 503,
+    "engine_unresponsive": 503,
     "unavailable": 503,
     "deadline_exceeded": 504,
 }

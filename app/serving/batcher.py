@@ -185,6 +185,7 @@ class Batcher:
         self._closing = False
         self._idle = asyncio.Event()
         self._idle.set()
+        self.computing_since: float | None = None  # when the compute now running started (clock)
         metrics.queue_depth.labels(model_name).set(0)
 
     # ------------------------------------------------------------------ public
@@ -373,9 +374,8 @@ class Batcher:
 
     async def _compute_split(self, items: list[BatchItem]) -> list[ImageExplanation | BaseException]:
         """Compute ``items``; a failing group is split in halves and retried, down to single images."""
-        loop = asyncio.get_running_loop()
         try:
-            results = await loop.run_in_executor(self.executor, self._compute_chunked, items)
+            results = await self._in_executor(items)
         except Exception as exc:
             if is_out_of_memory(exc):
                 self.metrics.out_of_memory.labels(self.model_name).inc()
@@ -399,6 +399,15 @@ class Batcher:
             second = await self._compute_split(items[middle:])
             return first + second
         return list(results)
+
+    async def _in_executor(self, items: list[BatchItem]) -> list[ImageExplanation]:
+        self.computing_since = self.clock()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self.executor, self._compute_chunked, items
+            )
+        finally:
+            self.computing_since = None
 
     def _compute_chunked(self, items: list[BatchItem]) -> list[ImageExplanation]:
         size = self.settings.max_batch_images

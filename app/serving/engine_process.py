@@ -2,7 +2,8 @@
 and one batcher per model, and computes for all HTTP workers, which connect to its Unix socket
 (:mod:`app.serving.remote`). Batches therefore form across workers. Run by
 :mod:`app.serving.supervisor` as ``python -m app.serving.engine_process SOCKET`` with a pipe as its
-standard input: it stops (draining) when the pipe closes.
+standard input: it stops (draining) when the pipe closes, and exits at once when it hangs
+(:mod:`app.serving.watchdog`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging.config
 import os
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -27,15 +29,19 @@ from app.serving.logs import logging_config
 from app.serving.metrics import ServiceMetrics
 from app.serving.model_card import ModelCard
 from app.serving.registry import ModelRegistry
+from app.serving.watchdog import Watchdog, exit_hung
 
 logger = logging.getLogger("app.engine_process")
 STATUS_POLL_S = 0.05
 
 
 class EngineServer:
-    def __init__(self, settings: Settings, address: str) -> None:
+    def __init__(
+        self, settings: Settings, address: str, *, on_hung: Callable[[str], None] = exit_hung
+    ) -> None:
         self.settings = settings
         self.address = address
+        self.on_hung = on_hung
         self.metrics = ServiceMetrics()
         self.registry = ModelRegistry(settings, self.metrics)
         self.arenas = ipc.ArenaReader()
@@ -54,7 +60,13 @@ class EngineServer:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.address)
         server = await asyncio.start_unix_server(self._connection, path=self.address)
-        watcher = asyncio.get_running_loop().create_task(self._watch_statuses(), name="model-statuses")
+        loop = asyncio.get_running_loop()
+        watcher = loop.create_task(self._watch_statuses(), name="model-statuses")
+        watchdog = Watchdog(
+            self.registry.batchers.values, self.settings.batch.compute_timeout_s, on_hung=self.on_hung
+        )
+        heartbeat = loop.create_task(watchdog.heartbeat(), name="heartbeat")
+        watchdog.start()
         logger.info("engine process %d serving on %s", os.getpid(), self.address)
         await stop.wait()
         logger.info("engine process stopping: finishing queued work")
@@ -62,6 +74,8 @@ class EngineServer:
         if self._jobs:
             await asyncio.wait(self._jobs, timeout=1.0)
         watcher.cancel()
+        heartbeat.cancel()
+        watchdog.stop()
         server.close()
         for writer in list(self._writers.values()):
             writer.close()

@@ -45,6 +45,17 @@ class DeadlineExceededError(ServiceError):
         )
 
 
+class EngineUnresponsiveError(ServiceError):
+    """The shared engine process neither answered nor went away in the longest time a job can take."""
+
+    def __init__(self, waited_s: float, retry_after_s: int) -> None:
+        super().__init__(
+            "engine_unresponsive",
+            f"the engine process has not answered within {waited_s:g} s",
+            retry_after_s=retry_after_s,
+        )
+
+
 class ClientDisconnectedError(ServiceError):
     """The client went away before its work started; nobody reads this answer."""
 

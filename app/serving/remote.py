@@ -19,7 +19,13 @@ from typing import Any, cast
 from app.config import Settings
 from app.serving import ipc
 from app.serving.batcher import BatchItem, BatchOutcome, DisconnectCheck
-from app.serving.errors import ClientDisconnectedError, QueueFullError, ServiceError, ShuttingDownError
+from app.serving.errors import (
+    ClientDisconnectedError,
+    EngineUnresponsiveError,
+    QueueFullError,
+    ServiceError,
+    ShuttingDownError,
+)
 from app.serving.registry import Models, ModelStatus
 
 logger = logging.getLogger(__name__)
@@ -28,6 +34,9 @@ RESTARTING = "the engine process is restarting"
 RECONNECT_S = 0.1
 DISCONNECT_POLL_S = 0.5  # how often a waiting request checks that its client is still there
 QUEUE_FIGURE_S = 1.0  # how long the engine's last reported queue depth is trusted
+# beyond the longest a job may take (its deadline to start, then one batch's compute): time for the
+# engine's watchdog to notice a hang and for the link to see the process go
+ANSWER_GRACE_S = 10.0
 
 
 @dataclass(eq=False)
@@ -162,12 +171,20 @@ class EngineLink:
             for ref in refs:
                 self.arena.free(ref)
             raise
+        batch = self.models.settings.batch
+        longest = batch.request_timeout_s + batch.compute_timeout_s + ANSWER_GRACE_S
+        deadline = time.monotonic() + longest
         try:
             while True:
-                done, _ = await asyncio.wait({pending.future}, timeout=DISCONNECT_POLL_S)
+                left = deadline - time.monotonic()
+                done, _ = await asyncio.wait({pending.future}, timeout=min(DISCONNECT_POLL_S, max(0.0, left)))
                 if done:
                     outcome: BatchOutcome = pending.future.result()
                     return outcome
+                if left <= 0:  # the engine's watchdog should have ended it: do not wait for good
+                    logger.error("the engine process has not answered job %d within %g s", job_id, longest)
+                    await self._cancel(job_id, pending)
+                    raise EngineUnresponsiveError(longest, batch.retry_after_s)
                 if disconnected is not None and await _gone(disconnected):
                     await self._cancel(job_id, pending)
                     raise ClientDisconnectedError()

@@ -136,6 +136,39 @@ def test_a_killed_engine_is_answered_with_503_and_restarted(start_server):
     assert server.process.poll() is None  # the server itself was never restarted
 
 
+def test_a_hung_engine_is_restarted_by_its_watchdog(start_server):
+    """A batch that computes past ``batch.compute_timeout_s`` ends the engine process; its clients get
+    503 + Retry-After within seconds, not after their own timeouts, and a new engine serves."""
+    server = start_server({"batch__compute_timeout_s": 1.0}, serve_args=SHARED)
+    engine = _engine(server.pid)
+    server.set_delay(600.0)  # every batch hangs
+    started = time.monotonic()
+    response = httpx.post(
+        f"{server.url}/v1/models/tiny/predict",
+        content=IMAGES[0],
+        headers={"content-type": "image/png"},
+        timeout=60,
+    )
+    assert time.monotonic() - started < 20
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "model_loading"
+    assert int(response.headers["retry-after"]) >= 1
+    engine.wait(10)
+    assert not engine.is_running()
+    server.set_delay(0.0)
+    _wait_for(
+        lambda: httpx.get(f"{server.url}/readyz").status_code == 200, "readiness after restart", server, 120
+    )
+    response = httpx.post(
+        f"{server.url}/v1/models/tiny/predict", content=IMAGES[0], headers={"content-type": "image/png"}
+    )
+    assert response.status_code == 200, response.text
+    assert server.metric("reciprocam_engine_starts_total") == 2
+    log = server.log()
+    assert "the engine process hangs" in log and "exited with status 70" in log  # the watchdog's status
+    assert server.process.poll() is None
+
+
 def test_the_model_is_held_once(start_server):
     """Memory measured per process: the workers hold no copy of the model's weights."""
     server = start_server({"models": json.dumps(BIG_MODEL)}, serve_args=SHARED)

@@ -166,3 +166,46 @@ async def test_a_broken_link_answers_its_jobs_and_retires_their_shared_memory(
         outcome = await queue.submit([item])
         assert len(outcome.results) == 1
         await models.close(1.0)
+
+
+async def test_a_worker_stops_waiting_for_an_engine_that_never_answers(
+    tiny_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backstop behind the engine's own watchdog: a job not answered in the longest time it may take
+    (its deadline to start, one batch's compute, a grace) is answered 503 ``engine_unresponsive``; its
+    shared memory is freed only when the engine answers after all."""
+    import threading
+    import time
+
+    from app.serving import registry, remote
+    from app.serving.errors import EngineUnresponsiveError
+
+    release = threading.Event()
+    computing = registry.run_engine_batch
+
+    def stuck(*args):  # type: ignore[no-untyped-def]
+        release.wait(30)
+        return computing(*args)
+
+    monkeypatch.setattr(registry, "run_engine_batch", stuck)
+    monkeypatch.setattr(remote, "ANSWER_GRACE_S", 0.2)
+    worker = tiny_settings(tiny_weights, batch={"request_timeout_s": 0.2, "compute_timeout_s": 0.2})
+    with engine_thread(tiny_settings(tiny_weights), tmp_path, monkeypatch) as engine:
+        models = await _linked(worker, engine.address)
+        try:
+            _, queue = models.require_ready("tiny")
+            item = BatchItem(image=torch.zeros(3, 32, 32, dtype=torch.uint8), top_k=1)
+            started = time.monotonic()
+            with pytest.raises(EngineUnresponsiveError) as refused:
+                await queue.submit([item])
+            waited = time.monotonic() - started
+            assert 0.6 <= waited < 5.0
+            assert refused.value.retry_after_s == worker.batch.retry_after_s
+            assert models.link.arena.pages_in_use == 1  # the engine may still read the input
+            release.set()
+            await _until(lambda: models.link.arena.pages_in_use == 0)
+            assert models.link.arena.pages_in_use == 0
+            assert engine.hangs == []  # the engine's own watchdog (120 s) did not fire
+        finally:
+            release.set()
+            await models.close(1.0)

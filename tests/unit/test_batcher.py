@@ -185,6 +185,30 @@ async def test_failing_batch_is_split_and_only_the_bad_item_fails(executor):
     await batcher.close(1)
 
 
+async def test_the_running_compute_is_timed_from_its_start(executor):
+    """What the shared engine's watchdog reads: when the compute now running began, else None."""
+    clock = [100.0]
+    engine = FakeEngine()
+    engine.gate.clear()
+    engine.poison = {2.0}
+    metrics = ServiceMetrics()
+    settings = BatchSettings(max_batch_images=1, max_wait_ms=0)
+    batcher = Batcher("fake", engine, executor, settings, metrics, clock=lambda: clock[0])
+    batcher.start()
+    assert batcher.computing_since is None
+    running = asyncio.ensure_future(batcher.submit([item(1)]))
+    await asyncio.to_thread(engine.entered.wait, 5)
+    assert batcher.computing_since == 100.0
+    clock[0] = 107.0
+    engine.gate.set()
+    await running
+    assert batcher.computing_since is None
+    with pytest.raises(ComputeFailedError):  # a failed compute ends its timing too
+        await batcher.submit([item(2)])
+    assert batcher.computing_since is None
+    await batcher.close(1)
+
+
 async def test_close_drains_queued_work_then_refuses(executor):
     engine = FakeEngine()
     batcher, _ = make_batcher(engine, executor, max_batch_images=2, max_wait_ms=20)
