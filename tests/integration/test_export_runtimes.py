@@ -92,12 +92,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, LoadedMod
     return models
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])

@@ -19,12 +19,7 @@ from tests.helpers import TINY, TINY_MODELS, make_tiny, naive_reciprocam, pertur
 TOL = 1e-5  # float32, both reduced: max |difference| over max |reference|
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _vit(seed: int, **kwargs: Any) -> nn.Module:

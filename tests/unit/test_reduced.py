@@ -26,13 +26,7 @@ FP32_TOL = 1e-5
 LOW_PRECISION_TOL = 0.03
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models gain nothing from several threads; one avoids contention on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _vit(seed: int = 0, **kwargs: Any) -> nn.Module:
