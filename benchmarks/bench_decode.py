@@ -3,10 +3,11 @@
 For each format and image size the script encodes one photo-like image (smooth colour fields plus
 fine noise; ``--noise`` sets how much texture, and so how many bytes, it has), then times
 ``prepare_image`` (decode, EXIF, resize and crop to the model input) in this process on one thread,
-**exact** (``reduced_jpeg_decode``, ``two_step_resize`` and ``window_resize`` off: a whole decode
-and one resize of the whole image, then the crop, as timm's PIL pipeline) and with the **defaults**
-(large JPEGs decoded at a reduced scale, large images of the other formats resized in two steps;
-with ``--window-resize`` also only the crop window resized), and prints the milliseconds per image,
+**exact** (``reduced_jpeg_decode``, ``two_step_resize``, ``tensor_resize`` and ``window_resize``
+off: a whole decode and one Pillow resize of the whole image, then the crop, as timm's PIL pipeline)
+and with the **defaults** (large JPEGs decoded at a reduced scale, large images of the other formats
+resized in two steps, the resize run by torch's kernels; ``--pillow-resize``: by Pillow's, and with
+``--window-resize`` also only the crop window resized), and prints the milliseconds per image,
 their ratio, and how far the defaults' model input is from the exact one (mean and largest
 difference in 8-bit levels).
 
@@ -62,7 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--noise", type=int, default=8, help="fine noise amplitude, in levels (texture)")
     parser.add_argument(
-        "--window-resize", action="store_true", help="the fast variant also resizes only the crop window"
+        "--window-resize",
+        action="store_true",
+        help="the fast variant also resizes only the crop window (with --pillow-resize)",
+    )
+    parser.add_argument(
+        "--pillow-resize",
+        action="store_true",
+        help="the fast variant resizes with Pillow (tensor_resize off)",
     )
     args = parser.parse_args(argv)
 
@@ -78,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"Model input {args.input_size}x{args.input_size} (bicubic, crop_pct {args.crop_pct}); one thread; "
         f"median of {args.repeats}; fine noise +-{args.noise} levels"
+        + ("; defaults with Pillow's resize" if args.pillow_resize else "")
         + ("; defaults plus window_resize" if args.window_resize else ""),
         "",
         "| format | size | bytes | exact ms | defaults ms | exact / defaults | mean diff | max diff |",
@@ -94,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                 reduced_jpeg_decode=False,
                 two_step_resize=False,
                 window_resize=False,
+                tensor_resize=False,
                 **common,
             )
             fast_call = partial(
@@ -103,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                 reduced_jpeg_decode=True,
                 two_step_resize=True,
                 window_resize=args.window_resize,
+                tensor_resize=not args.pillow_resize,
                 **common,
             )
             exact, fast = exact_call(), fast_call()

@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from PIL import Image
 
 from app.engine.preprocess import Geometry, Preprocessor
 from app.serving.device_decode import DeviceImage, decode_batch
-from app.serving.device_preprocess import preprocess_batch
+from app.serving.device_preprocess import preprocess_batch, to_model_pixels
 from app.serving.images import ImageDecodeError, check_pixel_count, check_resize, decode, upright_size
 
 # Two-step resizing keeps at least twice the resize target before the model's filter, as the
@@ -66,6 +67,7 @@ def prepare_image(
     reduced_jpeg_decode: bool = False,
     two_step_resize: bool = False,
     window_resize: bool = False,
+    tensor_resize: bool = False,
 ) -> PreparedImage:
     """Decode (safely) and preprocess one posted image. Raises ``ImageDecodeError``.
 
@@ -75,6 +77,9 @@ def prepare_image(
     by an integer factor (box filter) to no less than twice the target, then resized as usual.
     ``window_resize``: resize only the part of the image the crop keeps (see
     ``Preprocessor.to_pixels``'s ``window_only``).
+    ``tensor_resize``: resize and crop with the tensor path's transform (torch's antialiased
+    kernels, see :mod:`app.serving.device_preprocess`) instead of Pillow's (after the box reduction
+    of ``two_step_resize``); ``window_resize`` then does not apply.
     """
     reduce = reduced_jpeg_decode and not keep_original
     started = time.thread_time()
@@ -87,21 +92,39 @@ def prepare_image(
     image = decoded.image
     check_resize(preprocessor, decoded.original_size, max_pixels)
     decoded_at = time.thread_time()
-    pixels, geometry = preprocessor.to_pixels(
-        image,
-        decoded.original_size,
-        reducing_gap=TWO_STEP_REDUCING_GAP if two_step_resize else None,
-        window_only=window_resize,
-    )
+    if tensor_resize:
+        geometry = preprocessor.geometry(decoded.original_size)
+        source = _box_reduced(image, geometry) if two_step_resize else image
+        # a (3, H, W) view of the (H, W, 3) pixels: torch's fast uint8 kernels read that layout
+        pixels = to_model_pixels(torch.from_numpy(np.array(source)).permute(2, 0, 1), geometry, preprocessor)
+    else:
+        array, geometry = preprocessor.to_pixels(
+            image,
+            decoded.original_size,
+            reducing_gap=TWO_STEP_REDUCING_GAP if two_step_resize else None,
+            window_only=window_resize,
+        )
+        pixels = torch.from_numpy(array).permute(2, 0, 1)  # a view: the batch stacks it as (H, W, 3)
     original = np.asarray(image) if keep_original else None
     cpu_seconds = {"decode": decoded_at - started, "preprocess": time.thread_time() - decoded_at}
     return PreparedImage(
         geometry=geometry,
-        pixels=torch.from_numpy(pixels).permute(2, 0, 1),  # a view: the batch stacks it as (H, W, 3)
+        pixels=pixels,
         original=original,
         preprocessor=preprocessor,
         cpu_seconds=cpu_seconds,
     )
+
+
+def _box_reduced(image: Image.Image, geometry: Geometry) -> Image.Image:
+    """Pillow's first step of a two-step resize: an image at least twice ``TWO_STEP_REDUCING_GAP``
+    times its resize target shrunk by an integer factor (box filter) to no less than the gap."""
+    resized_w, resized_h = geometry.resized_size
+    factor = (
+        int(image.width / resized_w / TWO_STEP_REDUCING_GAP) or 1,
+        int(image.height / resized_h / TWO_STEP_REDUCING_GAP) or 1,
+    )
+    return image.reduce(factor) if factor != (1, 1) else image
 
 
 def upright_sizes(

@@ -153,6 +153,7 @@ class Service:
                     reduced_jpeg_decode=self.settings.reduced_jpeg_decode,
                     two_step_resize=self.settings.two_step_resize,
                     window_resize=self.settings.window_resize,
+                    tensor_resize=self.settings.tensor_resize,
                 )
             except ImageDecodeError as exc:
                 exc.index = index

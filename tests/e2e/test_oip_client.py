@@ -41,6 +41,7 @@ def preprocessed(loaded: LoadedModel, data: bytes) -> torch.Tensor:
         max_pixels=10**8,
         allowed_formats=ALLOWED_FORMATS,
         keep_original=False,
+        tensor_resize=True,  # as the server resizes by default
     )
     return image.tensor
 

@@ -52,7 +52,12 @@ def engine_model(live_server: LiveServer) -> LoadedModel:
 
 def preprocessed(loaded: LoadedModel, data: bytes) -> torch.Tensor:
     image = prepare_image(
-        data, loaded.preprocessor, max_pixels=10**8, allowed_formats=ALLOWED_FORMATS, keep_original=False
+        data,
+        loaded.preprocessor,
+        max_pixels=10**8,
+        allowed_formats=ALLOWED_FORMATS,
+        keep_original=False,
+        tensor_resize=True,  # as the server resizes by default
     )
     return image.tensor
 

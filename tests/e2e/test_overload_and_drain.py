@@ -49,6 +49,7 @@ def expected_predictions(weights: Path) -> list[tuple[list[int], np.ndarray]]:
             max_pixels=10**6,
             allowed_formats=frozenset({"PNG"}),
             keep_original=False,
+            tensor_resize=True,  # as the server resizes by default
         )
         (result,) = loaded.engine.explain(prepared.tensor[None], None, top_k=TOP_K)
         ids = result.logits.topk(TOP_K).indices.tolist()

@@ -16,13 +16,15 @@ from tests.bad_inputs import encode
 from tests.integration.conftest import assert_error, image_bytes, running_service, tiny_settings
 
 
-def reference(loaded, data: bytes, options: CamOptions | None, top_k: int):
+def reference(loaded, data: bytes, options: CamOptions | None, top_k: int, settings):
+    """The image alone through the engine, prepared as the service with ``settings`` prepares it."""
     prepared = prepare_image(
         data,
         loaded.preprocessor,
         max_pixels=10**8,
         allowed_formats=frozenset({"PNG"}),
         keep_original=False,
+        tensor_resize=settings.tensor_resize,
     )
     (result,) = loaded.engine.explain(prepared.tensor[None], options, top_k=top_k)
     return result
@@ -72,7 +74,7 @@ async def test_64_concurrent_requests_each_get_their_own_result(tiny_weights):
             cam = None
             if kind == "explain":
                 cam = CamOptions(kernel=options["kernel"], keep_prefix=options["keep_prefix"] == "true")
-            alone = reference(loaded, data, cam, top_k)
+            alone = reference(loaded, data, cam, top_k, settings)
             image = body["images"][0]
             expected = alone.logits.topk(top_k).indices.tolist()
             assert [p["class_id"] for p in image["predictions"]] == expected, index
@@ -137,7 +139,7 @@ async def test_injected_failure_fails_only_its_own_request(tiny_weights):
                     assert "injected failure" in error["message"]
                     continue
                 assert response.status_code == 200, response.text
-                alone = reference(loaded, data, CamOptions(), 1)
+                alone = reference(loaded, data, CamOptions(), 1, settings)
                 explanation = response.json()["images"][0]["explanations"][0]
                 assert explanation["class_id"] == int(alone.targets[0])
                 np.testing.assert_allclose(
@@ -243,7 +245,7 @@ async def test_out_of_memory_batches_are_split_until_they_fit(tiny_weights):
                     assert "out of memory" in error["message"]
                     continue
                 assert response.status_code == 200, response.text
-                alone = reference(loaded, data, None, 2)
+                alone = reference(loaded, data, None, 2, settings)
                 predictions = response.json()["images"][0]["predictions"]
                 assert [p["class_id"] for p in predictions] == alone.logits.topk(2).indices.tolist()
                 assert response.json()["timing"]["batch_images"] > 1  # they were batched, then split

@@ -32,6 +32,7 @@ def replay_settings(tmp_dir: Path) -> tuple[Settings, Path]:
         batch={"max_wait_ms": 1},
         io_workers=2,
         log_format="text",
+        tensor_resize=False,  # the recording was made with Pillow's resize
     )
     return settings, tiny
 
