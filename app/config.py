@@ -239,14 +239,16 @@ class Settings(BaseSettings):
     )
     two_step_resize: bool = Field(
         True,
-        description="resize an image of four times the resize target or more in two steps: an integer "
-        "box-filter reduction to at least twice the target, then the model's filter (much less CPU for "
+        description="with Pillow's resize (tensor_resize false), resize an image of four times the resize "
+        "target or more in two steps: an integer box-filter reduction to at least twice the target, then "
+        "the model's filter (much less CPU for "
         "large PNG, WebP and other images decoded whole; pixels within a few levels of a one-step "
         "resize); false: one step, exactly as timm's PIL pipeline",
     )
     window_resize: bool = Field(
         False,
-        description="resize only the part of the image the centre crop keeps (Pillow's box), not the "
+        description="with Pillow's resize (tensor_resize false), resize only the part of the image the "
+        "centre crop keeps (Pillow's box), not the "
         "whole image before cropping: 1.1-1.35x faster decode and resize for images under the other "
         "shortcuts' thresholds; the same filter and sample positions, but Pillow may run its two "
         "passes in the other order for the window, which moves its clipping between them: within a "
@@ -257,9 +259,9 @@ class Settings(BaseSettings):
         True,
         description="resize and crop images decoded with Pillow using torch's antialiased kernels (the "
         "transform of image_path=device, on the host) instead of Pillow's: several times faster; under "
-        "1% of the pixels differ from timm's PIL transform, by a level or two; window_resize does not "
-        "apply; false: Pillow, exactly as timm's PIL pipeline (with two_step_resize and "
-        "reduced_jpeg_decode off)",
+        "1% of the pixels differ from timm's PIL transform, by a level or two; one step at any size, "
+        "so two_step_resize and window_resize do not apply; false: Pillow, exactly as timm's PIL "
+        "pipeline (with reduced_jpeg_decode and two_step_resize off)",
     )
     torch_threads: int | None = Field(
         None,

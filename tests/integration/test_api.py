@@ -399,7 +399,11 @@ async def test_camera_sized_jpeg_is_decoded_reduced_and_answered_at_its_full_siz
         (False, False, True),
     ):
         settings = tiny_settings(
-            tiny_weights, reduced_jpeg_decode=reduced, two_step_resize=two_step, window_resize=window
+            tiny_weights,
+            reduced_jpeg_decode=reduced,
+            two_step_resize=two_step,
+            window_resize=window,
+            tensor_resize=False,  # the shortcuts of Pillow's resize
         )
         async with running_service(settings) as client:
             reference = engine_alone(client, data, CamOptions(), targets=[[2]])
