@@ -19,6 +19,9 @@ from typing import Protocol
 logger = logging.getLogger(__name__)
 
 EXIT_HUNG = 70  # the exit status of an engine process stopped by its watchdog (EX_SOFTWARE)
+# The event loop only dispatches; but while a model loads (Python code holding the interpreter) on a
+# busy machine it may wait seconds for its turn: a stalled loop counts as a hang only past this.
+MIN_LOOP_STALL_S = 60.0
 
 
 class Computing(Protocol):
@@ -35,19 +38,22 @@ def exit_hung(reason: str) -> None:
 
 class Watchdog:
     """Calls ``on_hung`` (once) when a batcher of ``batchers()`` has computed one batch for longer than
-    ``timeout_s``, or when :meth:`heartbeat` has not run for as long."""
+    ``timeout_s``, or when :meth:`heartbeat` has not run for ``loop_timeout_s`` (by default
+    ``timeout_s``, at least ``MIN_LOOP_STALL_S``)."""
 
     def __init__(
         self,
         batchers: Callable[[], Iterable[Computing]],
         timeout_s: float,
         *,
+        loop_timeout_s: float | None = None,
         on_hung: Callable[[str], None] = exit_hung,
         period_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.batchers = batchers
         self.timeout_s = timeout_s
+        self.loop_timeout_s = max(timeout_s, MIN_LOOP_STALL_S) if loop_timeout_s is None else loop_timeout_s
         self.on_hung = on_hung
         self.period_s = period_s
         self.clock = clock
@@ -62,7 +68,7 @@ class Watchdog:
             since = batcher.computing_since
             if since is not None and now - since > self.timeout_s:
                 return f"a batch of model {batcher.model_name!r} has computed for {now - since:.0f} s"
-        if now - self._beat > self.timeout_s:
+        if now - self._beat > self.loop_timeout_s:
             return f"its event loop has not turned for {now - self._beat:.0f} s"
         return None
 

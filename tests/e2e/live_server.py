@@ -13,8 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from app.engine.models import LoadedModel
+from app.serving.images import ALLOWED_FORMATS
+from app.serving.prepare import prepare_image
 from tests.e2e.readiness import wait_until_ready
 from tests.helpers import free_port, save_self_describing
 
@@ -101,3 +105,17 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=10)
+
+
+def preprocessed(loaded: LoadedModel, data: bytes) -> torch.Tensor:
+    """``data`` prepared as the live server prepares posted images (torch's resize, its default),
+    normalised: the reference input for what the server returns."""
+    image = prepare_image(
+        data,
+        loaded.preprocessor,
+        max_pixels=10**8,
+        allowed_formats=ALLOWED_FORMATS,
+        keep_original=False,
+        tensor_resize=True,
+    )
+    return image.tensor

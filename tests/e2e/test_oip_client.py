@@ -12,9 +12,7 @@ import torch
 
 from app.engine.models import LoadedModel, load_model
 from app.engine.options import CamOptions
-from app.serving.images import ALLOWED_FORMATS
-from app.serving.prepare import prepare_image
-from tests.e2e.live_server import LABELS, MODEL, LiveServer, colourful_png
+from tests.e2e.live_server import LABELS, MODEL, LiveServer, colourful_png, preprocessed
 
 httpclient = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -32,18 +30,6 @@ def client(live_server: LiveServer) -> Iterator[object]:
 def engine_model(live_server: LiveServer) -> LoadedModel:
     """The same weights, loaded here: the reference for what the server returns."""
     return load_model(None, str(live_server.weights), device="cpu", warmup=False)
-
-
-def preprocessed(loaded: LoadedModel, data: bytes) -> torch.Tensor:
-    image = prepare_image(
-        data,
-        loaded.preprocessor,
-        max_pixels=10**8,
-        allowed_formats=ALLOWED_FORMATS,
-        keep_original=False,
-        tensor_resize=True,  # as the server resizes by default
-    )
-    return image.tensor
 
 
 def bytes_input(*files: bytes) -> object:

@@ -21,9 +21,7 @@ import torch
 
 from app.engine.models import LoadedModel, load_model
 from app.engine.options import CamOptions
-from app.serving.images import ALLOWED_FORMATS
-from app.serving.prepare import prepare_image
-from tests.e2e.live_server import LABELS, MODEL, LiveServer, colourful_png
+from tests.e2e.live_server import LABELS, MODEL, LiveServer, colourful_png, preprocessed
 
 kserve = pytest.importorskip("kserve")
 from kserve.protocol.infer_type import RequestedOutput  # noqa: E402
@@ -48,18 +46,6 @@ def call(url: str, name: str, *args: Any, **kwargs: Any) -> Any:
 @pytest.fixture(scope="module")
 def engine_model(live_server: LiveServer) -> LoadedModel:
     return load_model(None, str(live_server.weights), device="cpu", warmup=False)
-
-
-def preprocessed(loaded: LoadedModel, data: bytes) -> torch.Tensor:
-    image = prepare_image(
-        data,
-        loaded.preprocessor,
-        max_pixels=10**8,
-        allowed_formats=ALLOWED_FORMATS,
-        keep_original=False,
-        tensor_resize=True,  # as the server resizes by default
-    )
-    return image.tensor
 
 
 def image_input(files: list[bytes], binary: bool) -> Any:

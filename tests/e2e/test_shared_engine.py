@@ -163,7 +163,7 @@ def test_a_hung_engine_is_restarted_by_its_watchdog(start_server):
         f"{server.url}/v1/models/tiny/predict", content=IMAGES[0], headers={"content-type": "image/png"}
     )
     assert response.status_code == 200, response.text
-    assert server.metric("reciprocam_engine_starts_total") == 2
+    assert server.metric("reciprocam_engine_starts_total") == 2, server.log()
     log = server.log()
     assert "the engine process hangs" in log and "exited with status 70" in log  # the watchdog's status
     assert server.process.poll() is None

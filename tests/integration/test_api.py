@@ -430,60 +430,61 @@ async def test_camera_sized_jpeg_is_decoded_reduced_and_answered_at_its_full_siz
     assert all(served != exact for flags, served in logits.items() if any(flags[:2])), logits
 
 
-async def test_window_resize_setting_picks_how_the_service_resizes(tiny_weights):
-    """A portrait photo whose window resize differs from resizing it whole: with `window_resize` on
-    (and Pillow resizing: `tensor_resize` off) the service's logits are those of the window path, with it off those of timm's
-    exact resize-then-crop, each as the in-process reference with the same flag computes them."""
+async def _predicted_as_served(settings, data: bytes) -> tuple[dict[int, float], torch.Tensor]:
+    """The service's logits for ``data`` (each checked against the in-process reference prepared
+    with the same settings), and that reference's model input."""
+    async with running_service(settings) as client:
+        loaded = client.app.state.service.registry.entries["tiny"].loaded
+        prepared = prepared_as_served(client, data)
+        reference = loaded.engine.predict(prepared.tensor[None])[0]
+        response = await client.post(
+            "/v1/models/tiny/predict",
+            files={"files": ("photo.png", data, "image/png")},
+            data={"top_k": str(len(LABELS))},
+        )
+        assert response.status_code == 200, response.text
+        predictions = response.json()["images"][0]["predictions"]
+        served = {p["class_id"]: p["logit"] for p in predictions}
+        for class_id, logit in served.items():
+            assert logit == pytest.approx(float(reference[class_id]), abs=1e-5)
+        return served, prepared.pixels
+
+
+def _portrait_png() -> bytes:
     buffer = io.BytesIO()
     photo_like(45, 60, seed=1, cell=8, noise=20).save(buffer, format="PNG")
-    data = buffer.getvalue()
-    served = {}
-    for window in (True, False):
-        settings = tiny_settings(tiny_weights, window_resize=window, tensor_resize=False)
-        async with running_service(settings) as client:
-            loaded = client.app.state.service.registry.entries["tiny"].loaded
-            reference = loaded.engine.predict(prepared_as_served(client, data).tensor[None])[0]
-            response = await client.post(
-                "/v1/models/tiny/predict",
-                files={"files": ("photo.png", data, "image/png")},
-                data={"top_k": str(len(LABELS))},
-            )
-            assert response.status_code == 200, response.text
-            predictions = response.json()["images"][0]["predictions"]
-            served[window] = {p["class_id"]: p["logit"] for p in predictions}
-            for class_id, logit in served[window].items():
-                assert logit == pytest.approx(float(reference[class_id]), abs=1e-5)
-    assert served[True] != served[False]
+    return buffer.getvalue()
+
+
+async def test_window_resize_setting_picks_how_the_service_resizes(tiny_weights):
+    """A portrait photo whose window resize differs from resizing it whole: with `window_resize` on
+    (and Pillow resizing: `tensor_resize` off) the service's logits are those of the window path,
+    with it off those of timm's exact resize-then-crop, each as the in-process reference with the
+    same flag computes them."""
+    data = _portrait_png()
+    window, _ = await _predicted_as_served(
+        tiny_settings(tiny_weights, window_resize=True, tensor_resize=False), data
+    )
+    whole, _ = await _predicted_as_served(
+        tiny_settings(tiny_weights, window_resize=False, tensor_resize=False), data
+    )
+    assert window != whole
 
 
 async def test_tensor_resize_setting_picks_how_the_service_resizes(tiny_weights):
     """With `tensor_resize` on, the service resizes with torch's kernels: its logits are those of the
     in-process reference with the same flag, and differ from Pillow's exact resize (a few of this
     image's pixels differ by a level)."""
-    buffer = io.BytesIO()
-    photo_like(45, 60, seed=1, cell=8, noise=20).save(buffer, format="PNG")
-    data = buffer.getvalue()
-    served = {}
-    inputs = {}
-    for tensor in (True, False):
-        async with running_service(tiny_settings(tiny_weights, tensor_resize=tensor)) as client:
-            loaded = client.app.state.service.registry.entries["tiny"].loaded
-            prepared = prepared_as_served(client, data)
-            inputs[tensor] = prepared.pixels
-            reference = loaded.engine.predict(prepared.tensor[None])[0]
-            response = await client.post(
-                "/v1/models/tiny/predict",
-                files={"files": ("photo.png", data, "image/png")},
-                data={"top_k": str(len(LABELS))},
-            )
-            assert response.status_code == 200, response.text
-            predictions = response.json()["images"][0]["predictions"]
-            served[tensor] = {p["class_id"]: p["logit"] for p in predictions}
-            for class_id, logit in served[tensor].items():
-                assert logit == pytest.approx(float(reference[class_id]), abs=1e-5)
-    difference = (inputs[True].int() - inputs[False].int()).abs()
+    data = _portrait_png()
+    torch_resized, torch_input = await _predicted_as_served(
+        tiny_settings(tiny_weights, tensor_resize=True), data
+    )
+    pillow_resized, pillow_input = await _predicted_as_served(
+        tiny_settings(tiny_weights, tensor_resize=False), data
+    )
+    difference = (torch_input.int() - pillow_input.int()).abs()
     assert int(difference.max()) == 1 and int((difference > 0).sum()) > 0
-    assert served[True] != served[False]
+    assert torch_resized != pillow_resized
 
 
 async def test_exif_rotated_image_is_answered_upright_with_an_overlay_on_the_original(client):
