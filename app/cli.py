@@ -72,7 +72,7 @@ def prepare_weights(arch: str | None, weights: str) -> str:
     the service's quick probe (``hub_probe_timeout_s``), not after a minute of download retries."""
     from app.config import Settings
     from app.engine.models import ModelLoadError, WeightsSource
-    from app.serving.registry import check_hub_reachable, resolve_weights
+    from app.engine.weights_location import check_hub_reachable, resolve_weights
 
     resolved = resolve_weights(weights)
     timeout = float(Settings.model_fields["hub_probe_timeout_s"].default)

@@ -233,7 +233,7 @@ def test_explain_with_hub_weights_offline_fails_within_the_hub_probe(monkeypatch
     """No download retries: the service's quick reachability probe, with its timeout, runs first."""
     import timm
 
-    from app.serving import registry
+    from app.engine import weights_location
 
     probes = []
 
@@ -246,8 +246,8 @@ def test_explain_with_hub_weights_offline_fails_within_the_hub_probe(monkeypatch
 
     for name in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(registry, "_hub_weights_cached", lambda arch: False)
-    monkeypatch.setattr(registry.socket, "create_connection", refuse)
+    monkeypatch.setattr(weights_location, "_hub_weights_cached", lambda arch: False)
+    monkeypatch.setattr(weights_location.socket, "create_connection", refuse)
     monkeypatch.setattr(timm, "create_model", no_download)
     assert main(["explain", _image(tmp_path), "--model", "deit_tiny_patch16_224"]) == 2
     err = capsys.readouterr().err

@@ -1,23 +1,23 @@
 import pytest
 
 from app.engine.models import ModelLoadError
-from app.serving.registry import PROJECT_ROOT, check_hub_reachable, resolve_weights
+from app.engine.weights_location import PROJECT_ROOT, check_hub_reachable, resolve_weights
 
 
 def test_unreachable_hub_fails_fast_with_a_clear_reason(monkeypatch):
     for name in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
-    monkeypatch.setattr("app.serving.registry._hub_weights_cached", lambda arch: False)
+    monkeypatch.setattr("app.engine.weights_location._hub_weights_cached", lambda arch: False)
     with pytest.raises(ModelLoadError) as failure:
         check_hub_reachable("deit_small_patch16_224", timeout_s=2)
     message = str(failure.value)
     assert "deit_small_patch16_224" in message and "cannot be reached" in message
     assert "WEIGHTS" in message  # says what to do
     # cached weights or an explicit offline mode skip the probe
-    monkeypatch.setattr("app.serving.registry._hub_weights_cached", lambda arch: True)
+    monkeypatch.setattr("app.engine.weights_location._hub_weights_cached", lambda arch: True)
     check_hub_reachable("deit_small_patch16_224", timeout_s=2)
-    monkeypatch.setattr("app.serving.registry._hub_weights_cached", lambda arch: False)
+    monkeypatch.setattr("app.engine.weights_location._hub_weights_cached", lambda arch: False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     check_hub_reachable("deit_small_patch16_224", timeout_s=2)
 
