@@ -42,6 +42,14 @@ logger = logging.getLogger(__name__)
 DisconnectCheck = Callable[[], Awaitable[bool]]
 
 
+async def client_gone(check: DisconnectCheck) -> bool:
+    """Whether the client has gone, by ``check``; a broken check must not drop the request."""
+    try:
+        return bool(await check())
+    except Exception:
+        return False
+
+
 @dataclass
 class BatchItem:
     """One image and what to compute for it.
@@ -327,7 +335,7 @@ class Batcher:
                     )
                 )
                 continue
-            if job.disconnected is not None and await self._client_gone(job.disconnected):
+            if job.disconnected is not None and await client_gone(job.disconnected):
                 self._reject("client_disconnected")
                 job.future.set_exception(ClientDisconnectedError())
                 continue
@@ -365,12 +373,6 @@ class Batcher:
                     batch_images=len(items),
                 )
             )
-
-    async def _client_gone(self, check: DisconnectCheck) -> bool:
-        try:
-            return bool(await check())
-        except Exception:  # a broken check must not drop the request
-            return False
 
     async def _compute_split(self, items: list[BatchItem]) -> list[ImageExplanation | BaseException]:
         """Compute ``items``; a failing group is split in halves and retried, down to single images."""

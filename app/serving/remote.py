@@ -18,7 +18,7 @@ from typing import Any, cast
 
 from app.config import Settings
 from app.serving import ipc
-from app.serving.batcher import BatchItem, BatchOutcome, DisconnectCheck
+from app.serving.batcher import BatchItem, BatchOutcome, DisconnectCheck, client_gone
 from app.serving.errors import (
     ClientDisconnectedError,
     EngineUnresponsiveError,
@@ -185,7 +185,7 @@ class EngineLink:
                     logger.error("the engine process has not answered job %d within %g s", job_id, longest)
                     await self._cancel(job_id, pending)
                     raise EngineUnresponsiveError(longest, batch.retry_after_s)
-                if disconnected is not None and await _gone(disconnected):
+                if disconnected is not None and await client_gone(disconnected):
                     await self._cancel(job_id, pending)
                     raise ClientDisconnectedError()
         except asyncio.CancelledError:
@@ -216,13 +216,6 @@ class EngineLink:
         for job_id in list(self._pending):  # without a link (it never connected)
             self._finish(job_id, ShuttingDownError())
         self.arena.close()
-
-
-async def _gone(check: DisconnectCheck) -> bool:
-    try:
-        return bool(await check())
-    except Exception:  # a broken check must not drop the request
-        return False
 
 
 class RemoteQueue:
