@@ -96,6 +96,12 @@ class BatchSettings(BaseModel):
     max_wait_ms: float = Field(5.0, ge=0, description="batching window, from the first queued request")
     max_queue_images: int = Field(256, ge=1, description="queued images per model before 503")
     request_timeout_s: float = Field(30.0, gt=0, description="deadline for a request to START compute (504)")
+    compute_streams: int | None = Field(
+        None,
+        ge=1,
+        description="batches computed at once on one device, each on its share of the process's torch "
+        "threads; unset: 2 on a CPU with at least 2 torch threads, 1 on an accelerator",
+    )
     compute_timeout_s: float = Field(
         120.0,
         gt=0,
@@ -266,8 +272,9 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(
         None,
         ge=1,
-        description="torch CPU threads of the process that computes (with `serve --workers N`: the "
-        "engine; per-worker engines without this or OMP_NUM_THREADS get cores // N); unset: torch's default",
+        description="torch CPU threads of the process that computes, shared out among compute_streams "
+        "(with `serve --workers N`: the engine; per-worker engines without this or OMP_NUM_THREADS get "
+        "cores // N); unset: torch's default",
     )
     cuda_wait: HostWait = Field(
         "block",

@@ -1,9 +1,11 @@
 """The load test's reference: the engine alone, in the load test's own process, on preprocessed
-batches (no decoding, no encoding, no HTTP)."""
+batches (no decoding, no encoding, no HTTP), computed as the server computes them: by default in as
+many streams (threads, each with its share of torch's threads) as the server would use."""
 
 from __future__ import annotations
 
 import argparse
+import threading
 import time
 from typing import Any
 
@@ -24,10 +26,20 @@ class EngineOnly:
             warmup=True,
         )
         self.tensors = [self.loaded.preprocessor(decode_image(data))[0] for data in images]
+
+        from app.serving.registry import DEFAULT_TORCH_THREADS, compute_streams
+
         self.batch_size = args.max_batch
-        self.threads: int | None = args.engine_threads  # None: torch's default
+        total = args.engine_threads or DEFAULT_TORCH_THREADS
+        self.streams = compute_streams(args.engine_streams, self.loaded.device, total)
+        # the server's split (app/serving/registry.py): on a CPU the streams share the threads out
+        self.threads = max(1, total // self.streams) if self.loaded.device.type == "cpu" else total
         self.rates: dict[str, list[float]] = {}
         self.cpu_ms: dict[str, list[float]] = {}
+
+    @property
+    def described(self) -> str:
+        return f"batch {self.batch_size}, {self.streams} stream(s) of {self.threads} torch thread(s)"
 
     def measure(self, endpoint: str, total_images: int) -> None:
         """One measurement: images/s and this process's CPU ms per image (all its threads)."""
@@ -41,14 +53,24 @@ class EngineOnly:
             count = min(self.batch_size, total_images - start)
             batches.append(torch.stack([self.tensors[(start + k) % len(self.tensors)] for k in range(count)]))
         options = CamOptions() if endpoint == "explain" else None
-        threads = torch.get_num_threads()
-        if self.threads:
-            torch.set_num_threads(self.threads)
-        try:
-            self.loaded.engine.explain(batches[0], options, top_k=1)  # warm-up at the measured batch size
-            started, cpu_started = time.perf_counter(), time.process_time()
-            for batch in batches:
+
+        def compute(share: list[torch.Tensor]) -> None:
+            for batch in share:
                 self.loaded.engine.explain(batch, options, top_k=1)
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            compute(batches[:1])  # warm-up at the measured batch size
+            streams = [
+                threading.Thread(target=compute, args=(batches[k :: self.streams],))
+                for k in range(self.streams)
+            ]
+            started, cpu_started = time.perf_counter(), time.process_time()
+            for stream in streams:
+                stream.start()
+            for stream in streams:
+                stream.join()
             if self.loaded.device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - started

@@ -144,8 +144,7 @@ def ratio_lines(results: list[LevelResult], engine: Any, args: argparse.Namespac
             rate = statistics.median(engine.rates[endpoint])
             cpu_ms = statistics.median(engine.cpu_ms[endpoint])
             lines.append(
-                f"- {where}: HTTP / engine only (batch {args.max_batch}, {engine.threads or 'default'} torch "
-                f"threads) = {best.median_images_per_s:.2f} / "
+                f"- {where}: HTTP / engine only ({engine.described}) = {best.median_images_per_s:.2f} / "
                 f"{rate:.2f} images/s (medians of {len(best.round_images_per_s)} and "
                 f"{len(engine.rates[endpoint])} rounds) = **{best.median_images_per_s / rate:.2f}x**; by round, "
                 f"HTTP {_rounds(best.round_images_per_s)}, engine only {_rounds(engine.rates[endpoint])}, "

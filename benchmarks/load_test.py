@@ -317,7 +317,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--engine-threads",
         type=int,
         default=None,
-        help="torch threads of the engine-only run (default: torch's)",
+        help="torch threads of the engine-only run, shared out among its streams (default: torch's)",
+    )
+    parser.add_argument(
+        "--engine-streams",
+        type=int,
+        default=None,
+        help="batches the engine-only run computes at once (default: the server's default, "
+        "batch.compute_streams)",
     )
     parser.add_argument("--out", type=Path, default=None, help="also write the report (markdown) here")
     args = parser.parse_args(argv)
@@ -369,7 +376,7 @@ def measure(
             if engine is not None:
                 print(
                     f"engine only {endpoint}: {statistics.median(engine.rates[endpoint]):.2f} images/s "
-                    f"(batch {args.max_batch}, median of {len(engine.rates[endpoint])}), CPU "
+                    f"({engine.described}, median of {len(engine.rates[endpoint])}), CPU "
                     f"{statistics.median(engine.cpu_ms[endpoint]):.1f} ms/image",
                     flush=True,
                 )

@@ -2,7 +2,11 @@
 
 A request (a *job*) of N images costs N. The batcher waits at most ``max_wait_ms`` after the FIRST
 queued job for more work, then computes up to ``max_batch_images`` images in one engine call on the
-model's device thread, so the trunk runs once for everybody in the batch. The queue is bounded in
+model's device threads, so the trunk runs once for everybody in the batch. Up to ``streams`` batches
+compute at once (on a CPU, two single-threaded batches keep both cores busy without torch's threads
+waiting for each other when HTTP work preempts one of them); while every stream computes, a batch at
+least half full is formed and waits on the compute threads, to start the moment one frees rather
+than when the event loop next gets its turn. The queue is bounded in
 images (503 + Retry-After when full); a job that cannot start before its deadline gets 504; a job
 whose client has gone, or whose caller was cancelled, is dropped before compute. When a batch fails,
 it is split in halves and each half retried, down to single images, so one bad image only fails its
@@ -14,19 +18,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 
 from app.config import BatchSettings
-from app.engine.options import CamOptions
-from app.engine.reciprocam import ReciproCAM
 from app.engine.results import ImageExplanation
+from app.serving.batch import BatchItem
 from app.serving.errors import (
     ClientDisconnectedError,
     DeadlineExceededError,
@@ -40,6 +44,7 @@ from app.serving.metrics import ServiceMetrics
 logger = logging.getLogger(__name__)
 
 DisconnectCheck = Callable[[], Awaitable[bool]]
+_T = TypeVar("_T")
 
 
 async def client_gone(check: DisconnectCheck) -> bool:
@@ -50,23 +55,6 @@ async def client_gone(check: DisconnectCheck) -> bool:
         return False
 
 
-@dataclass
-class BatchItem:
-    """One image and what to compute for it.
-
-    ``image`` is the model input (3, H, W): uint8 pixels, normalised with the batch on the model's
-    device, or with ``normalized`` a float tensor the client already normalised. ``options`` None
-    means prediction only. ``targets`` are explicit class ids to explain; otherwise the ``top_k``
-    most probable classes are explained.
-    """
-
-    image: torch.Tensor
-    options: CamOptions | None = None
-    targets: list[int] | None = None
-    top_k: int = 1
-    normalized: bool = False
-
-
 @dataclass(frozen=True)
 class BatchOutcome:
     """Results for one job, in the order of its items, and how long it waited and computed."""
@@ -75,69 +63,6 @@ class BatchOutcome:
     queue_ms: float
     compute_ms: float
     batch_images: int
-
-
-def batch_inputs(
-    items: Sequence[BatchItem],
-    normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    device: torch.device | str | None = None,
-) -> torch.Tensor:
-    """The batch's model inputs (B, 3, H, W) in item order, on ``device``.
-
-    uint8 pixels are stacked and moved as uint8 (a quarter of the bytes of float32), then
-    normalised in one call of ``normalize`` (which takes (..., H, W, 3) pixels) on the device;
-    normalised items are taken as they are.
-    """
-    pixel_rows = [row for row, item in enumerate(items) if not item.normalized]
-    tensor_rows = [row for row, item in enumerate(items) if item.normalized]
-    if not pixel_rows:
-        stacked = torch.stack([item.image for item in items])
-        return stacked if device is None else stacked.to(device)
-    if normalize is None:
-        raise ValueError("uint8 images need a normalize function")
-    # stacked as (B, H, W, 3), the layout of decoded pixels: copied once, moved as one block
-    pixels = torch.stack([items[row].image.movedim(0, -1) for row in pixel_rows])
-    normalized = normalize(pixels if device is None else pixels.to(device))
-    if not tensor_rows:
-        return normalized
-    inputs = torch.empty(
-        (len(items), *normalized.shape[1:]), dtype=normalized.dtype, device=normalized.device
-    )
-    inputs[pixel_rows] = normalized
-    inputs[tensor_rows] = torch.stack([items[row].image for row in tensor_rows]).to(inputs)
-    return inputs
-
-
-def run_engine_batch(
-    engine: ReciproCAM,
-    items: Sequence[BatchItem],
-    normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    device: torch.device | str | None = None,
-) -> list[ImageExplanation]:
-    """One ``ReciproCAM.explain`` call for a batch of items (called on the device thread); uint8
-    items are normalised here, with the batch, on ``device`` (see :func:`batch_inputs`)."""
-    images = batch_inputs(items, normalize, device)
-    options = [item.options for item in items]
-    targets = [item.targets for item in items] if any(item.targets is not None for item in items) else None
-    top_ks = [item.top_k for item in items if item.options is not None and item.targets is None]
-    results = engine.explain(images, options, targets=targets, top_k=max(top_ks, default=1))
-    for result in results:
-        # A NaN or an infinity (an fp16 overflow, broken weights) would reach clients as null where
-        # a number is promised: fail the batch, so that splitting isolates the image it came from.
-        if not _finite(result.logits) or (result.score_maps is not None and not _finite(result.score_maps)):
-            raise NonFiniteOutputError(
-                "the model produced non-finite values (NaN or infinity) for this image; with fp16 or bf16 "
-                "weights this can be an overflow"
-            )
-    return results
-
-
-class NonFiniteOutputError(ValueError):
-    """The model's logits or score maps for an image hold NaN or infinity."""
-
-
-def _finite(tensor: torch.Tensor) -> bool:
-    return bool(torch.isfinite(tensor).all())
 
 
 class BatchQueue(Protocol):
@@ -160,7 +85,10 @@ class _Job:
     deadline: float
     disconnected: DisconnectCheck | None
     source: int | None = None  # the front-end process it came from (shared-engine servers)
+    # Set under the batcher's claim lock: by a compute thread taking the job up, or by its caller
+    # giving up on it (deadline, cancellation) before that; whichever comes first wins.
     started: bool = field(default=False)
+    abandoned: bool = field(default=False)
 
     @property
     def cost(self) -> int:
@@ -168,7 +96,7 @@ class _Job:
 
 
 class Batcher:
-    """Per-model queue and batch loop. ``compute`` runs on ``executor`` (one thread per device)."""
+    """Per-model queue and batch loop. ``compute`` runs on ``executor``, which has ``streams`` threads."""
 
     def __init__(
         self,
@@ -178,9 +106,13 @@ class Batcher:
         settings: BatchSettings,
         metrics: ServiceMetrics,
         *,
+        streams: int = 1,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        if streams < 1:
+            raise ValueError("a batcher needs at least one stream")
         self.model_name = model_name
+        self.streams = streams
         self.compute = compute
         self.executor = executor
         self.settings = settings
@@ -193,13 +125,20 @@ class Batcher:
         self._closing = False
         self._idle = asyncio.Event()
         self._idle.set()
-        self.computing_since: float | None = None  # when the compute now running started (clock)
+        self._running: dict[asyncio.Task[None], list[_Job]] = {}
+        self._claim_lock = threading.Lock()
+        self._computing: dict[object, float] = {}  # when each compute now running started (clock)
         metrics.queue_depth.labels(model_name).set(0)
 
     # ------------------------------------------------------------------ public
     @property
     def queued_images(self) -> int:
         return self._queued_images
+
+    @property
+    def computing_since(self) -> float | None:
+        """When the oldest compute now running started (clock), None when none runs."""
+        return min(tuple(self._computing.values()), default=None)  # tuple(): one step, as threads add
 
     def start(self) -> None:
         if self._task is None:
@@ -247,7 +186,7 @@ class Batcher:
         self._arrival.set()
         try:
             done, _ = await asyncio.wait({job.future}, timeout=max(0.0, job.deadline - self.clock()))
-            if not done and not job.started:
+            if not done and self._abandon(job):
                 job.future.cancel()
                 self._reject("deadline")
                 raise DeadlineExceededError(
@@ -255,8 +194,16 @@ class Batcher:
                 )
             return await job.future
         except asyncio.CancelledError:
+            self._abandon(job)
             job.future.cancel()
             raise
+
+    def _abandon(self, job: _Job) -> bool:
+        """Give up on ``job`` unless a compute thread has taken it up; whether it was given up."""
+        with self._claim_lock:
+            if not job.started:
+                job.abandoned = True
+            return job.abandoned
 
     async def close(self, timeout_s: float) -> None:
         """Stop taking work, let queued and running work finish (at most ``timeout_s``), then stop."""
@@ -269,6 +216,14 @@ class Batcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        for task, jobs in list(self._running.items()):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(ShuttingDownError())
+        self._running.clear()
         while self._queue:
             job = self._queue.popleft()
             if not job.future.done():
@@ -279,19 +234,42 @@ class Batcher:
     # ------------------------------------------------------------------ loop
     async def _run(self) -> None:
         while True:
+            self._arrival.clear()  # set again by an arrival, a finished batch or close()
             if not self._queue:
-                self._idle.set()
-                self._arrival.clear()
+                if not self._running:
+                    self._idle.set()
+                await self._arrival.wait()
+                continue
+            if not self._may_dispatch():
                 await self._arrival.wait()
                 continue
             try:
                 batch = await self._collect()
                 if batch:
-                    await self._execute(batch)
+                    task = asyncio.get_running_loop().create_task(
+                        self._execute(batch), name=f"batch-{self.model_name}"
+                    )
+                    self._running[task] = batch
+                    task.add_done_callback(self._batch_done)
             except asyncio.CancelledError:
                 raise
             except Exception:  # pragma: no cover - the loop must survive anything
                 logger.exception("batch loop error for model %s", self.model_name)
+
+    def _may_dispatch(self) -> bool:
+        """Whether to form a batch now: a stream is free, or all compute and half a batch is queued."""
+        running = len(self._running)
+        if running < self.streams:
+            return True
+        return running == self.streams and 2 * self._queued_images >= self.settings.max_batch_images
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._running.pop(task, None)
+        if not task.cancelled() and task.exception() is not None:  # pragma: no cover - a bug
+            logger.error("batch error for model %s", self.model_name, exc_info=task.exception())
+        if not self._queue and not self._running:
+            self._idle.set()
+        self._arrival.set()
 
     async def _collect(self) -> list[_Job]:
         """Wait for the window of the oldest job, then take jobs that fit into one batch."""
@@ -322,41 +300,25 @@ class Batcher:
         return batch
 
     async def _execute(self, batch: list[_Job]) -> None:
-        now = self.clock()
-        live: list[_Job] = []
-        for job in batch:
-            if job.future.done():
-                continue
-            if now > job.deadline:
-                self._reject("deadline")
-                job.future.set_exception(
-                    DeadlineExceededError(
-                        self.model_name, self.settings.request_timeout_s, self.settings.retry_after_s
-                    )
-                )
-                continue
-            if job.disconnected is not None and await client_gone(job.disconnected):
-                self._reject("client_disconnected")
-                job.future.set_exception(ClientDisconnectedError())
-                continue
-            live.append(job)
+        live = [job for job in batch if await self._admissible(job)]
         if not live:
             return
-        started = self.clock()
-        for job in live:
-            job.started = True
-            self.metrics.queue_wait.labels(self.model_name).observe(started - job.enqueued)
-        items = [item for job in live for item in job.items]
-        self.metrics.batch_size.labels(self.model_name).observe(len(items))
-        sources = {job.source for job in live if job.source is not None}
-        if sources:
-            self.metrics.batch_sources.labels(self.model_name).observe(len(sources))
-        outputs = await self._compute_split(items)
+        started: list[float] = []  # when a compute thread took the batch up (it may wait for one)
+        claimed, computed = await self._run_in_executor(self._claim_and_compute, live, started)
+        if not claimed:
+            return
+        items = [item for job in claimed for item in job.items]
+        outputs: list[ImageExplanation | BaseException]
+        if isinstance(computed, Exception):  # split the batch, to isolate the failing image
+            outputs = await self._split(items, computed, started)
+        else:
+            outputs = list(computed)
         finished = self.clock()
-        compute_ms = (finished - started) * 1000.0
-        self.metrics.compute_time.labels(self.model_name).observe(finished - started)
+        begun = started[0]
+        compute_ms = (finished - begun) * 1000.0
+        self.metrics.compute_time.labels(self.model_name).observe(finished - begun)
         position = 0
-        for job in live:
+        for job in claimed:
             results = outputs[position : position + job.cost]
             position += job.cost
             if job.future.done():
@@ -368,50 +330,104 @@ class Batcher:
             job.future.set_result(
                 BatchOutcome(
                     results=[r for r in results if isinstance(r, ImageExplanation)],
-                    queue_ms=(started - job.enqueued) * 1000.0,
+                    queue_ms=(begun - job.enqueued) * 1000.0,
                     compute_ms=compute_ms,
                     batch_images=len(items),
                 )
             )
 
-    async def _compute_split(self, items: list[BatchItem]) -> list[ImageExplanation | BaseException]:
+    async def _admissible(self, job: _Job) -> bool:
+        """Whether ``job`` is still worth computing; answers it when not (late, or its client gone)."""
+        if job.future.done():
+            return False
+        if self.clock() > job.deadline:
+            self._reject("deadline")
+            job.future.set_exception(
+                DeadlineExceededError(
+                    self.model_name, self.settings.request_timeout_s, self.settings.retry_after_s
+                )
+            )
+            return False
+        if job.disconnected is not None and await client_gone(job.disconnected):
+            self._reject("client_disconnected")
+            job.future.set_exception(ClientDisconnectedError())
+            return False
+        return True
+
+    def _claim_and_compute(
+        self, jobs: list[_Job], started: list[float]
+    ) -> tuple[list[_Job], list[ImageExplanation] | Exception]:
+        """On a compute thread: take up the jobs not given up since they were batched, and compute
+        them; a failure is returned, for the event loop to split the batch."""
+        with self._claim_lock:
+            claimed = [job for job in jobs if not job.abandoned]
+            for job in claimed:
+                job.started = True
+        if not claimed:
+            return claimed, []
+        items = [item for job in claimed for item in job.items]
+        now = self.clock()
+        for job in claimed:
+            self.metrics.queue_wait.labels(self.model_name).observe(now - job.enqueued)
+        self.metrics.batch_size.labels(self.model_name).observe(len(items))
+        sources = {job.source for job in claimed if job.source is not None}
+        if sources:
+            self.metrics.batch_sources.labels(self.model_name).observe(len(sources))
+        try:
+            return claimed, self._compute_chunked(items, started)
+        except Exception as exc:
+            return claimed, exc
+
+    async def _compute_split(
+        self, items: list[BatchItem], started: list[float]
+    ) -> list[ImageExplanation | BaseException]:
         """Compute ``items``; a failing group is split in halves and retried, down to single images."""
         try:
-            results = await self._in_executor(items)
+            return list(await self._run_in_executor(self._compute_chunked, items, started))
         except Exception as exc:
-            if is_out_of_memory(exc):
-                self.metrics.out_of_memory.labels(self.model_name).inc()
-            if len(items) == 1:
-                self.metrics.item_failures.labels(self.model_name).inc()
-                logger.warning(
-                    "model %s failed on a single image: %s: %s", self.model_name, type(exc).__name__, exc
-                )
-                return [exc]
-            self.metrics.batch_retries.labels(self.model_name).inc()
+            return await self._split(items, exc, started)
+
+    async def _split(
+        self, items: list[BatchItem], exc: Exception, started: list[float]
+    ) -> list[ImageExplanation | BaseException]:
+        """After ``items`` failed together with ``exc``: each half again, down to single images."""
+        if is_out_of_memory(exc):
+            self.metrics.out_of_memory.labels(self.model_name).inc()
+        if len(items) == 1:
+            self.metrics.item_failures.labels(self.model_name).inc()
             logger.warning(
-                "model %s failed on a batch of %d images (%s: %s); splitting and retrying",
-                self.model_name,
-                len(items),
-                type(exc).__name__,
-                exc,
+                "model %s failed on a single image: %s: %s", self.model_name, type(exc).__name__, exc
             )
-            _release_accelerator_memory()
-            middle = len(items) // 2
-            first = await self._compute_split(items[:middle])
-            second = await self._compute_split(items[middle:])
-            return first + second
-        return list(results)
+            return [exc]
+        self.metrics.batch_retries.labels(self.model_name).inc()
+        logger.warning(
+            "model %s failed on a batch of %d images (%s: %s); splitting and retrying",
+            self.model_name,
+            len(items),
+            type(exc).__name__,
+            exc,
+        )
+        _release_accelerator_memory()
+        middle = len(items) // 2
+        first = await self._compute_split(items[:middle], started)
+        second = await self._compute_split(items[middle:], started)
+        return first + second
 
-    async def _in_executor(self, items: list[BatchItem]) -> list[ImageExplanation]:
-        self.computing_since = self.clock()
+    async def _run_in_executor(self, function: Callable[..., _T], *args: object) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
+
+    def _compute_chunked(self, items: list[BatchItem], started: list[float]) -> list[ImageExplanation]:
+        """On a compute thread: ``items`` in chunks of at most ``max_batch_images``; appends its start
+        to ``started`` and is timed by the watchdog while it runs."""
+        token = object()
+        started.append(self.clock())
+        self._computing[token] = started[-1]
         try:
-            return await asyncio.get_running_loop().run_in_executor(
-                self.executor, self._compute_chunked, items
-            )
+            return self._chunks(items)
         finally:
-            self.computing_since = None
+            self._computing.pop(token, None)
 
-    def _compute_chunked(self, items: list[BatchItem]) -> list[ImageExplanation]:
+    def _chunks(self, items: list[BatchItem]) -> list[ImageExplanation]:
         size = self.settings.max_batch_images
         results: list[ImageExplanation] = []
         for start in range(0, len(items), size):

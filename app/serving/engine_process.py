@@ -23,7 +23,7 @@ import torch
 
 from app.config import Settings, load_settings
 from app.serving import ipc
-from app.serving.batcher import BatchItem
+from app.serving.batch import BatchItem
 from app.serving.errors import ServiceError
 from app.serving.logs import logging_config
 from app.serving.metrics import ServiceMetrics

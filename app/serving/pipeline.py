@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from app.serving.batcher import BatchItem, DisconnectCheck
+from app.serving.batch import BatchItem
+from app.serving.batcher import DisconnectCheck
 from app.serving.device_stage import on_tensor_path, render_on_device
 from app.serving.model_card import ServedModel
 from app.serving.prepare import PreparedImage, upright_sizes

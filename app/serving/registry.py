@@ -8,15 +8,20 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import torch
+
 from app.config import ModelSettings, Settings
 from app.engine.models import LoadedModel, ModelLoadError, WeightsSource, load_model
 from app.engine.weights_location import check_hub_reachable, resolve_weights
-from app.serving.batcher import Batcher, BatchQueue, run_engine_batch
+from app.serving.batch import run_engine_batch
+from app.serving.batcher import Batcher, BatchQueue
 from app.serving.errors import ServiceError
 from app.serving.metrics import ServiceMetrics
 from app.serving.model_card import ServedModel
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_TORCH_THREADS = torch.get_num_threads()  # torch's own choice, before this process changes it
 
 ModelStatus = Literal["loading", "ready", "unavailable", "disabled"]
 
@@ -158,8 +163,13 @@ class ModelRegistry(Models):
             return
         device_key = str(loaded.device)
         executor = self._device_threads.get(device_key)
+        threads = self.settings.torch_threads or DEFAULT_TORCH_THREADS
+        streams = compute_streams(self.settings.batch.compute_streams, loaded.device, threads)
         if executor is None:
-            executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"compute-{device_key}")
+            if loaded.device.type == "cpu" and streams > 1:
+                # the threads are shared out: each batch runs its ops on as many threads of its own
+                torch.set_num_threads(max(1, threads // streams))
+            executor = ThreadPoolExecutor(max_workers=streams, thread_name_prefix=f"compute-{device_key}")
             self._device_threads[device_key] = executor
         engine, normalize, device = loaded.engine, loaded.preprocessor.normalize, loaded.device
         batcher = Batcher(
@@ -168,6 +178,7 @@ class ModelRegistry(Models):
             executor,
             self.settings.batch,
             self.metrics,
+            streams=streams,
         )
         batcher.start()
         entry.loaded, entry.batcher = loaded, batcher
@@ -226,6 +237,15 @@ class ModelRegistry(Models):
         for executor in self._device_threads.values():
             executor.shutdown(wait=False, cancel_futures=True)
         self._device_threads.clear()
+
+
+def compute_streams(configured: int | None, device: torch.device, threads: int) -> int:
+    """Batches computed at once on ``device``: ``configured``, or 2 on a CPU with ``threads`` torch
+    threads of 2 or more (one stream's preempted thread then does not hold up the other's), 1 on an
+    accelerator."""
+    if configured is not None:
+        return configured
+    return 2 if device.type == "cpu" and threads >= 2 else 1
 
 
 def _is_hub(weights: str | None) -> bool:

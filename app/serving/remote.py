@@ -18,7 +18,8 @@ from typing import Any, cast
 
 from app.config import Settings
 from app.serving import ipc
-from app.serving.batcher import BatchItem, BatchOutcome, DisconnectCheck, client_gone
+from app.serving.batch import BatchItem
+from app.serving.batcher import BatchOutcome, DisconnectCheck, client_gone
 from app.serving.errors import (
     ClientDisconnectedError,
     EngineUnresponsiveError,

@@ -25,8 +25,11 @@ MIN_LOOP_STALL_S = 60.0
 
 
 class Computing(Protocol):
-    model_name: str
-    computing_since: float | None
+    @property
+    def model_name(self) -> str: ...
+
+    @property
+    def computing_since(self) -> float | None: ...
 
 
 def exit_hung(reason: str) -> None:

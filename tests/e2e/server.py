@@ -17,7 +17,7 @@ from typing import Any
 
 from app.cli import main
 from app.serving import registry, supervisor
-from app.serving.batcher import BatchItem, run_engine_batch
+from app.serving.batch import BatchItem, run_engine_batch
 
 DELAY_FILE_ENV = "RECIPROCAM_TEST_DELAY_FILE"
 

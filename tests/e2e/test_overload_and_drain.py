@@ -162,7 +162,11 @@ def _wait_for(condition, what: str, server, timeout_s: float = 30.0) -> None:  #
 
 def test_work_of_a_disconnected_client_is_skipped(start_server):
     """A request whose client hangs up while it waits in the queue never reaches the model."""
-    server = start_server({"batch__max_batch_images": 1, "batch__max_wait_ms": 0})
+    # One stream, and one image is under half a batch: the second request stays in the queue while the
+    # first computes (half a batch would be handed to the compute thread to wait there)
+    server = start_server(
+        {"batch__max_batch_images": 4, "batch__max_wait_ms": 0, "batch__compute_streams": 1}
+    )
     computed = lambda: server.metric("reciprocam_batch_size_images_sum", model="tiny")  # noqa: E731
     batches = lambda: server.metric("reciprocam_batch_size_images_count", model="tiny")  # noqa: E731
     images_before, batches_before = computed(), batches()

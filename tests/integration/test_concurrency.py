@@ -158,8 +158,10 @@ async def test_injected_failure_fails_only_its_own_request(tiny_weights):
 async def test_full_queue_answers_503_with_retry_after_and_accepted_requests_succeed(tiny_weights):
     import threading
 
+    # one stream, and one image is under half a batch: it stays in the queue while the first computes
     settings = tiny_settings(
-        tiny_weights, batch={"max_batch_images": 1, "max_wait_ms": 0, "max_queue_images": 1}
+        tiny_weights,
+        batch={"max_batch_images": 4, "max_wait_ms": 0, "max_queue_images": 1, "compute_streams": 1},
     )
     async with running_service(settings) as client:
         engine = client.app.state.service.registry.entries["tiny"].loaded.engine

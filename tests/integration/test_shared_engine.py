@@ -15,7 +15,7 @@ from PIL import Image
 
 from app.config import Settings
 from app.main import create_app
-from app.serving.batcher import BatchItem
+from app.serving.batch import BatchItem
 from app.serving.remote import RemoteModels
 from tests.integration.conftest import serving, tiny_settings
 from tests.shared_engine import EngineThread, engine_thread

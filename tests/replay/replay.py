@@ -29,7 +29,8 @@ def replay_settings(tmp_dir: Path) -> tuple[Settings, Path]:
             ModelSettings(name="shapes", weights=SHAPES_WEIGHTS),
             ModelSettings(name="tiny", weights=str(tiny)),
         ],
-        batch={"max_wait_ms": 1},
+        # one batch at a time on all THREADS (two streams would compute on half of them each)
+        batch={"max_wait_ms": 1, "compute_streams": 1},
         io_workers=2,
         log_format="text",
         tensor_resize=False,  # the recording was made with Pillow's resize

@@ -12,7 +12,8 @@ import torch
 
 from app.config import BatchSettings
 from app.engine.results import ImageExplanation
-from app.serving.batcher import Batcher, BatchItem
+from app.serving.batch import BatchItem
+from app.serving.batcher import Batcher
 from app.serving.errors import (
     ClientDisconnectedError,
     ComputeFailedError,
@@ -223,7 +224,7 @@ async def test_close_drains_queued_work_then_refuses(executor):
 async def test_engine_batch_call_per_image_options_and_top_k():
     """run_engine_batch passes per-image options and targets, and the largest top_k, in one call."""
     from app.engine.options import CamOptions
-    from app.serving.batcher import run_engine_batch
+    from app.serving.batch import run_engine_batch
 
     calls = []
 
@@ -252,7 +253,7 @@ def test_batch_inputs_normalise_uint8_pixels_with_the_batch():
     import numpy as np
 
     from app.engine.preprocess import DataConfig, Preprocessor
-    from app.serving.batcher import batch_inputs
+    from app.serving.batch import batch_inputs
 
     preprocessor = Preprocessor(DataConfig(input_size=(6, 5), mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3)))
     rng = np.random.default_rng(0)
@@ -289,7 +290,7 @@ def test_batch_inputs_normalise_uint8_pixels_with_the_batch():
 def test_run_engine_batch_refuses_non_finite_results():
     """NaN or infinite logits or maps fail the batch (the batcher then isolates the image) instead
     of reaching the response as null."""
-    from app.serving.batcher import NonFiniteOutputError, run_engine_batch
+    from app.serving.batch import NonFiniteOutputError, run_engine_batch
 
     class Engine:
         def __init__(self, logits: torch.Tensor, maps: torch.Tensor | None) -> None:

@@ -18,7 +18,7 @@ import torch
 from app.engine.options import CamOptions
 from app.engine.preprocess import DataConfig, Preprocessor
 from app.engine.reciprocam import ReciproCAM
-from app.serving.batcher import BatchItem, batch_inputs
+from app.serving.batch import BatchItem, batch_inputs
 from tests.helpers import TINY_MODELS, make_tiny
 
 # RECIPROCAM_TEST_DEVICE=cpu runs the same checks on the CPU (to check the tests themselves).
