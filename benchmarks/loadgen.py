@@ -1,15 +1,17 @@
 """The load test's client side: ready request bodies, and client processes that send them.
 
 A :class:`ClientPool` starts its processes once (``spawn``, so they hold nothing of the parent's
-threads or model) and reuses them for every level. Each process runs its own asyncio loop and httpx
-client with its share of the load. Two ways to load the server:
+threads or model) and reuses them for every level. Each process runs its own event loop (uvloop when
+installed) and a lean keep-alive HTTP/1.1 client (``rawhttp.py``: the load generator shares the
+machine with the server, so its CPU is kept small) with its share of the load. Two ways to load the
+server:
 
 * **closed loop**: a fixed number of requests in flight; each answer sends the next request.
 * **open loop**: requests sent at a fixed rate (uniform or Poisson arrivals) whatever the answers;
   latency counts from the scheduled send time, so a client that falls behind its schedule adds to
   the latency instead of hiding it.
 
-Bodies are encoded once, before the level, so the clients spend their CPU on HTTP, not on
+Requests are encoded once, before the level, so the clients spend their CPU on HTTP, not on
 building multipart bodies. Every process measures its own CPU time (user + system) over the
 measured part of the level.
 """
@@ -34,6 +36,8 @@ import httpx
 import numpy as np
 import orjson
 from PIL import Image
+
+from benchmarks.rawhttp import RawClient, RawResponse, TransportError, request_bytes
 
 Api = Literal["v1", "v2"]
 # a process that finishes no level within this time has hung (a server that never answers)
@@ -174,7 +178,7 @@ def _headers(api_key: str | None, content_type: str) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------- one process
-def error_kind(response: httpx.Response) -> str:
+def error_kind(response: RawResponse) -> str:
     """A failed response's kind: its status with the service's error code and message (``/v1``: the
     body without its per-request id; ``/v2``: the message), or the start of any other body."""
     try:
@@ -186,11 +190,11 @@ def error_kind(response: httpx.Response) -> str:
         return f"{response.status_code} {response.text[:120]}"
 
 
-def batch_images(response: httpx.Response, api: Api) -> int:
+def batch_images(response: RawResponse, api: Api) -> int:
     """The size of the batch the request joined, from the answer's timings."""
     if api == "v1":
         return int(orjson.loads(response.content)["timing"]["batch_images"])
-    length = response.headers.get("Inference-Header-Content-Length")
+    length = response.headers.get("inference-header-content-length")
     header = response.content[: int(length)] if length else response.content
     return int(orjson.loads(header)["parameters"]["batch_images"])
 
@@ -202,19 +206,20 @@ async def run_client(spec: LevelSpec, between: Callable[[], None] | None = None)
     result = ClientResult()
     errors: Counter[str] = Counter()
     in_flight = 0
-    cap = max(1, spec.concurrency)
-    limits = httpx.Limits(max_connections=cap, max_keepalive_connections=cap)
-    async with httpx.AsyncClient(base_url=spec.url, timeout=600, limits=limits) as client:
+    client = RawClient(spec.url)
+    requests = [
+        request_bytes(template.path, template.headers, body, client.authority) for body in template.bodies
+    ]
+    try:
 
         async def one(index: int, scheduled: float) -> None:
             nonlocal in_flight
             in_flight += 1
             result.max_in_flight = max(result.max_in_flight, in_flight)
-            body = template.bodies[index % len(template.bodies)]
             try:
-                response = await client.post(template.path, content=body, headers=template.headers)
-            except httpx.TransportError as exc:  # connection dropped or refused: count it, go on
-                errors[type(exc).__name__] += 1
+                response = await client.send(requests[index % len(requests)])
+            except TransportError as exc:  # connection dropped or refused: count it, go on
+                errors[str(exc).partition(":")[0]] += 1
                 return
             finally:
                 in_flight -= 1
@@ -246,6 +251,8 @@ async def run_client(spec: LevelSpec, between: Callable[[], None] | None = None)
             await _open_loop(spec, one, result, errors)
         result.finished = time.monotonic()
         result.cpu_s = time.process_time() - cpu_before
+    finally:
+        await client.aclose()
     result.error_kinds = dict(errors)
     return result
 
@@ -310,10 +317,19 @@ def _process_main(
             barrier.wait(LEVEL_TIMEOUT_S)  # go
 
         try:
-            outbox.put((number, asyncio.run(run_client(spec, between))))
+            with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+                outbox.put((number, runner.run(run_client(spec, between))))
         except BaseException:
             barrier.abort()
             outbox.put((number, traceback.format_exc()))
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 # --------------------------------------------------------------------------- the pool
