@@ -14,8 +14,6 @@ def rawhttp(load_test):
     return sys.modules["benchmarks.rawhttp"]
 
 
-
-
 async def _serve(answers: list[bytes], close_after: set[int]) -> tuple[asyncio.Server, list[int]]:
     """Answers requests in order with ``answers``; closes the connection after the answers numbered in
     ``close_after``. Returns the server and the connection number of every request."""
