@@ -156,6 +156,14 @@ def ratio_lines(results: list[LevelResult], engine: Any, args: argparse.Namespac
                     f"- {where}: CPU per image, server / engine only = {served_ms:.1f} / {cpu_ms:.1f} ms: "
                     f"{served_ms - cpu_ms:.1f} ms per image outside the model"
                 )
+        for r in (best, variant):
+            if r is not None and r.compute_cpu_ms_per_image == r.compute_cpu_ms_per_image:  # measured
+                lines.append(
+                    f"- {where}, {r.config}: server CPU per image {r.server_cpu_ms_per_image:.1f} ms, of which "
+                    f"its compute threads {r.compute_cpu_ms_per_image:.1f} ms (the model) and "
+                    f"**{r.server_cpu_ms_per_image - r.compute_cpu_ms_per_image:.1f} ms** the rest (HTTP, "
+                    "decoding, rendering: outside the model, in the same run)"
+                )
         if best and best.seconds > 0:
             cores = os.cpu_count() or 1
             share = best.client_cpu_s / (best.seconds * cores)
@@ -174,7 +182,8 @@ def print_level(result: LevelResult) -> None:
         f"{result.config:>13} {result.endpoint:>7} {load:>8} x{result.processes} "
         f"{result.images_per_s:7.2f} images/s (median {result.median_images_per_s:.2f}) "
         f"p50 {result.percentile(50):6.0f} p99 {result.percentile(99):6.0f} ms batch {result.mean_batch:5.1f} "
-        f"server {result.server_cpu_ms_per_image:5.1f} ms/img client {result.client_cpu_ms_per_request:4.1f} "
+        f"server {result.server_cpu_ms_per_image:5.1f} ms/img (compute {result.compute_cpu_ms_per_image:4.1f}) "
+        f"client {result.client_cpu_ms_per_request:4.1f} "
         f"ms/req ({100 * result.client_core_share:.0f}% core) errors {result.errors}",
         flush=True,
     )

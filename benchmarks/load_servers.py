@@ -40,6 +40,36 @@ def process_tree_cpu_seconds(pid: int) -> float | None:
     return total
 
 
+def named_threads_cpu_seconds(pid: int, name: str) -> float | None:
+    """User + system CPU seconds of the threads called ``name`` (``/proc/<pid>/task/*/comm``) in a
+    process and its live descendants: the server's compute threads (app/serving/threads.py). None
+    where /proc is not available or the process is gone."""
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    total, pending, seen = 0.0, [pid], set()
+    while pending:
+        current = pending.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        try:
+            tasks = list(Path(f"/proc/{current}/task").iterdir())
+        except OSError:
+            if current == pid:
+                return None
+            continue
+        for task in tasks:
+            try:
+                if (task / "comm").read_text().strip() != name:
+                    continue
+                stat = (task / "stat").read_text()
+                fields = stat[stat.rindex(")") + 2 :].split()
+                total += (int(fields[11]) + int(fields[12])) / ticks
+            except (OSError, ValueError, IndexError):
+                continue  # a thread that ended meanwhile
+        pending.extend(child_pids(current) or ())
+    return total
+
+
 def child_pids(pid: int) -> set[int] | None:
     """The direct children of a process (a server's workers), read from /proc; None where /proc is
     not available or the process is gone."""

@@ -49,9 +49,15 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from app.serving.threads import COMPUTE_THREAD_NAME  # noqa: E402
 from benchmarks.load_engine import EngineOnly  # noqa: E402
 from benchmarks.load_report import print_level, ratio_lines, report_tables  # noqa: E402
-from benchmarks.load_servers import ServerProcess, child_pids, process_tree_cpu_seconds  # noqa: E402
+from benchmarks.load_servers import (  # noqa: E402
+    ServerProcess,
+    child_pids,
+    named_threads_cpu_seconds,
+    process_tree_cpu_seconds,
+)
 from benchmarks.load_stages import StageFigures, scrape_stages, stage_figures  # noqa: E402
 from benchmarks.loadgen import (  # noqa: E402
     ClientPool,
@@ -85,6 +91,7 @@ class LevelResult:
     latencies_ms: list[float] = field(default_factory=list)
     batch_images: list[int] = field(default_factory=list)
     server_cpu_s: float | None = 0.0  # CPU time of the server's process tree; None: not measured
+    compute_cpu_s: float | None = 0.0  # of which its compute threads' (the model); None: not measured
     client_cpu_s: float = 0.0  # user + system CPU of all client processes
     error_kinds: dict[str, int] = field(default_factory=dict)  # status and code, or exception
     workers_lost: int = 0  # server worker processes that ended during the level (killed, crashed)
@@ -108,6 +115,12 @@ class LevelResult:
         if self.server_cpu_s is None or not self.served_images:
             return float("nan")
         return 1000 * self.server_cpu_s / self.served_images
+
+    @property
+    def compute_cpu_ms_per_image(self) -> float:
+        if self.compute_cpu_s is None or not self.served_images:
+            return float("nan")
+        return 1000 * self.compute_cpu_s / self.served_images
 
     @property
     def client_cpu_ms_per_request(self) -> float:
@@ -147,7 +160,13 @@ class LevelResult:
     def mean_batch(self) -> float:
         return statistics.fmean(self.batch_images) if self.batch_images else float("nan")
 
-    def add_round(self, clients: list[ClientResult], server_cpu_s: float | None, workers_lost: int) -> None:
+    def add_round(
+        self,
+        clients: list[ClientResult],
+        server_cpu_s: float | None,
+        workers_lost: int,
+        compute_cpu_s: float | None = None,
+    ) -> None:
         """One round's client results (one per process) and server figures, added to the totals."""
         active = [client for client in clients if client.sent]
         started = min((c.started for c in active), default=0.0)
@@ -174,6 +193,10 @@ class LevelResult:
             self.server_cpu_s += server_cpu_s
         else:
             self.server_cpu_s = None
+        if self.compute_cpu_s is not None and compute_cpu_s is not None:
+            self.compute_cpu_s += compute_cpu_s
+        else:
+            self.compute_cpu_s = None
         self.workers_lost += workers_lost
 
     def warnings(self) -> list[str]:
@@ -237,10 +260,12 @@ def run_round(
     def at_start() -> None:  # /metrics first, so that the scrape's own CPU is not counted
         before["stages"] = scrape_stages(url, STAGE_METRIC, args.api_key)
         before["cpu"] = process_tree_cpu_seconds(pid) if pid else None
+        before["compute"] = named_threads_cpu_seconds(pid, COMPUTE_THREAD_NAME) if pid else None
         before["workers"] = child_pids(pid) if pid else None
 
     clients = pool.run(specs, at_start)
     cpu_after = process_tree_cpu_seconds(pid) if pid else None
+    compute_after = named_threads_cpu_seconds(pid, COMPUTE_THREAD_NAME) if pid else None
     workers_after = child_pids(pid) if pid else None
     stages_after = scrape_stages(url, STAGE_METRIC, args.api_key)
     cpu = cpu_after - before["cpu"] if cpu_after is not None and before["cpu"] is not None else None
@@ -249,7 +274,12 @@ def run_round(
     figures = stage_figures(before["stages"], stages_after, served)
     if figures is not None:
         result.stages.append(figures)
-    result.add_round(clients, cpu, lost)
+    compute = (
+        compute_after - before["compute"]
+        if compute_after is not None and before["compute"] is not None
+        else None
+    )
+    result.add_round(clients, cpu, lost, compute)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -18,6 +18,7 @@ from app.serving.batcher import Batcher, BatchQueue
 from app.serving.errors import ServiceError
 from app.serving.metrics import ServiceMetrics
 from app.serving.model_card import ServedModel
+from app.serving.threads import COMPUTE_THREAD_NAME, name_this_thread
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +170,12 @@ class ModelRegistry(Models):
             if loaded.device.type == "cpu" and streams > 1:
                 # the threads are shared out: each batch runs its ops on as many threads of its own
                 torch.set_num_threads(max(1, threads // streams))
-            executor = ThreadPoolExecutor(max_workers=streams, thread_name_prefix=f"compute-{device_key}")
+            executor = ThreadPoolExecutor(
+                max_workers=streams,
+                thread_name_prefix=f"compute-{device_key}",
+                initializer=name_this_thread,
+                initargs=(COMPUTE_THREAD_NAME,),
+            )
             self._device_threads[device_key] = executor
         engine, normalize, device = loaded.engine, loaded.preprocessor.normalize, loaded.device
         batcher = Batcher(

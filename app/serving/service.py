@@ -26,6 +26,7 @@ from app.serving.prepare import PreparedImage, prepare_image, prepare_on_device
 from app.serving.registry import ModelRegistry, Models
 from app.serving.remote import RemoteModels
 from app.serving.supervisor import ENGINE_SOCKET_ENV
+from app.serving.threads import IO_THREAD_NAME, name_this_thread
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -66,7 +67,12 @@ class Service:
         return ModelRegistry(self.settings, self.metrics)
 
     def _new_io_pool(self) -> ThreadPoolExecutor:
-        return ThreadPoolExecutor(max_workers=self.settings.io_workers, thread_name_prefix="io")
+        return ThreadPoolExecutor(
+            max_workers=self.settings.io_workers,
+            thread_name_prefix="io",
+            initializer=name_this_thread,
+            initargs=(IO_THREAD_NAME,),
+        )
 
     @contextlib.contextmanager
     def hold_original_pixels(self, pixels: int, model: str) -> Iterator[None]:

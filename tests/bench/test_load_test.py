@@ -3,6 +3,7 @@ a scripted server), the stage figures from /metrics, and tiny runs end to end (r
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -110,6 +111,10 @@ def test_a_tiny_load_test_reports_throughput_ratios_and_cpu(load_test, tmp_path)
         assert float(row[17]) > 0  # client CPU ms per request
     assert "batching on / off" in report and "engine only" in report
     assert "ms per image outside the model" in report
+    # the server's compute threads, read by name from /proc, hold part of its CPU, not all of it
+    (split,) = [line for line in report.splitlines() if "batching on: server CPU per image" in line]
+    server_ms, compute_ms = (float(v) for v in re.findall(r"([0-9.]+) ms", split)[:2])
+    assert 0 < compute_ms < server_ms
     assert 'variant ({"reduced_jpeg_decode": false}) / batching on' in report
     assert "the load generator used" in report
 
