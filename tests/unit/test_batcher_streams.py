@@ -184,3 +184,40 @@ def test_the_engine_computes_two_batches_at_once_as_it_does_one_by_one(name):
         for one, other in zip(expected, got, strict=True):
             assert torch.equal(one.logits, other.logits)
             assert torch.equal(one.score_maps, other.score_maps)
+
+
+async def test_many_jobs_with_cancellations_failures_and_deadlines_each_get_their_own_answer():
+    """A storm on two streams: every job that is not cancelled gets exactly its own results, or the
+    error of its own poisoned image, or 504; nothing hangs and the batcher ends idle."""
+    import random
+
+    engine = FakeEngine()
+    engine.poison = {13.0, 57.0}
+    batcher, pool = make(engine, 2, max_batch_images=6, max_wait_ms=1, request_timeout_s=5)
+    rng = random.Random(0)
+    tasks = []
+    for j in range(120):
+        values = [float(j * 10 + k) for k in range(rng.randint(1, 3))]
+        tasks.append((values, asyncio.ensure_future(batcher.submit([item(v) for v in values]))))
+        if rng.random() < 0.3:
+            await asyncio.sleep(0)
+    cancelled = {index for index in range(len(tasks)) if rng.random() < 0.15}
+    for index in cancelled:
+        tasks[index][1].cancel()
+    results = await asyncio.wait_for(asyncio.gather(*(t for _, t in tasks), return_exceptions=True), 30)
+    for index, ((values, _), result) in enumerate(zip(tasks, results, strict=True)):
+        if isinstance(result, asyncio.CancelledError):
+            assert index in cancelled
+        elif isinstance(result, Exception):
+            assert engine.poison.intersection(values), (values, result)
+        else:
+            assert values_of(result) == values
+    computed = [value for batch in engine.batches for value in batch]
+    cancelled_values = {v for index in cancelled for v in tasks[index][0]}
+    assert set(computed) >= {v for values, _ in tasks for v in values} - cancelled_values
+    # an image is computed again only when a batch it was in failed and was split
+    failed_with = {v for batch in engine.batches if engine.poison.intersection(batch) for v in batch}
+    assert all(computed.count(v) == 1 for v in set(computed) - failed_with)
+    await asyncio.wait_for(batcher.close(5), 10)
+    assert batcher.queued_images == 0 and batcher.computing_since is None
+    pool.shutdown()
