@@ -9,42 +9,43 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def process_tree_cpu_seconds(pid: int) -> float | None:
     """User + system CPU seconds of a process and its live descendants (uvicorn workers), read from
     /proc; None where /proc is not available (not Linux) or the process is gone."""
-    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    total, pending, seen = 0.0, [pid], set()
-    while pending:
-        current = pending.pop()
-        if current in seen:
-            continue
-        seen.add(current)
-        try:
-            stat = Path(f"/proc/{current}/stat").read_text()
-            # fields after the parenthesised command name; utime and stime are fields 14 and 15
-            fields = stat[stat.rindex(")") + 2 :].split()
-            total += (int(fields[11]) + int(fields[12])) / ticks
-        except (OSError, ValueError, IndexError):
-            if current == pid:
-                return None
-            continue  # a descendant that ended meanwhile
-        pending.extend(child_pids(current) or ())
-    return total
+    return _tree_sum(pid, lambda process: _cpu_seconds(Path(f"/proc/{process}/stat")))
 
 
 def named_threads_cpu_seconds(pid: int, name: str) -> float | None:
     """User + system CPU seconds of the threads called ``name`` (``/proc/<pid>/task/*/comm``) in a
     process and its live descendants: the server's compute threads (app/serving/threads.py). None
     where /proc is not available or the process is gone."""
-    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def named(process: int) -> float:
+        total = 0.0
+        for task in list(Path(f"/proc/{process}/task").iterdir()):
+            try:
+                if (task / "comm").read_text().strip() == name:
+                    total += _cpu_seconds(task / "stat")
+            except (OSError, ValueError, IndexError):
+                continue  # a thread that ended meanwhile
+        return total
+
+    return _tree_sum(pid, named)
+
+
+def _tree_sum(pid: int, per_process: Callable[[int], float]) -> float | None:
+    """``per_process`` summed over a process and its live descendants; None when it fails for the
+    process itself (gone, or no /proc), a descendant that ended meanwhile counts nothing."""
     total, pending, seen = 0.0, [pid], set()
     while pending:
         current = pending.pop()
@@ -52,22 +53,21 @@ def named_threads_cpu_seconds(pid: int, name: str) -> float | None:
             continue
         seen.add(current)
         try:
-            tasks = list(Path(f"/proc/{current}/task").iterdir())
-        except OSError:
+            total += per_process(current)
+        except (OSError, ValueError, IndexError):
             if current == pid:
                 return None
             continue
-        for task in tasks:
-            try:
-                if (task / "comm").read_text().strip() != name:
-                    continue
-                stat = (task / "stat").read_text()
-                fields = stat[stat.rindex(")") + 2 :].split()
-                total += (int(fields[11]) + int(fields[12])) / ticks
-            except (OSError, ValueError, IndexError):
-                continue  # a thread that ended meanwhile
         pending.extend(child_pids(current) or ())
     return total
+
+
+def _cpu_seconds(stat: Path) -> float:
+    """utime + stime of a /proc stat file (process or thread), in seconds."""
+    text = stat.read_text()
+    # fields after the parenthesised command name; utime and stime are fields 14 and 15
+    fields = text[text.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
 def child_pids(pid: int) -> set[int] | None:
