@@ -16,6 +16,7 @@ class EngineOnly:
     def __init__(self, args: argparse.Namespace, model_kwargs: dict[str, Any], images: list[bytes]) -> None:
         from app.engine.models import load_model
         from app.serving.images import decode_image
+        from app.serving.registry import DEFAULT_TORCH_THREADS, compute_streams, stream_threads
 
         self.loaded = load_model(
             args.arch,
@@ -26,14 +27,10 @@ class EngineOnly:
             warmup=True,
         )
         self.tensors = [self.loaded.preprocessor(decode_image(data))[0] for data in images]
-
-        from app.serving.registry import DEFAULT_TORCH_THREADS, compute_streams
-
         self.batch_size = args.max_batch
         total = args.engine_threads or DEFAULT_TORCH_THREADS
         self.streams = compute_streams(args.engine_streams, self.loaded.device, total)
-        # the server's split (app/serving/registry.py): on a CPU the streams share the threads out
-        self.threads = max(1, total // self.streams) if self.loaded.device.type == "cpu" else total
+        self.threads = stream_threads(total, self.streams, self.loaded.device)
         self.rates: dict[str, list[float]] = {}
         self.cpu_ms: dict[str, list[float]] = {}
 

@@ -168,8 +168,8 @@ class ModelRegistry(Models):
         streams = compute_streams(self.settings.batch.compute_streams, loaded.device, threads)
         if executor is None:
             if loaded.device.type == "cpu" and streams > 1:
-                # the threads are shared out: each batch runs its ops on as many threads of its own
-                torch.set_num_threads(max(1, threads // streams))
+                # each batch runs its ops on as many threads of its own
+                torch.set_num_threads(stream_threads(threads, streams, loaded.device))
             executor = ThreadPoolExecutor(
                 max_workers=streams,
                 thread_name_prefix=f"compute-{device_key}",
@@ -252,6 +252,12 @@ def compute_streams(configured: int | None, device: torch.device, threads: int) 
     if configured is not None:
         return configured
     return 2 if device.type == "cpu" and threads >= 2 else 1
+
+
+def stream_threads(threads: int, streams: int, device: torch.device) -> int:
+    """The torch threads each stream computes on: on a CPU the process's ``threads`` shared out among
+    the ``streams``; on an accelerator the host threads are not what computes, so all of them."""
+    return max(1, threads // streams) if device.type == "cpu" else threads
 
 
 def _is_hub(weights: str | None) -> bool:

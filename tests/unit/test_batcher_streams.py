@@ -14,7 +14,7 @@ from app.config import BatchSettings
 from app.serving.batcher import Batcher
 from app.serving.errors import DeadlineExceededError
 from app.serving.metrics import ServiceMetrics
-from app.serving.registry import compute_streams
+from app.serving.registry import compute_streams, stream_threads
 from tests.unit.test_batcher import FakeEngine, item, values_of
 
 
@@ -147,6 +147,9 @@ def test_default_streams_two_on_a_multicore_cpu_one_elsewhere():
     assert compute_streams(None, cpu, threads=1) == 1
     assert compute_streams(None, cuda, threads=16) == 1
     assert compute_streams(3, cuda, threads=1) == 3  # a configured count wins
+    # each stream's torch threads: a CPU's shared out (never none), an accelerator's host threads kept
+    assert [stream_threads(t, 2, cpu) for t in (1, 2, 3, 16)] == [1, 1, 1, 8]
+    assert stream_threads(16, 2, cuda) == 16
 
 
 @pytest.mark.parametrize("name", ["deit_tiny_distilled", "vit_registers"])
