@@ -25,6 +25,16 @@ def make(engine: FakeEngine, streams: int, **settings) -> tuple[Batcher, ThreadP
     return batcher, pool
 
 
+async def one_stream_held(**settings) -> tuple[FakeEngine, Batcher, ThreadPoolExecutor, asyncio.Future]:
+    """A one-stream batcher whose engine is computing image 1 and holds it until ``engine.gate`` opens."""
+    engine = FakeEngine()
+    engine.gate.clear()
+    batcher, pool = make(engine, 1, max_wait_ms=0, **settings)
+    first = asyncio.ensure_future(batcher.submit([item(1)]))
+    await asyncio.to_thread(engine.entered.wait, 5)
+    return engine, batcher, pool, first
+
+
 class CountingEngine(FakeEngine):
     """A FakeEngine that records how many batches were inside it at the same time."""
 
@@ -76,11 +86,7 @@ async def test_one_stream_never_computes_two_batches_at_once():
 async def test_the_next_batch_starts_while_the_event_loop_is_busy():
     """While the one stream computes, a half-full queue is formed into a batch that waits on the compute
     thread: it starts when the running batch ends, even if the event loop is then busy elsewhere."""
-    engine = FakeEngine()
-    engine.gate.clear()
-    batcher, pool = make(engine, 1, max_batch_images=4, max_wait_ms=0)
-    first = asyncio.ensure_future(batcher.submit([item(1)]))
-    await asyncio.to_thread(engine.entered.wait, 5)
+    engine, batcher, pool, first = await one_stream_held(max_batch_images=4)
     second = [asyncio.ensure_future(batcher.submit([item(v)])) for v in (2, 3)]  # half of 4
     for _ in range(20):  # let the loop form the waiting batch
         await asyncio.sleep(0)
@@ -94,11 +100,7 @@ async def test_the_next_batch_starts_while_the_event_loop_is_busy():
 
 
 async def test_less_than_half_a_batch_waits_for_a_free_stream():
-    engine = FakeEngine()
-    engine.gate.clear()
-    batcher, pool = make(engine, 1, max_batch_images=4, max_wait_ms=0)
-    first = asyncio.ensure_future(batcher.submit([item(1)]))
-    await asyncio.to_thread(engine.entered.wait, 5)
+    engine, batcher, pool, first = await one_stream_held(max_batch_images=4)
     early = asyncio.ensure_future(batcher.submit([item(2)]))  # a quarter: not formed yet
     for _ in range(20):
         await asyncio.sleep(0)
@@ -112,11 +114,7 @@ async def test_less_than_half_a_batch_waits_for_a_free_stream():
 
 
 async def test_a_job_waiting_on_the_compute_thread_still_gets_its_deadline():
-    engine = FakeEngine()
-    engine.gate.clear()
-    batcher, pool = make(engine, 1, max_batch_images=1, max_wait_ms=0, request_timeout_s=0.1)
-    running = asyncio.ensure_future(batcher.submit([item(1)]))
-    await asyncio.to_thread(engine.entered.wait, 5)
+    engine, batcher, pool, running = await one_stream_held(max_batch_images=1, request_timeout_s=0.1)
     with pytest.raises(DeadlineExceededError):
         await batcher.submit([item(2)])  # a full batch at once: it waits on the thread, then times out
     engine.gate.set()
