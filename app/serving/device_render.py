@@ -5,9 +5,9 @@ bilinear upsampling to the model input, the same projection onto the original im
 crop :class:`Geometry`, the same ``floor(255 * x)`` levels, the same 256-entry colour lookup tables
 (built from :func:`app.serving.render.colormap_lut`) and the same float32 blend, so on the CPU the
 pictures equal the Pillow path's exactly. Encoding: ``torchvision.io.encode_jpeg`` takes CUDA tensors
-(nvJPEG) and CPU tensors alike; ``encode_png`` runs on the CPU. A PNG heatmap is the Pillow path's
-palette PNG of the 8-bit levels (torchvision writes no palette PNG; an RGB one would be three times
-the bytes to move and deflate for the same decoded colours).
+(nvJPEG) and CPU tensors alike; PNGs are written on the CPU by the Pillow path's writer
+(:mod:`app.serving.png`), a PNG heatmap as its palette PNG of the 8-bit levels (an RGB one would be
+three times the bytes to move and deflate for the same decoded colours).
 """
 
 from __future__ import annotations
@@ -15,13 +15,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
-from torchvision.io import encode_jpeg, encode_png
+from torchvision.io import encode_jpeg
 
 import app.serving.device_decode  # noqa: F401  (silences torchvision's codec deprecation warning)
 from app.engine.maps import upsample_maps
 from app.engine.preprocess import Geometry, project_to_original
 from app.serving.options import picture_format_of
+from app.serving.png import encode_png
 from app.serving.render import colormap_lut, heatmap_png
 
 MAP_SIZES: tuple[str, ...] = ("grid", "input", "original")
@@ -98,7 +100,7 @@ def encode_images(
     """Encode uint8 (C, H, W) images (C = 1 or 3; a (N, C, H, W) batch or a list) as PNG or JPEG.
 
     JPEG: one ``encode_jpeg`` call for the list, on the images' device (nvJPEG on CUDA). PNG: on
-    the CPU, ``compression_level`` 1 as the Pillow path (fast, a little larger)."""
+    the CPU, with the Pillow path's writer (:mod:`app.serving.png`)."""
     items = list(images.unbind(0)) if isinstance(images, torch.Tensor) else list(images)
     if not items:
         return []
@@ -106,11 +108,14 @@ def encode_images(
         encoded = encode_jpeg([item.contiguous() for item in items], quality=quality)
         return [bytes(data.cpu().numpy().tobytes()) for data in encoded]
     if image_format == "png":
-        return [
-            bytes(encode_png(item.cpu().contiguous(), compression_level=compression_level).numpy().tobytes())
-            for item in items
-        ]
+        return [encode_png(_host_pixels(item), compress_level=compression_level) for item in items]
     raise ValueError(f"unknown image format {image_format!r}; expected one of {', '.join(IMAGE_FORMATS)}")
+
+
+def _host_pixels(image: torch.Tensor) -> np.ndarray:
+    """uint8 (C, H, W) on any device -> (H, W) or (H, W, C) on the host."""
+    pixels: np.ndarray = image.cpu().permute(1, 2, 0).numpy()
+    return pixels[:, :, 0] if pixels.shape[2] == 1 else pixels
 
 
 @dataclass

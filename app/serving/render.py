@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from app.serving.options import COLORMAPS, DEFAULT_JPEG_QUALITY, PICTURE_FORMATS
+from app.serving.png import encode_png
 
 # Anchor colours sampled from the usual perceptual colour maps, interpolated linearly to 256 entries.
 _ANCHORS: dict[str, list[tuple[int, int, int]]] = {
@@ -119,19 +120,12 @@ def heatmap_png(normalized: np.ndarray, colormap: str = "jet", *, compress_level
     indices = normalized if normalized.dtype == np.uint8 else to_uint8(normalized)
     if indices.ndim != 2:
         raise ValueError(f"a heatmap needs an (H, W) map, got shape {indices.shape}")
-    height, width = indices.shape
-    image = Image.frombytes("P", (width, height), np.ascontiguousarray(indices).tobytes())
-    image.putpalette(_palette(colormap))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=compress_level)
-    return buffer.getvalue()
+    return encode_png(indices, palette=_palette(colormap), compress_level=compress_level)
 
 
 def png_bytes(array: np.ndarray, *, compress_level: int = 1) -> bytes:
     """Encode an (H, W) uint8 grayscale or (H, W, 3) uint8 RGB array as PNG."""
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG", compress_level=compress_level)
-    return buffer.getvalue()
+    return encode_png(array, compress_level=compress_level)
 
 
 def jpeg_bytes(array: np.ndarray, *, quality: int = DEFAULT_JPEG_QUALITY) -> bytes:
