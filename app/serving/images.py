@@ -112,7 +112,7 @@ def decode(
         if min_size is not None and image.format in _SCALABLE_FORMATS:
             reduced_from = _draft(image, min_size)
         image.load()
-        image = ImageOps.exif_transpose(image) or image
+        ImageOps.exif_transpose(image, in_place=True)  # upright without a copy when already upright
         return DecodedImage(to_rgb(image), reduced_from or image.size)
     except ImageDecodeError:
         raise
