@@ -32,6 +32,9 @@ from app.config_sources import ConfigFileSource, ModelListSource, WithoutIndexed
 from app.engine.options import DType, EnginePath, HostWait
 
 MIB = 1024 * 1024
+# inline_io_max_pixels unset, for a model on the CPU: image and map pixels in all, such as a 720x720
+# photo with its map at that size, or a 1000x1000 one with its map at the model's input size
+DEFAULT_INLINE_IO_PIXELS = 1024 * 1024
 
 
 class ModelSettings(BaseModel):
@@ -236,6 +239,16 @@ class Settings(BaseSettings):
         default_factory=lambda: max(2, min(8, os.cpu_count() or 2)),
         ge=1,
         description="threads that decode images and encode PNGs",
+    )
+    inline_io_max_pixels: int | None = Field(
+        None,
+        ge=0,
+        description="a request whose images hold at most this many pixels in all (image plus maps) is "
+        "decoded and rendered on the event loop's thread, not handed to the I/O threads: no hand-over "
+        "between threads and no contention for the interpreter lock among them; larger requests go "
+        "to the I/O threads so that one large image does not hold up the others; 0: always the I/O "
+        f"threads; unset: {DEFAULT_INLINE_IO_PIXELS} for a model on the CPU, whose cores the model keeps "
+        "busy, and 0 for one on an accelerator",
     )
     reduced_jpeg_decode: bool = Field(
         True,

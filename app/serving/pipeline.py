@@ -2,13 +2,16 @@
 
 A request's life, stage by stage: **admit** (the model is ready, the queue has room), **check** (the
 options against the model, the answer's size against the limits), **decode** (posted files, in the
-I/O pool, or the client's own tensors), **submit** (the micro-batcher computes predictions and maps
-in one batch), **render** (maps at the asked size and their pictures, in the I/O pool). Errors are
+I/O pool, or on the event loop's thread for a small request, or the client's own tensors),
+**submit** (the micro-batcher computes predictions and maps in one batch), **render** (maps at the
+asked size and their pictures, where the images were decoded). Errors are
 :class:`app.serving.errors.ServiceError` subclasses, which each protocol's codec answers in its
 own shape.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -25,6 +28,7 @@ from app.serving.stages import (
     check_map_bounds,
     check_top_k,
     checked_targets,
+    explained_classes,
     render_image,
 )
 
@@ -49,8 +53,13 @@ async def run(
         targets = checked_targets(explain.targets, loaded, limits.max_targets)
         block = service.registry.get(request.model).settings.target_block
         options = cam_options(explain, loaded, block)
-    sizes = await _map_sizes(service, request, loaded)
+    image_device = _image_device(service, request.model, loaded)
+    posted = await _posted_sizes(service, request, loaded, image_device)
+    sizes = _map_sizes(request, loaded, posted)
     check_map_bounds(request, sizes, limits)
+    # Small requests on the host path are decoded and rendered right here: handing each step to an
+    # I/O thread and back costs more than the step, and the threads contend for the interpreter lock.
+    inline = image_device is None and service.inline_io(loaded.device, _io_pixels(request, posted, sizes))
     maps = request.maps
     keep_original = maps is not None and maps.size == "original" and "overlay" in maps.pictures
     # Originals kept for overlays on the posted image stay in memory until the answer is written:
@@ -64,7 +73,8 @@ async def run(
                 request.images.files,
                 loaded.preprocessor,
                 keep_original=keep_original,
-                device=_image_device(service, request.model, loaded),
+                device=image_device,
+                inline=inline,
             )
             prepared = list(decoded)
             items = [
@@ -82,14 +92,19 @@ async def run(
         # submit
         outcome = await batcher.submit(items, disconnected=disconnected)
         # render: where the images were prepared (the tensor path renders the request's maps on its
-        # device in one job; Pillow renders each image on the host, in parallel)
+        # device in one job; Pillow renders each image on the host, in parallel, or here when small)
         input_size = _input_size(loaded)
+        pairs = enumerate(zip(outcome.results, prepared, strict=True))
         if on_tensor_path(prepared):
             rendered = await service.run_io(render_on_device, outcome.results, prepared, request, input_size)
+        elif inline:
+            rendered = [
+                render_image(index, result, image, request, input_size) for index, (result, image) in pairs
+            ]
         else:
             rendered = await gather_all(
                 service.run_io(render_image, index, result, image, request, input_size)
-                for index, (result, image) in enumerate(zip(outcome.results, prepared, strict=True))
+                for index, (result, image) in pairs
             )
     kind = "explain" if explain is not None else "predict"
     metrics = service.metrics
@@ -112,21 +127,47 @@ async def run(
     )
 
 
-async def _map_sizes(
-    service: Service, request: InferenceRequest, loaded: ServedModel
+async def _posted_sizes(
+    service: Service, request: InferenceRequest, loaded: ServedModel, image_device: torch.device | None
 ) -> list[tuple[int, int]]:
-    """Each image's map (width, height), known before any pixel is decoded: the posted image's from
-    its header for ``original``, else the model input's; empty for grid maps or none."""
+    """Each posted image's upright (width, height), from its header before any pixel is decoded:
+    on the host path always (it sizes the request's I/O), on the tensor path for maps at the
+    original size; empty otherwise. Headers are read on the event loop's thread when the files are
+    no more bytes in all than ``inline_io_max_pixels`` (a header costs far less per byte than
+    decoding per pixel)."""
+    if not isinstance(request.images, EncodedImages):
+        return []
+    maps = request.maps
+    original_maps = maps is not None and request.explain is not None and maps.size == "original"
+    if image_device is not None and not original_maps:
+        return []
+    files = request.images.files
+    read = functools.partial(
+        upright_sizes, files, service.settings.limits.max_pixels, service.allowed_formats
+    )
+    if image_device is None and service.inline_io(loaded.device, sum(len(data) for data in files)):
+        return read()
+    return await service.run_io(read)
+
+
+def _map_sizes(
+    request: InferenceRequest, loaded: ServedModel, posted: list[tuple[int, int]]
+) -> list[tuple[int, int]]:
+    """Each image's map (width, height): the posted image's for ``original``, else the model
+    input's; empty for grid maps or none."""
     maps = request.maps
     if maps is None or request.explain is None or maps.size == "grid":
         return []
-    count = len(request.images)
     if maps.size == "original" and isinstance(request.images, EncodedImages):
-        return await service.run_io(
-            upright_sizes, request.images.files, service.settings.limits.max_pixels, service.allowed_formats
-        )
+        return posted
     height, width = _input_size(loaded)
-    return [(width, height)] * count
+    return [(width, height)] * len(request.images)
+
+
+def _io_pixels(request: InferenceRequest, posted: list[tuple[int, int]], maps: list[tuple[int, int]]) -> int:
+    """The pixels a request's I/O steps handle: its posted images, and each explained class's map."""
+    images = sum(width * height for width, height in posted)
+    return images + explained_classes(request) * sum(width * height for width, height in maps)
 
 
 def _image_device(service: Service, model: str, loaded: ServedModel) -> torch.device | None:

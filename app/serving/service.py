@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from app.config import Settings
+from app.config import DEFAULT_INLINE_IO_PIXELS, Settings
 from app.engine.preprocess import Preprocessor
 from app.serving.errors import ServiceError
 from app.serving.images import ImageDecodeError
@@ -43,6 +43,15 @@ async def gather_all(awaitables: Iterable[Awaitable[T]]) -> list[T]:
         if isinstance(result, BaseException):
             raise result
     return [result for result in results if not isinstance(result, BaseException)]
+
+
+def _indexed(index: int, step: Callable[[bytes], PreparedImage], data: bytes) -> PreparedImage:
+    """``step(data)``, its ``ImageDecodeError`` marked with the image's ``index``."""
+    try:
+        return step(data)
+    except ImageDecodeError as exc:
+        exc.index = index
+        raise
 
 
 class Service:
@@ -100,6 +109,14 @@ class Service:
         finally:
             self.original_pixels_held -= pixels
 
+    def inline_io(self, device: torch.device, pixels: int) -> bool:
+        """Whether the I/O steps of a request for a model on ``device``, with ``pixels`` image and
+        map pixels in all, run on the event loop's thread (``inline_io_max_pixels``)."""
+        limit = self.settings.inline_io_max_pixels
+        if limit is None:
+            limit = DEFAULT_INLINE_IO_PIXELS if device.type == "cpu" else 0
+        return limit > 0 and pixels <= limit
+
     async def run_io(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking decode/encode step in the I/O pool.
 
@@ -129,9 +146,11 @@ class Service:
         *,
         keep_original: bool = False,
         device: torch.device | None = None,
+        inline: bool = False,
     ) -> list[PreparedImage]:
-        """Decode and preprocess posted images in the I/O pool: with Pillow, each image its own job,
-        or with ``device`` as tensor code on that device, the request's images in one batch.
+        """Decode and preprocess posted images in the I/O pool: with Pillow, each image its own job
+        (or, with ``inline``, one after the other on the event loop's thread), or with ``device`` as
+        tensor code on that device, the request's images in one batch.
 
         Raises the first failure; an ``ImageDecodeError`` carries the failing image's ``index``.
         """
@@ -147,25 +166,20 @@ class Service:
                 keep_original=keep_original,
             )
 
-        async def prepare(index: int, data: bytes) -> PreparedImage:
-            try:
-                return await self.run_io(
-                    prepare_image,
-                    data,
-                    preprocessor,
-                    max_pixels=limits.max_pixels,
-                    allowed_formats=self.allowed_formats,
-                    keep_original=keep_original,
-                    reduced_jpeg_decode=self.settings.reduced_jpeg_decode,
-                    two_step_resize=self.settings.two_step_resize,
-                    window_resize=self.settings.window_resize,
-                    tensor_resize=self.settings.tensor_resize,
-                )
-            except ImageDecodeError as exc:
-                exc.index = index
-                raise
-
-        return await gather_all(prepare(index, data) for index, data in enumerate(blobs))
+        step = functools.partial(
+            prepare_image,
+            preprocessor=preprocessor,
+            max_pixels=limits.max_pixels,
+            allowed_formats=self.allowed_formats,
+            keep_original=keep_original,
+            reduced_jpeg_decode=self.settings.reduced_jpeg_decode,
+            two_step_resize=self.settings.two_step_resize,
+            window_resize=self.settings.window_resize,
+            tensor_resize=self.settings.tensor_resize,
+        )
+        if inline:
+            return [_indexed(index, step, data) for index, data in enumerate(blobs)]
+        return await gather_all(self.run_io(_indexed, index, step, data) for index, data in enumerate(blobs))
 
     @property
     def ready(self) -> bool:

@@ -249,24 +249,43 @@ async def test_unusual_credentials_are_refused_not_crashed(secured):
     assert_error(await secured.get("/v1/models", params={"api_key": KEY}), 401, "unauthorized")
 
 
-async def test_unauthenticated_uploads_are_not_decoded(secured):
+async def test_unauthenticated_uploads_are_not_decoded(secured, monkeypatch):
+    import app.serving.pipeline as pipeline_module
+    import app.serving.service as service_module
+
     service = secured.app.state.service
-    decoded = []
-    real = service.run_io
+    touched = []
+    real_run_io, real_headers, real_prepare = (
+        service.run_io,
+        pipeline_module.upright_sizes,
+        service_module.prepare_image,
+    )
 
     async def counting(function, *args, **kwargs):
-        decoded.append(function.__name__)
-        return await real(function, *args, **kwargs)
+        touched.append("io pool")
+        return await real_run_io(function, *args, **kwargs)
 
-    service.run_io = counting
-    try:
-        response = await secured.post(
-            "/v1/models/tiny/explain", content=image_bytes(3), headers={"content-type": "image/png"}
-        )
-        assert_error(response, 401, "unauthorized")
-        assert decoded == []
-    finally:
-        service.run_io = real
+    def reading_headers(*args, **kwargs):
+        touched.append("headers")
+        return real_headers(*args, **kwargs)
+
+    def decoding(*args, **kwargs):
+        touched.append("decode")
+        return real_prepare(*args, **kwargs)
+
+    monkeypatch.setattr(service, "run_io", counting)
+    monkeypatch.setattr(pipeline_module, "upright_sizes", reading_headers)
+    monkeypatch.setattr(service_module, "prepare_image", decoding)
+    post = {"content": image_bytes(3), "headers": {"content-type": "image/png"}}
+    response = await secured.post("/v1/models/tiny/explain", **post)
+    assert_error(response, 401, "unauthorized")
+    assert touched == []
+    # the same upload with the key is read and decoded (on the event loop's thread: it is small)
+    response = await secured.post(
+        "/v1/models/tiny/explain", **{**post, "headers": {**post["headers"], "X-API-Key": KEY}}
+    )
+    assert response.status_code == 200, response.text
+    assert touched == ["headers", "decode"]
 
 
 async def test_cors_preflight_from_a_foreign_origin_is_refused(tiny_weights):
