@@ -7,12 +7,10 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
-from python_multipart.multipart import parse_options_header
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException
 
 from app.api.encoding import decode_base64
 from app.api.errors import describe_validation_errors
+from app.api.multipart import MultipartError, TooManyFiles, read_parts
 from app.api.v1.schemas import ImageData
 from app.serving.errors import ServiceError
 
@@ -41,8 +39,7 @@ async def parse_request(
         raise invalid("the request body is empty; post images as multipart files or JSON", "empty_body")
     if content_type == "multipart/form-data":
         _refuse_query_options(request, "form fields")
-        _require_closing_boundary(request.headers.get("content-type", ""), body)
-        images, raw_options = await _from_multipart(request, max_images)
+        images, raw_options = _from_multipart(body, request.headers.get("content-type", ""), max_images)
     elif content_type == "application/json" or content_type.endswith("+json"):
         _refuse_query_options(request, "keys of the JSON body")
         images, raw_options = _from_json(body, json_model)
@@ -79,55 +76,38 @@ def _refuse_query_options(request: Request, where: str) -> None:
         )
 
 
-def _require_closing_boundary(content_type: str, body: bytes) -> None:
-    """400 ``invalid_multipart`` for a body cut short: without its closing delimiter, the parser
-    would quietly return the parts it has seen, dropping images."""
-    _, params = parse_options_header(content_type)
-    boundary = params.get(b"boundary")
-    if not boundary:
-        raise invalid("the multipart content type names no boundary", "invalid_multipart")
-    close = b"--" + boundary + b"--"
-    if not (body.startswith(close) or b"\r\n" + close in body or b"\n" + close in body):
-        raise invalid(
-            "the multipart body has no closing boundary: the upload was cut short", "invalid_multipart"
-        )
-
-
-async def _from_multipart(request: Request, max_images: int) -> tuple[list[bytes], dict[str, Any]]:
+def _from_multipart(body: bytes, content_type: str, max_images: int) -> tuple[list[bytes], dict[str, Any]]:
     try:
-        form = await request.form(
-            max_files=max_images, max_fields=_MAX_FORM_FIELDS, max_part_size=_MAX_OPTION_BYTES
+        parts = read_parts(
+            body,
+            content_type,
+            max_files=max_images,
+            max_fields=_MAX_FORM_FIELDS,
+            max_field_bytes=_MAX_OPTION_BYTES,
         )
-    except HTTPException as exc:
-        detail = str(exc.detail)
-        if detail.startswith("Too many files"):
-            raise ServiceError(
-                "too_many_images",
-                f"more than {max_images} files in one request; the limit is {max_images}",
-            ) from exc
-        raise invalid(f"the multipart body cannot be read: {detail}", "invalid_multipart") from exc
+    except TooManyFiles as exc:
+        raise ServiceError(
+            "too_many_images", f"more than {max_images} files in one request; the limit is {max_images}"
+        ) from exc
+    except MultipartError as exc:
+        raise invalid(f"the multipart body cannot be read: {exc}", "invalid_multipart") from exc
     images: list[bytes] = []
     options: dict[str, Any] = {}
-    try:
-        for key, value in form.multi_items():
-            if isinstance(value, UploadFile):
-                if key not in FILE_FIELDS:
-                    raise ServiceError(
-                        "invalid_request",
-                        f"unexpected file field {key!r}; send images as 'file' or 'files'",
-                    )
-                images.append(await value.read())
-            elif key in FILE_FIELDS:
+    for part in parts:
+        key = part.name
+        if part.filename is not None:
+            if key not in FILE_FIELDS:
                 raise ServiceError(
-                    "invalid_request", f"field {key!r} must be a file upload, not a text value"
+                    "invalid_request", f"unexpected file field {key!r}; send images as 'file' or 'files'"
                 )
-            elif key in options:
-                previous = options[key]
-                options[key] = [*previous, value] if isinstance(previous, list) else [previous, value]
-            else:
-                options[key] = value
-    finally:
-        await form.close()
+            images.append(part.data)
+        elif key in FILE_FIELDS:
+            raise ServiceError("invalid_request", f"field {key!r} must be a file upload, not a text value")
+        elif key in options:
+            previous = options[key]
+            options[key] = [*previous, part.text] if isinstance(previous, list) else [previous, part.text]
+        else:
+            options[key] = part.text
     return images, options
 
 
