@@ -1,10 +1,11 @@
-"""Encoding cost of maps: heatmap PNGs (RGB against palette) and maps as JSON numbers (json against orjson).
+"""Encoding cost of maps: heatmap PNGs (RGB against palette, the service's PNG writer against
+Pillow's) and maps as JSON numbers (json against orjson).
 
 For each map size the script builds a smooth map like the service's (a random patch-grid map
 upsampled bilinearly), then times, in this process on one thread, encoding its colour heatmap as an
-RGB PNG (``heatmap_rgb`` then ``png_bytes``) and as a palette PNG (``heatmap_png``, what the service
-returns), and prints the milliseconds per map, their ratio, the PNG sizes, and whether the two decode
-to the same pixels. A second table times the ``json`` encoding of the same map (six decimals) in a
+RGB PNG (``heatmap_rgb`` then ``png_bytes``), as a palette PNG (``heatmap_png``, what the service
+returns) and as the same palette PNG written by Pillow's encoder, and prints the milliseconds per
+map, their ratios, the PNG sizes, and whether all three decode to the same pixels. A second table times the ``json`` encoding of the same map (six decimals) in a
 response body: the standard library's ``json.dumps`` of the nested lists, as Starlette's
 ``JSONResponse`` writes it, against the service's ``json_bytes`` (orjson, straight from the numpy
 array), and checks that both give the same numbers.
@@ -26,7 +27,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.api.encoding import json_bytes
-from app.serving.render import heatmap_png, heatmap_rgb, png_bytes
+from app.serving.render import colormap_lut, heatmap_png, heatmap_rgb, png_bytes, to_uint8
 from benchmarks.timing import median_ms
 
 
@@ -40,6 +41,16 @@ def smooth_map(width: int, height: int, grid: int = 14, seed: int = 0) -> np.nda
     values = F.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)[0, 0]
     values = (values - values.min()) / (values.max() - values.min())
     return values.numpy().astype(np.float64)
+
+
+def pillow_palette_png(values: np.ndarray, colormap: str) -> bytes:
+    """The same palette heatmap written by Pillow's PNG encoder (no row filter), at the same zlib level."""
+    levels = to_uint8(values)
+    image = Image.frombytes("P", (levels.shape[1], levels.shape[0]), levels.tobytes())
+    image.putpalette(colormap_lut(colormap).tobytes())
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
 
 
 def json_table(sizes: list[str], repeats: int) -> list[str]:
@@ -85,23 +96,25 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"Colour map {args.colormap}; one thread; median of {args.repeats}",
         "",
-        "| map | RGB PNG ms | palette PNG ms | RGB / palette | RGB bytes | palette bytes | same pixels |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "| map | RGB PNG ms | palette PNG ms | RGB / palette | Pillow's palette PNG ms | Pillow / ours | "
+        "RGB bytes | palette bytes | Pillow's palette bytes | same pixels |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for size in args.sizes:
         width, height = (int(v) for v in size.lower().split("x"))
         values = smooth_map(width, height)
         rgb = png_bytes(heatmap_rgb(values, args.colormap))
         palette = heatmap_png(values, args.colormap)
-        same = np.array_equal(
-            np.asarray(Image.open(io.BytesIO(rgb)).convert("RGB")),
-            np.asarray(Image.open(io.BytesIO(palette)).convert("RGB")),
-        )
+        pillow = pillow_palette_png(values, args.colormap)
+        decoded = [np.asarray(Image.open(io.BytesIO(data)).convert("RGB")) for data in (rgb, palette, pillow)]
+        same = all(np.array_equal(decoded[0], other) for other in decoded[1:])
         rgb_ms = median_ms(lambda: png_bytes(heatmap_rgb(values, args.colormap)), args.repeats)  # noqa: B023
         palette_ms = median_ms(lambda: heatmap_png(values, args.colormap), args.repeats)  # noqa: B023
+        pillow_ms = median_ms(lambda: pillow_palette_png(values, args.colormap), args.repeats)  # noqa: B023
         lines.append(
             f"| {width}x{height} | {rgb_ms:.2f} | {palette_ms:.2f} | {rgb_ms / palette_ms:.2f}x | "
-            f"{len(rgb)} | {len(palette)} | {'yes' if same else 'NO'} |"
+            f"{pillow_ms:.2f} | {pillow_ms / palette_ms:.2f}x | "
+            f"{len(rgb)} | {len(palette)} | {len(pillow)} | {'yes' if same else 'NO'} |"
         )
         print(lines[-1], flush=True)
     print()
