@@ -79,3 +79,9 @@ def bench_render() -> Iterator[ModuleType]:
 def load_test() -> Iterator[ModuleType]:
     with benchmark_module("load_test") as module:
         yield module
+
+
+@pytest.fixture
+def host_cost() -> Iterator[ModuleType]:
+    with benchmark_module("host_cost") as module:
+        yield module
