@@ -11,6 +11,7 @@ own shape.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 
 import torch
@@ -98,6 +99,7 @@ async def run(
         if on_tensor_path(prepared):
             rendered = await service.run_io(render_on_device, outcome.results, prepared, request, input_size)
         elif inline:
+            await asyncio.sleep(0)  # behind what is already waiting on the loop, as for decoding
             rendered = [
                 render_image(index, result, image, request, input_size) for index, (result, image) in pairs
             ]

@@ -178,6 +178,9 @@ class Service:
             tensor_resize=self.settings.tensor_resize,
         )
         if inline:
+            # Behind what is already waiting on the loop (the batcher handing a batch to a compute
+            # thread that just freed, among others), not ahead of it.
+            await asyncio.sleep(0)
             return [_indexed(index, step, data) for index, data in enumerate(blobs)]
         return await gather_all(self.run_io(_indexed, index, step, data) for index, data in enumerate(blobs))
 
