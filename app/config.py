@@ -267,18 +267,17 @@ class Settings(BaseSettings):
     window_resize: bool = Field(
         False,
         description="with Pillow's resize (tensor_resize false), resize only the part of the image the "
-        "centre crop keeps (Pillow's box), not the "
-        "whole image before cropping: 1.1-1.35x faster decode and resize for images under the other "
-        "shortcuts' thresholds; the same filter and sample positions, but Pillow may run its two "
-        "passes in the other order for the window, which moves its clipping between them: within a "
+        "centre crop keeps (Pillow's box), not the whole image before cropping: a faster resize for "
+        "images under the other shortcuts' thresholds; the same filter and sample positions, but "
+        "Pillow may run its two passes in the other order for the window, which moves its clipping between them: within a "
         "level or two on photos, tens of levels at some sharp edges; false: resize whole, then crop, "
         "exactly as timm's PIL pipeline",
     )
     tensor_resize: bool = Field(
         True,
         description="resize and crop images decoded with Pillow using torch's antialiased kernels (the "
-        "transform of image_path=device, on the host) instead of Pillow's: several times faster; under "
-        "1% of the pixels differ from timm's PIL transform, by a level or two; one step at any size, "
+        "transform of image_path=device, on the host) instead of Pillow's: faster (docs/benchmarks.md); "
+        "under 1% of the pixels differ from timm's PIL transform, by a level or two; one step at any size, "
         "so two_step_resize and window_resize do not apply; false: Pillow, exactly as timm's PIL "
         "pipeline (with reduced_jpeg_decode and two_step_resize off)",
     )
