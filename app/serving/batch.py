@@ -12,6 +12,19 @@ from app.engine.reciprocam import ReciproCAM
 from app.engine.results import ImageExplanation
 
 
+def batch_limit(max_images: int, queued: int, staggered: bool) -> int:
+    """The images a batch formed now may take: ``max_images``, or, while another stream computes
+    (``staggered``), no more than leaves half a batch queued, and at least half a batch. The next
+    stream to free up then finds a batch's worth ready (formed to wait on it, see the batcher)
+    instead of waiting for requests still being decoded, which under a steady load arrive together
+    as the answers of one batch go out: a batch that took all of them would leave the other streams
+    nothing."""
+    if not staggered:
+        return max_images
+    half = max(1, max_images // 2)
+    return min(max_images, max(half, queued - half))
+
+
 @dataclass
 class BatchItem:
     """One image and what to compute for it.

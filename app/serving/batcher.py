@@ -6,11 +6,11 @@ model's device threads, so the trunk runs once for everybody in the batch. Up to
 compute at once (on a CPU, two single-threaded batches keep both cores busy without torch's threads
 waiting for each other when HTTP work preempts one of them); while every stream computes, a batch at
 least half full is formed and waits on the compute threads, to start the moment one frees rather
-than when the event loop next gets its turn. The queue is bounded in
-images (503 + Retry-After when full); a job that cannot start before its deadline gets 504; a job
-whose client has gone, or whose caller was cancelled, is dropped before compute. When a batch fails,
-it is split in halves and each half retried, down to single images, so one bad image only fails its
-own request.
+than when the event loop next gets its turn, and a batch formed while another computes leaves half a
+batch queued where it can (:func:`app.serving.batch.batch_limit`). The queue is bounded in images
+(503 + Retry-After when full); a job that cannot start before its deadline gets 504; a job whose
+client has gone, or whose caller was cancelled, is dropped before compute. When a batch fails, it is
+split in halves and each half retried, down to single images: one bad image fails only its request.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 
 from app.config import BatchSettings
 from app.engine.results import ImageExplanation
-from app.serving.batch import BatchItem
+from app.serving.batch import BatchItem, batch_limit
 from app.serving.errors import (
     ClientDisconnectedError,
     DeadlineExceededError,
@@ -168,9 +168,8 @@ class Batcher:
         """Queue one request's images and wait for their results."""
         if not items:
             raise ValueError("a job needs at least one image")
-        cost = len(items)
+        cost, now = len(items), self.clock()
         self.check_room(cost)
-        now = self.clock()
         job = _Job(
             items=items,
             future=asyncio.get_running_loop().create_future(),
@@ -273,9 +272,9 @@ class Batcher:
 
     async def _collect(self) -> list[_Job]:
         """Wait for the window of the oldest job, then take jobs that fit into one batch."""
-        max_images = self.settings.max_batch_images
+        staggered, limit = self.streams > 1 and bool(self._running), self.settings.max_batch_images
         window_end = self._queue[0].enqueued + self.settings.max_wait_ms / 1000.0
-        while self._queued_images < max_images and not self._closing:
+        while self._queued_images < batch_limit(limit, limit, staggered) and not self._closing:
             remaining = window_end - self.clock()
             if remaining <= 0:
                 break
@@ -284,6 +283,7 @@ class Batcher:
                 await asyncio.wait_for(self._arrival.wait(), timeout=remaining)
             except asyncio.TimeoutError:
                 break
+        max_images = batch_limit(limit, self._queued_images, staggered)
         batch: list[_Job] = []
         cost = 0
         while self._queue:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from app.config import BatchSettings
+from app.serving.batch import batch_limit
 from app.serving.batcher import Batcher
 from app.serving.errors import DeadlineExceededError
 from app.serving.metrics import ServiceMetrics
@@ -109,6 +110,39 @@ async def test_less_than_half_a_batch_waits_for_a_free_stream():
     engine.gate.set()
     await asyncio.gather(first, early, late)
     assert engine.batches == [[1.0], [2.0, 3.0]]  # both went into the batch formed when the stream freed
+    await batcher.close(1)
+    pool.shutdown()
+
+
+def test_a_batch_formed_while_another_computes_leaves_half_a_batch_queued():
+    assert batch_limit(32, 32, staggered=False) == 32
+    assert batch_limit(32, 32, staggered=True) == 16
+    assert batch_limit(32, 40, staggered=True) == 24  # 16 left for the next stream
+    assert batch_limit(32, 100, staggered=True) == 32  # a deep queue: full batches
+    assert batch_limit(32, 5, staggered=True) == 16  # takes what there is
+    assert batch_limit(1, 1, staggered=True) == 1
+    assert batch_limit(5, 5, staggered=True) == 3
+
+
+async def test_a_burst_is_split_between_the_free_stream_and_the_next_batch():
+    """One stream computes; eight images arrive together (as the answers of a batch go out under a
+    steady load, their clients' next requests do). The free stream takes half a batch, and the other
+    half is formed to wait on the compute threads: no stream is left waiting for more requests."""
+    engine = CountingEngine()
+    engine.gate.clear()
+    batcher, pool = make(engine, 2, max_batch_images=8, max_wait_ms=0)
+    first = asyncio.ensure_future(batcher.submit([item(1)]))
+    await asyncio.to_thread(engine.entered.wait, 5)
+    burst = [asyncio.ensure_future(batcher.submit([item(v)])) for v in range(2, 10)]
+    deadline = time.monotonic() + 5
+    while engine.most_inside < 2 and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    for _ in range(20):  # let the loop form the waiting batch
+        await asyncio.sleep(0)
+    engine.gate.set()
+    await asyncio.gather(first, *burst)
+    assert engine.batches == [[1.0], [2.0, 3.0, 4.0, 5.0], [6.0, 7.0, 8.0, 9.0]]
+    assert [values_of(await job) for job in burst] == [[v] for v in range(2, 10)]
     await batcher.close(1)
     pool.shutdown()
 
