@@ -2,10 +2,11 @@
 
 The app is built in this process (one model, random weights) and called through ASGI, with
 ``--concurrency`` requests in flight (no sockets and no HTTP parsing: uvicorn's share is not in the
-figure). After one real batch, the model's compute answers every batch at once with copies of that
-batch's first result, so what the process spends is the host's work around the model: routing,
-parsing, decoding and preprocessing, queueing, rendering and the answer. The machine's noise moves
-the model's compute by far more than this work costs, which is why it is measured apart.
+figure). After one real batch, the model's compute answers every batch at once, each image with
+that batch's first result (the same tensors: rendering only reads them), so what the process spends
+is the host's work around the model: routing, parsing, decoding and preprocessing, queueing,
+rendering and the answer. The machine's noise moves the model's compute by far more than this work
+costs, which is why it is measured apart.
 
 Each configuration (the defaults, then each ``--variant``, settings as JSON) is measured in turn,
 round after round; the script prints, per configuration, the median over rounds of the process's
