@@ -269,9 +269,9 @@ class Settings(BaseSettings):
         description="with Pillow's resize (tensor_resize false), resize only the part of the image the "
         "centre crop keeps (Pillow's box), not the whole image before cropping: a faster resize for "
         "images under the other shortcuts' thresholds; the same filter and sample positions, but "
-        "Pillow may run its two passes in the other order for the window, which moves its clipping between them: within a "
-        "level or two on photos, tens of levels at some sharp edges; false: resize whole, then crop, "
-        "exactly as timm's PIL pipeline",
+        "Pillow may run its two passes in the other order for the window, which moves its clipping "
+        "between them: within a level or two on photos, tens of levels at some sharp edges; false: "
+        "resize whole, then crop, exactly as timm's PIL pipeline",
     )
     tensor_resize: bool = Field(
         True,

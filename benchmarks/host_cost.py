@@ -216,9 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     defaults = configurations[0].median("cpu")
     for configuration in configurations[1:]:
-        print(
-            f"- {configuration.name} / defaults: CPU per request {configuration.median('cpu') / defaults:.2f}x"
-        )
+        ratio = configuration.median("cpu") / defaults
+        print(f"- {configuration.name} / defaults: CPU per request {ratio:.2f}x")
     print()
     print(
         "| configuration | CPU ms/request | by round | event loop thread ms | "
