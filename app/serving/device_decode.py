@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +30,7 @@ from app.serving.images import (
     check_resize,
     decode,
     open_checked,
+    reducible,
 )
 
 # torchvision 0.29 marks its image codecs deprecated (in favour of TorchCodec) and warns on every call.
@@ -164,6 +165,29 @@ def decode_batch(
                 "nvjpeg" if target.type == "cuda" else "torchvision",
             )
     return [result for result in results if result is not None]
+
+
+def decode_pixels(
+    data: bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    allowed_formats: frozenset[str] = ALLOWED_FORMATS,
+    min_size: Callable[[tuple[int, int]], tuple[int, int]] | None = None,
+) -> DeviceImage:
+    """One posted image as upright uint8 (3, H, W) pixels on the CPU, for the host path's tensor
+    resize. A JPEG is decoded by torchvision (libjpeg-turbo, the same pixels as Pillow's decoder)
+    straight into a tensor, where Pillow fills its own image memory and then copies it out; unless
+    ``min_size`` lets Pillow decode it at a reduced scale (see :func:`app.serving.images.decode`).
+    Other formats go through Pillow's decoder. Raises :class:`ImageDecodeError`."""
+    header = read_header(data, max_pixels=max_pixels, allowed_formats=allowed_formats)
+    whole = min_size is None or reducible(header.size, header.upright_size, min_size) is None
+    if header.format == "JPEG" and header.mode in _JPEG_MODES and whole:
+        pixels = _decode_jpegs([data], torch.device("cpu"))[0]
+        if pixels is not None:
+            return DeviceImage(orient(pixels, header.orientation), header.upright_size, "torchvision")
+    decoded = decode(data, max_pixels=max_pixels, allowed_formats=allowed_formats, min_size=min_size)
+    pixels = torch.from_numpy(np.array(decoded.image, dtype=np.uint8)).permute(2, 0, 1)
+    return DeviceImage(pixels, decoded.original_size, "pillow")
 
 
 def _as_tensor(data: bytes) -> torch.Tensor:

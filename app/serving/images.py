@@ -139,14 +139,25 @@ def _draft(
     None."""
     width, height = image.size
     upright = _upright(image)
-    turned = upright != (width, height)
+    need = reducible(image.size, upright, min_size)
+    if need is None:
+        return None
+    image.draft(image.mode, need)
+    return upright if image.size != (width, height) else None
+
+
+def reducible(
+    size: tuple[int, int], upright: tuple[int, int], min_size: Callable[[tuple[int, int]], tuple[int, int]]
+) -> tuple[int, int] | None:
+    """The stored (width, height) a JPEG of stored ``size`` (``upright`` once turned) must keep when
+    decoded at a reduced scale, or None when it is under twice that and is decoded whole."""
+    width, height = size
     need_w, need_h = min_size(upright)
-    if turned:
+    if upright != size:
         need_w, need_h = need_h, need_w
     if width < 2 * need_w or height < 2 * need_h:
         return None
-    image.draft(image.mode, (max(1, need_w), max(1, need_h)))
-    return upright if image.size != (width, height) else None
+    return max(1, need_w), max(1, need_h)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

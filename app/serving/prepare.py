@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from app.engine.preprocess import Geometry, Preprocessor
-from app.serving.device_decode import DeviceImage, decode_batch
+from app.serving.device_decode import DeviceImage, decode_batch, decode_pixels
 from app.serving.device_preprocess import preprocess_batch, to_model_pixels
 from app.serving.images import ImageDecodeError, check_pixel_count, check_resize, decode, upright_size
 
@@ -76,43 +76,39 @@ def prepare_image(
     by an integer factor (box filter) to no less than twice the target, then resized as usual.
     ``window_resize``: resize only the part of the image the crop keeps (see
     ``Preprocessor.to_pixels``'s ``window_only``).
-    ``tensor_resize``: resize and crop with the tensor path's transform (torch's antialiased
-    kernels, see :mod:`app.serving.device_preprocess`) instead of Pillow's, in one step (as fast
-    as Pillow's two steps for large images); ``two_step_resize`` and ``window_resize`` then do not
-    apply.
+    ``tensor_resize``: decode into a tensor (see :func:`app.serving.device_decode.decode_pixels`)
+    and resize and crop with the tensor path's transform (torch's antialiased kernels, see
+    :mod:`app.serving.device_preprocess`) instead of Pillow's, in one step (as fast as Pillow's two
+    steps for large images); ``two_step_resize`` and ``window_resize`` then do not apply.
     """
     reduce = reduced_jpeg_decode and not keep_original
+    min_size = preprocessor.min_decode_size if reduce else None
     started = time.thread_time()
-    decoded = decode(
-        data,
-        max_pixels=max_pixels,
-        allowed_formats=allowed_formats,
-        min_size=preprocessor.min_decode_size if reduce else None,
-    )
+    if tensor_resize:
+        tensor = decode_pixels(
+            data, max_pixels=max_pixels, allowed_formats=allowed_formats, min_size=min_size
+        )
+        check_resize(preprocessor, tensor.original_size, max_pixels)
+        decoded_at = time.thread_time()
+        geometry = preprocessor.geometry(tensor.original_size)
+        pixels = to_model_pixels(tensor.pixels, geometry, preprocessor)
+        original = tensor.pixels.permute(1, 2, 0).contiguous().numpy() if keep_original else None
+        cpu_seconds = {"decode": decoded_at - started, "preprocess": time.thread_time() - decoded_at}
+        return PreparedImage(geometry, pixels, original, preprocessor, cpu_seconds)
+    decoded = decode(data, max_pixels=max_pixels, allowed_formats=allowed_formats, min_size=min_size)
     image = decoded.image
     check_resize(preprocessor, decoded.original_size, max_pixels)
     decoded_at = time.thread_time()
-    if tensor_resize:
-        geometry = preprocessor.geometry(decoded.original_size)
-        # a (3, H, W) view of the (H, W, 3) pixels: torch's fast uint8 kernels read that layout
-        pixels = to_model_pixels(torch.from_numpy(np.array(image)).permute(2, 0, 1), geometry, preprocessor)
-    else:
-        array, geometry = preprocessor.to_pixels(
-            image,
-            decoded.original_size,
-            reducing_gap=TWO_STEP_REDUCING_GAP if two_step_resize else None,
-            window_only=window_resize,
-        )
-        pixels = torch.from_numpy(array).permute(2, 0, 1)  # a view: the batch stacks it as (H, W, 3)
+    array, geometry = preprocessor.to_pixels(
+        image,
+        decoded.original_size,
+        reducing_gap=TWO_STEP_REDUCING_GAP if two_step_resize else None,
+        window_only=window_resize,
+    )
+    pixels = torch.from_numpy(array).permute(2, 0, 1)  # a view: the batch stacks it as (H, W, 3)
     original = np.asarray(image) if keep_original else None
     cpu_seconds = {"decode": decoded_at - started, "preprocess": time.thread_time() - decoded_at}
-    return PreparedImage(
-        geometry=geometry,
-        pixels=pixels,
-        original=original,
-        preprocessor=preprocessor,
-        cpu_seconds=cpu_seconds,
-    )
+    return PreparedImage(geometry, pixels, original, preprocessor, cpu_seconds)
 
 
 def upright_sizes(

@@ -17,7 +17,7 @@ from app.engine.maps import normalize_maps, upsample_maps
 from app.engine.models import LoadedModel, load_model
 from app.engine.preprocess import DataConfig, Preprocessor, project_to_original
 from app.serving import render
-from app.serving.device_decode import DeviceImage, decode_batch, orient, read_header
+from app.serving.device_decode import DeviceImage, decode_batch, decode_pixels, orient, read_header
 from app.serving.device_preprocess import preprocess_batch
 from app.serving.device_render import encode_images, heatmaps, overlays, render_maps, size_maps
 from app.serving.images import ImageDecodeError, decode
@@ -100,6 +100,37 @@ def test_decoded_pixels_equal_the_pillow_decoders():
         by_torchvision = (fmt == "JPEG") or (fmt == "PNG" and mode in ("RGB", "L", "LA", "RGBA"))
         by_torchvision = by_torchvision or name.startswith("exif")
         assert (result.decoder == "torchvision") == by_torchvision, name
+
+
+def test_one_image_on_the_host_has_the_pillow_decoders_pixels():
+    """``decode_pixels`` (the host path with ``tensor_resize``): the Pillow decoder's pixels and size
+    for every case, JPEGs through torchvision, the rest through Pillow; the same errors."""
+    for name, data in _decode_cases().items():
+        result = decode_pixels(data)
+        reference = decode(data)
+        assert result.original_size == reference.original_size, name
+        np.testing.assert_array_equal(_hwc(result.pixels), np.asarray(reference.image), err_msg=name)
+        assert (result.decoder == "torchvision") == name.endswith("-JPEG"), name
+    truncated = _encode(photo_like(200, 150, seed=3), "JPEG")
+    for data in [item.data for item in corpus()] + [truncated[: int(len(truncated) * 0.7)]]:
+        with pytest.raises(ImageDecodeError) as expected:
+            decode(data, max_pixels=10**6)
+        with pytest.raises(ImageDecodeError) as got:
+            decode_pixels(data, max_pixels=10**6)
+        assert got.value.code == expected.value.code
+
+
+def test_a_jpeg_reducible_on_the_host_is_decoded_reduced_by_pillow():
+    """Where ``min_size`` allows a reduced scale, the JPEG goes to Pillow's reduced decode, as
+    before; under twice the size asked for, it is decoded whole by torchvision."""
+    data = _encode(photo_like(400, 300, seed=6), "JPEG")
+    reduced = decode_pixels(data, min_size=lambda size: (100, 75))
+    reference = decode(data, min_size=lambda size: (100, 75))
+    assert reduced.decoder == "pillow" and reduced.pixels.shape == (3, 75, 100)  # 1/4 scale
+    assert reduced.original_size == reference.original_size == (400, 300)
+    np.testing.assert_array_equal(_hwc(reduced.pixels), np.asarray(reference.image))
+    whole = decode_pixels(data, min_size=lambda size: (256, 192))
+    assert whole.decoder == "torchvision" and whole.pixels.shape == (3, 300, 400)
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))

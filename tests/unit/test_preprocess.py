@@ -182,6 +182,21 @@ def test_tensor_resize_keeps_the_geometry_and_nearly_the_pixels(config, size):
     )
 
 
+@pytest.mark.parametrize("tensor_resize", [False, True])
+def test_the_original_kept_for_an_overlay_is_the_decoded_image(tensor_resize):
+    """Either resize keeps the upright decoded pixels, (H, W, 3), for an overlay on the original."""
+    from app.serving.images import decode
+    from app.serving.prepare import prepare_image
+
+    data = jpeg_bytes(_photo(150, 100, seed=8), quality=90)
+    common = {"max_pixels": 10**8, "allowed_formats": frozenset({"JPEG"})}
+    prepared = prepare_image(
+        data, Preprocessor(CONFIGS[0]), keep_original=True, tensor_resize=tensor_resize, **common
+    )
+    assert prepared.original is not None and prepared.original.flags["C_CONTIGUOUS"]
+    np.testing.assert_array_equal(prepared.original, np.asarray(decode(data).image))
+
+
 def test_window_resize_is_not_used_for_nearest():
     """NEAREST picks one source pixel per output pixel, a pick the float32 box could move, and Pillow
     does no two-step reduction for it: the window path is left out, the pixels are the whole path's."""
