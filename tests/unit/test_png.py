@@ -3,6 +3,7 @@ exactly the pixels given, for every colour type and edge shape, and smooth maps 
 than an unfiltered PNG of the same pixels."""
 
 import io
+import zlib
 
 import numpy as np
 import pytest
@@ -10,8 +11,19 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from app.serving.png import encode_png
+from app.serving import png
+from app.serving.png import deflate, encode_png
 from app.serving.render import colormap_lut
+
+
+@pytest.fixture(autouse=True, params=["isal", "zlib"])
+def deflater(request, monkeypatch):
+    """Every test with ISA-L's deflate (where installed) and with zlib's, the fallback."""
+    if request.param == "zlib":
+        monkeypatch.setattr(png, "_isal", None)
+    elif png._isal is None:
+        pytest.skip("isal is not installed")
+    return request.param
 
 
 def _decoded(data: bytes) -> Image.Image:
@@ -67,7 +79,7 @@ def test_smooth_maps_are_smaller_than_unfiltered():
     buffer = io.BytesIO()
     Image.fromarray(levels).save(buffer, format="PNG", compress_level=1)  # Pillow: no filter for L
     assert len(ours) < 0.8 * len(buffer.getvalue())
-    for level in (0, 9):  # any zlib level decodes the same
+    for level in (0, 2, 9):  # any zlib level decodes the same
         np.testing.assert_array_equal(np.asarray(_decoded(encode_png(levels, compress_level=level))), levels)
 
 
@@ -87,3 +99,12 @@ def test_smooth_maps_are_smaller_than_unfiltered():
 def test_what_cannot_be_written_is_refused(pixels, palette):
     with pytest.raises(ValueError):
         encode_png(pixels, palette=palette)
+
+
+def test_level_one_deflates_with_isal_where_installed(deflater):
+    data = bytes(range(256)) * 64
+    deflated = deflate(data)
+    assert zlib.decompress(deflated) == data
+    by_zlib = deflated == zlib.compress(data, 1)
+    assert by_zlib == (deflater == "zlib")
+    assert deflate(data, 6) == zlib.compress(data, 6)  # other levels: zlib's
