@@ -5,7 +5,8 @@ pixel to its left) and deflated at the fastest level. Saliency maps and their he
 so the differences are mostly small and repeat, and deflate into a smaller file, sooner, than the
 raw values; writing it takes a few array operations rather than an image library's encoder
 (docs/benchmarks.md, "Encoding maps"). The fastest level is ISA-L's deflate (the ``isal`` package)
-where it is installed: several times faster than zlib's level 1, and no larger; zlib otherwise.
+where it is installed: several times faster than zlib's level 1, for files of about the same size;
+zlib otherwise.
 """
 
 from __future__ import annotations
