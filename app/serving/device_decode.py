@@ -173,13 +173,16 @@ def decode_pixels(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     allowed_formats: frozenset[str] = ALLOWED_FORMATS,
     min_size: Callable[[tuple[int, int]], tuple[int, int]] | None = None,
+    header: ImageHeader | None = None,
 ) -> DeviceImage:
     """One posted image as upright uint8 (3, H, W) pixels on the CPU, for the host path's tensor
     resize. A JPEG is decoded by torchvision (libjpeg-turbo, the same pixels as Pillow's decoder)
     straight into a tensor, where Pillow fills its own image memory and then copies it out; unless
     ``min_size`` lets Pillow decode it at a reduced scale (see :func:`app.serving.images.decode`).
-    Other formats go through Pillow's decoder. Raises :class:`ImageDecodeError`."""
-    header = read_header(data, max_pixels=max_pixels, allowed_formats=allowed_formats)
+    Other formats go through Pillow's decoder. ``header``: the image's, already read with these
+    limits (it is read here otherwise). Raises :class:`ImageDecodeError`."""
+    if header is None:
+        header = read_header(data, max_pixels=max_pixels, allowed_formats=allowed_formats)
     whole = min_size is None or reducible(header.size, header.upright_size, min_size) is None
     if header.format == "JPEG" and header.mode in _JPEG_MODES and whole:
         pixels = _decode_jpegs([data], torch.device("cpu"))[0]

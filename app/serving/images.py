@@ -63,18 +63,6 @@ def check_pixel_count(size: tuple[int, int], max_pixels: int) -> None:
         )
 
 
-def upright_size(data: bytes, allowed_formats: frozenset[str] = ALLOWED_FORMATS) -> tuple[int, int] | None:
-    """The (width, height) an image will have once decoded and turned upright, read from its header
-    alone (no pixel is decoded, whatever the size); None when the header cannot be read or the
-    format is not accepted (decoding then reports why)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return _upright(open_unguarded(data, allowed_formats))
-    except Exception:
-        return None
-
-
 def _upright(image: Image.Image) -> tuple[int, int]:
     """The opened image's (width, height) once its EXIF orientation is applied, from the header: a
     PNG whose EXIF is not among its header chunks counts as upright (Pillow would decode the whole

@@ -18,9 +18,10 @@ import torch
 
 from app.serving.batch import BatchItem
 from app.serving.batcher import DisconnectCheck
+from app.serving.device_decode import ImageHeader
 from app.serving.device_stage import on_tensor_path, render_on_device
 from app.serving.model_card import ServedModel
-from app.serving.prepare import PreparedImage, upright_sizes
+from app.serving.prepare import PreparedImage, read_headers
 from app.serving.request import EncodedImages, InferenceRequest, InferenceResult
 from app.serving.service import Service, gather_all
 from app.serving.stages import (
@@ -55,7 +56,8 @@ async def run(
         block = service.registry.get(request.model).settings.target_block
         options = cam_options(explain, loaded, block)
     image_device = _image_device(service, request.model, loaded)
-    posted = await _posted_sizes(service, request, loaded, image_device)
+    headers = await _posted_headers(service, request, loaded, image_device)
+    posted = [header.upright_size if header is not None else (0, 0) for header in headers]
     sizes = _map_sizes(request, loaded, posted)
     check_map_bounds(request, sizes, limits)
     # Small requests on the host path are decoded and rendered right here: handing each step to an
@@ -76,6 +78,7 @@ async def run(
                 keep_original=keep_original,
                 device=image_device,
                 inline=inline,
+                headers=headers or None,
             )
             prepared = list(decoded)
             items = [
@@ -129,14 +132,14 @@ async def run(
     )
 
 
-async def _posted_sizes(
+async def _posted_headers(
     service: Service, request: InferenceRequest, loaded: ServedModel, image_device: torch.device | None
-) -> list[tuple[int, int]]:
-    """Each posted image's upright (width, height), from its header before any pixel is decoded:
-    on the host path always (it sizes the request's I/O), on the tensor path for maps at the
-    original size; empty otherwise. Headers are read on the event loop's thread when the files are
-    no more bytes in all than ``inline_io_max_pixels`` (a header costs far less per byte than
-    decoding per pixel)."""
+) -> list[ImageHeader | None]:
+    """Each posted image's header (None where it cannot be read: decoding says why), read before any
+    pixel is decoded: on the host path always (it sizes the request's I/O, and the decode stage does
+    not read it again), on the tensor path for maps at the original size; empty otherwise. Headers
+    are read on the event loop's thread when the files are no more bytes in all than
+    ``inline_io_max_pixels`` (a header costs far less per byte than decoding per pixel)."""
     if not isinstance(request.images, EncodedImages):
         return []
     maps = request.maps
@@ -144,9 +147,7 @@ async def _posted_sizes(
     if image_device is not None and not original_maps:
         return []
     files = request.images.files
-    read = functools.partial(
-        upright_sizes, files, service.settings.limits.max_pixels, service.allowed_formats
-    )
+    read = functools.partial(read_headers, files, service.settings.limits.max_pixels, service.allowed_formats)
     if image_device is None and service.inline_io(loaded.device, sum(len(data) for data in files)):
         return read()
     return await service.run_io(read)

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 
 from app.engine.preprocess import Geometry, Preprocessor
-from app.serving.device_decode import DeviceImage, decode_batch, decode_pixels
+from app.serving.device_decode import DeviceImage, ImageHeader, decode_batch, decode_pixels, read_header
 from app.serving.device_preprocess import preprocess_batch, to_model_pixels
-from app.serving.images import ImageDecodeError, check_pixel_count, check_resize, decode, upright_size
+from app.serving.images import ImageDecodeError, check_resize, decode
 
 # Two-step resizing keeps at least twice the resize target before the model's filter, as the
 # reduced JPEG decode does.
@@ -67,6 +67,7 @@ def prepare_image(
     two_step_resize: bool = False,
     window_resize: bool = False,
     tensor_resize: bool = False,
+    header: ImageHeader | None = None,
 ) -> PreparedImage:
     """Decode (safely) and preprocess one posted image. Raises ``ImageDecodeError``.
 
@@ -80,13 +81,14 @@ def prepare_image(
     and resize and crop with the tensor path's transform (torch's antialiased kernels, see
     :mod:`app.serving.device_preprocess`) instead of Pillow's, in one step (as fast as Pillow's two
     steps for large images); ``two_step_resize`` and ``window_resize`` then do not apply.
+    ``header``: the image's header as :func:`read_headers` read it, not read again (tensor resize).
     """
     reduce = reduced_jpeg_decode and not keep_original
     min_size = preprocessor.min_decode_size if reduce else None
     started = time.thread_time()
     if tensor_resize:
         tensor = decode_pixels(
-            data, max_pixels=max_pixels, allowed_formats=allowed_formats, min_size=min_size
+            data, max_pixels=max_pixels, allowed_formats=allowed_formats, min_size=min_size, header=header
         )
         check_resize(preprocessor, tensor.original_size, max_pixels)
         decoded_at = time.thread_time()
@@ -111,21 +113,23 @@ def prepare_image(
     return PreparedImage(geometry, pixels, original, preprocessor, cpu_seconds)
 
 
-def upright_sizes(
+def read_headers(
     images: list[bytes], max_pixels: int, allowed_formats: frozenset[str]
-) -> list[tuple[int, int]]:
-    """Each image's upright (width, height) from its header, checked against the per-image pixel
-    limit; an unreadable header counts as (0, 0), its decoding reports why."""
-    sizes = []
+) -> list[ImageHeader | None]:
+    """Each image's header, with its pixel count checked against the per-image limit (raised, with
+    the image's index); None for a header that cannot be read or is refused otherwise: its
+    decoding reports why, in the images' order."""
+    headers: list[ImageHeader | None] = []
     for index, data in enumerate(images):
-        size = upright_size(data, allowed_formats) or (0, 0)
         try:
-            check_pixel_count(size, max_pixels)
+            headers.append(read_header(data, max_pixels=max_pixels, allowed_formats=allowed_formats))
         except ImageDecodeError as exc:
+            if exc.code != "too_many_pixels":
+                headers.append(None)
+                continue
             exc.index = index
             raise
-        sizes.append(size)
-    return sizes
+    return headers
 
 
 def prepare_on_device(

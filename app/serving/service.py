@@ -19,6 +19,7 @@ import torch
 
 from app.config import DEFAULT_INLINE_IO_PIXELS, Settings
 from app.engine.preprocess import Preprocessor
+from app.serving.device_decode import ImageHeader
 from app.serving.errors import ServiceError
 from app.serving.images import ImageDecodeError
 from app.serving.metrics import ServiceMetrics
@@ -45,10 +46,12 @@ async def gather_all(awaitables: Iterable[Awaitable[T]]) -> list[T]:
     return [result for result in results if not isinstance(result, BaseException)]
 
 
-def _indexed(index: int, step: Callable[[bytes], PreparedImage], data: bytes) -> PreparedImage:
-    """``step(data)``, its ``ImageDecodeError`` marked with the image's ``index``."""
+def _indexed(
+    index: int, step: Callable[..., PreparedImage], data: bytes, header: ImageHeader | None
+) -> PreparedImage:
+    """``step(data, header=header)``, its ``ImageDecodeError`` marked with the image's ``index``."""
     try:
-        return step(data)
+        return step(data, header=header)
     except ImageDecodeError as exc:
         exc.index = index
         raise
@@ -147,10 +150,12 @@ class Service:
         keep_original: bool = False,
         device: torch.device | None = None,
         inline: bool = False,
+        headers: Sequence[ImageHeader | None] | None = None,
     ) -> list[PreparedImage]:
         """Decode and preprocess posted images in the I/O pool: with Pillow, each image its own job
         (or, with ``inline``, one after the other on the event loop's thread), or with ``device`` as
-        tensor code on that device, the request's images in one batch.
+        tensor code on that device, the request's images in one batch. ``headers``: the images'
+        headers as already read (see :func:`app.serving.prepare.read_headers`), used by Pillow's path.
 
         Raises the first failure; an ``ImageDecodeError`` carries the failing image's ``index``.
         """
@@ -177,12 +182,15 @@ class Service:
             window_resize=self.settings.window_resize,
             tensor_resize=self.settings.tensor_resize,
         )
+        pairs = list(zip(blobs, headers or [None] * len(blobs), strict=True))
         if inline:
             # Behind what is already waiting on the loop (the batcher handing a batch to a compute
             # thread that just freed, among others), not ahead of it.
             await asyncio.sleep(0)
-            return [_indexed(index, step, data) for index, data in enumerate(blobs)]
-        return await gather_all(self.run_io(_indexed, index, step, data) for index, data in enumerate(blobs))
+            return [_indexed(index, step, data, header) for index, (data, header) in enumerate(pairs)]
+        return await gather_all(
+            self.run_io(_indexed, index, step, data, header) for index, (data, header) in enumerate(pairs)
+        )
 
     @property
     def ready(self) -> bool:

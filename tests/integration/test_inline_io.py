@@ -32,7 +32,7 @@ def threads_of(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
 
         return wrapper
 
-    monkeypatch.setattr(pipeline_module, "upright_sizes", recording("headers", pipeline_module.upright_sizes))
+    monkeypatch.setattr(pipeline_module, "read_headers", recording("headers", pipeline_module.read_headers))
     monkeypatch.setattr(service_module, "prepare_image", recording("decode", service_module.prepare_image))
     monkeypatch.setattr(pipeline_module, "render_image", recording("render", pipeline_module.render_image))
     return seen
@@ -118,3 +118,26 @@ async def test_answers_and_errors_are_the_same_on_either_thread(tiny_weights, th
     assert loop_thread in threads_of["decode"] and any(i != loop_thread for i in threads_of["decode"])
     assert answers[0] == answers[1]
     assert answers[0][3].startswith("image 1: "), answers[0][3]  # the failing image is named
+
+
+@pytest.mark.parametrize("limit", [None, 0])
+async def test_each_header_is_read_once(tiny_weights, monkeypatch, limit):
+    """The header read to size a request is the one the decode stage uses: one read per image, on
+    either thread."""
+    import app.serving.device_decode as decode_module
+    import app.serving.prepare as prepare_module
+
+    reads: list[int] = []
+    real = decode_module.read_header
+
+    def counting(data: bytes, **kwargs: Any) -> Any:
+        reads.append(len(data))
+        return real(data, **kwargs)
+
+    monkeypatch.setattr(prepare_module, "read_header", counting)
+    monkeypatch.setattr(decode_module, "read_header", counting)
+    images = [image_bytes(8, IMAGE, fmt="JPEG"), image_bytes(9, (64, 20))]
+    async with running_service(tiny_settings(tiny_weights, inline_io_max_pixels=limit)) as client:
+        response = await _explain(client, images, map_size="original")
+        assert response.status_code == 200, response.text
+    assert sorted(reads) == sorted(len(data) for data in images)

@@ -257,7 +257,7 @@ async def test_unauthenticated_uploads_are_not_decoded(secured, monkeypatch):
     touched = []
     real_run_io, real_headers, real_prepare = (
         service.run_io,
-        pipeline_module.upright_sizes,
+        pipeline_module.read_headers,
         service_module.prepare_image,
     )
 
@@ -274,7 +274,7 @@ async def test_unauthenticated_uploads_are_not_decoded(secured, monkeypatch):
         return real_prepare(*args, **kwargs)
 
     monkeypatch.setattr(service, "run_io", counting)
-    monkeypatch.setattr(pipeline_module, "upright_sizes", reading_headers)
+    monkeypatch.setattr(pipeline_module, "read_headers", reading_headers)
     monkeypatch.setattr(service_module, "prepare_image", decoding)
     post = {"content": image_bytes(3), "headers": {"content-type": "image/png"}}
     response = await secured.post("/v1/models/tiny/explain", **post)

@@ -264,8 +264,9 @@ def test_json_bytes_writes_numpy_maps_as_nested_rows():
     assert json_bytes({"a": 1}) == b'{"a":1}'  # compact
 
 
-def test_upright_size_reads_the_header_and_the_orientation():
-    from app.serving.images import upright_size
+def test_request_headers_give_upright_sizes_and_leave_other_errors_to_decoding():
+    from app.serving.images import ALLOWED_FORMATS, ImageDecodeError
+    from app.serving.prepare import read_headers
 
     exif = Image.Exif()
     exif[0x0112] = 6  # stored landscape, shown portrait
@@ -273,23 +274,28 @@ def test_upright_size_reads_the_header_and_the_orientation():
     Image.new("RGB", (40, 30)).save(turned, format="JPEG", exif=exif)
     plain = io.BytesIO()
     Image.new("RGB", (40, 30)).save(plain, format="PNG")
-    assert upright_size(turned.getvalue()) == (30, 40)
-    assert upright_size(plain.getvalue()) == (40, 30)
-    assert upright_size(b"not an image") is None
-    assert upright_size(b"") is None
+    headers = read_headers(
+        [turned.getvalue(), plain.getvalue(), b"not an image", b""], 10**6, ALLOWED_FORMATS
+    )
+    assert [header.upright_size if header else None for header in headers] == [(30, 40), (40, 30), None, None]
+    assert headers[0] is not None and (headers[0].format, headers[0].orientation) == ("JPEG", 6)
+    with pytest.raises(ImageDecodeError) as refused:  # over the pixel limit: refused here, with its index
+        read_headers([plain.getvalue(), turned.getvalue()], 1000, ALLOWED_FORMATS)
+    assert (refused.value.code, refused.value.index) == ("too_many_pixels", 0)
 
 
-def test_upright_size_never_decodes_pixels():
+def test_request_headers_never_decode_pixels():
     """The header is enough, whatever the declared size: a PNG that declares 20000x20000 pixels and
     holds none gets its size (decoding it, to look for EXIF after the pixels, would allocate 400 MB
     and then fail), and a format left out of the accepted ones is not parsed at all."""
-    from app.serving.images import upright_size
+    from app.serving.prepare import read_headers
     from tests.bad_inputs import png_header
 
-    assert upright_size(png_header(20_000, 20_000)) == (20_000, 20_000)
     bmp = _encode(Image.new("RGB", (5, 3)), "BMP")
-    assert upright_size(bmp) == (5, 3)
-    assert upright_size(bmp, frozenset({"PNG"})) is None
+    big, small = read_headers([png_header(20_000, 20_000), bmp], 10**9, frozenset({"PNG", "BMP"}))
+    assert big is not None and big.upright_size == (20_000, 20_000)
+    assert small is not None and small.upright_size == (5, 3)
+    assert read_headers([bmp], 10**9, frozenset({"PNG"})) == [None]
 
 
 def test_overlay_and_uint8_maps_in_row_blocks_equal_the_whole_array_formula(monkeypatch):
