@@ -8,6 +8,8 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
+from app.api.deps import SECURITY_SCHEMES
+
 _EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {}
 
 
@@ -60,6 +62,14 @@ def install_openapi(app: FastAPI) -> None:
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         for name, definition in _EXTRA_SCHEMAS.items():
             components.setdefault(name, definition)
+        # Every documented operation checks the API key (the health and metrics ones when the
+        # settings protect them), with one plain dependency each: documented here, not by FastAPI.
+        schema["components"]["securitySchemes"] = {
+            name: dict(model) for name, model in SECURITY_SCHEMES.items()
+        }
+        for path_item in schema.get("paths", {}).values():
+            for operation in path_item.values():
+                operation["security"] = [{name: []} for name in SECURITY_SCHEMES]
         app.openapi_schema = schema
         return schema
 

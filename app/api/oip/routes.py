@@ -27,7 +27,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
-from app.api.deps import get_service, require_api_key, require_api_key_for_health
+from app.api.deps import get_service, require_api_key, require_api_key_for_health, service_of
 from app.api.errors import register_error_shape
 from app.api.oip.errors import (
     PROTOCOL_ERRORS,
@@ -229,8 +229,8 @@ _INFER_BODY = {
     openapi_extra=_INFER_BODY,
     summary="Inference: logits, probabilities and ViT-ReciproCAM maps from one batched forward",
 )
-async def infer(name: str, request: Request, service: Service = Depends(get_service)) -> Response:
-    return await _infer(name, request, service)
+async def infer(name: str, request: Request) -> Response:
+    return await _infer(name, request, service_of(request))
 
 
 @router.post(
@@ -239,9 +239,8 @@ async def infer(name: str, request: Request, service: Service = Depends(get_serv
     openapi_extra=_INFER_BODY,
     summary="Inference on one version (every model has version 1)",
 )
-async def infer_version(
-    name: str, version: str, request: Request, service: Service = Depends(get_service)
-) -> Response:
+async def infer_version(name: str, version: str, request: Request) -> Response:
+    service = service_of(request)
     _check_version(service, name, version)
     return await _infer(name, request, service)
 

@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from app.api.deps import get_service, require_api_key
+from app.api.deps import get_service, require_api_key, service_of
 from app.api.encoding import json_bytes
 from app.api.errors import service_error_response
 from app.api.openapi import image_request_body
@@ -61,8 +61,8 @@ async def get_model(name: str, service: Service = Depends(get_service)) -> dict[
     openapi_extra=image_request_body(PredictJsonRequest, PredictOptions),
     summary="Top-k class predictions for one or more images",
 )
-async def predict(name: str, request: Request, service: Service = Depends(get_service)) -> Response:
-    return await _serve(request, service, name, explain=False)
+async def predict(name: str, request: Request) -> Response:
+    return await _serve(request, service_of(request), name, explain=False)
 
 
 @router.post(
@@ -72,8 +72,8 @@ async def predict(name: str, request: Request, service: Service = Depends(get_se
     openapi_extra=image_request_body(ExplainJsonRequest, ExplainOptions),
     summary="Predictions and their ViT-ReciproCAM saliency maps, from one shared forward",
 )
-async def explain(name: str, request: Request, service: Service = Depends(get_service)) -> Response:
-    return await _serve(request, service, name, explain=True)
+async def explain(name: str, request: Request) -> Response:
+    return await _serve(request, service_of(request), name, explain=True)
 
 
 async def _serve(request: Request, service: Service, name: str, *, explain: bool) -> Response:
