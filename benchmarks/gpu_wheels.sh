@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 PACKAGES="fastapi starlette annotated-doc pydantic pydantic-core pydantic-settings python-dotenv
 annotated-types typing-inspection typing-extensions opentelemetry-api uvicorn click httptools
-python-multipart orjson"
+python-multipart orjson isal"
 grep -qxF "/.whl/" .git/info/exclude 2>/dev/null || echo "/.whl/" >> .git/info/exclude
 rm -rf .whl && mkdir -p .whl
 for name in $PACKAGES; do
